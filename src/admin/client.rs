@@ -1,0 +1,228 @@
+//! A blocking admin client, used by the CLI and the tests, and a reference
+//! for clients in other languages (see `docs/admin-protocol.md`).
+
+use std::fmt;
+use std::io::{self, Read, Write};
+use std::net::TcpStream;
+use std::os::unix::net::UnixStream;
+use std::time::Duration;
+
+use crate::config::AdminAddress;
+use crate::proto::admin::{
+    decode_error, opcode, split_frame, AdminError, FrameWriter, RawFrame, Reader, STATUS_ERROR, STATUS_OK,
+};
+
+/// Replies larger than this are refused by the client (a STATS document of
+/// a few hundred shards is well under it).
+const REPLY_BYTES_MAX: usize = 64 << 20;
+
+#[derive(Debug)]
+pub enum ClientError {
+    Io(io::Error),
+    /// The server answered with an error.
+    Server(AdminError),
+    /// The server's reply did not follow the protocol.
+    Protocol(String),
+}
+
+impl fmt::Display for ClientError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ClientError::Io(error) => write!(f, "admin socket: {error}"),
+            ClientError::Server(error) => write!(f, "server error {error}"),
+            ClientError::Protocol(what) => write!(f, "admin protocol: {what}"),
+        }
+    }
+}
+
+impl std::error::Error for ClientError {}
+
+impl From<io::Error> for ClientError {
+    fn from(error: io::Error) -> Self {
+        ClientError::Io(error)
+    }
+}
+
+impl From<AdminError> for ClientError {
+    fn from(error: AdminError) -> Self {
+        ClientError::Protocol(error.to_string())
+    }
+}
+
+enum Stream {
+    Unix(UnixStream),
+    Tcp(TcpStream),
+}
+
+impl Read for Stream {
+    fn read(&mut self, buffer: &mut [u8]) -> io::Result<usize> {
+        match self {
+            Stream::Unix(stream) => stream.read(buffer),
+            Stream::Tcp(stream) => stream.read(buffer),
+        }
+    }
+}
+
+impl Write for Stream {
+    fn write(&mut self, buffer: &[u8]) -> io::Result<usize> {
+        match self {
+            Stream::Unix(stream) => stream.write(buffer),
+            Stream::Tcp(stream) => stream.write(buffer),
+        }
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        match self {
+            Stream::Unix(stream) => stream.flush(),
+            Stream::Tcp(stream) => stream.flush(),
+        }
+    }
+}
+
+/// One decoded reply.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reply {
+    pub opcode: u8,
+    pub request_id: u32,
+    /// The OK payload, or the server's error.
+    pub result: Result<Vec<u8>, AdminError>,
+}
+
+/// What `PUBLISH` returns.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Published {
+    pub offset: u64,
+    pub subscribers: u64,
+    pub epoch: String,
+}
+
+pub struct AdminClient {
+    stream: Stream,
+    next_request_id: u32,
+    input: Vec<u8>,
+}
+
+impl AdminClient {
+    /// Connects, and authenticates when `key` is given.
+    pub fn connect(address: &AdminAddress, key: Option<&str>, timeout: Duration) -> Result<AdminClient, ClientError> {
+        let stream = match address {
+            AdminAddress::Unix(path) => {
+                let stream = UnixStream::connect(path)
+                    .map_err(|e| io::Error::new(e.kind(), format!("cannot connect to {}: {e}", path.display())))?;
+                stream.set_read_timeout(Some(timeout))?;
+                stream.set_write_timeout(Some(timeout))?;
+                Stream::Unix(stream)
+            }
+            AdminAddress::Tcp(socket) => {
+                let stream = TcpStream::connect_timeout(socket, timeout)
+                    .map_err(|e| io::Error::new(e.kind(), format!("cannot connect to {socket}: {e}")))?;
+                stream.set_read_timeout(Some(timeout))?;
+                stream.set_write_timeout(Some(timeout))?;
+                stream.set_nodelay(true)?;
+                Stream::Tcp(stream)
+            }
+        };
+        let mut client = AdminClient { stream, next_request_id: 1, input: Vec::new() };
+        if let Some(key) = key {
+            client.call(opcode::AUTH, |w| {
+                w.str16(key);
+            })?;
+        }
+        Ok(client)
+    }
+
+    /// Sends one request without waiting; returns its request id.
+    pub fn send(&mut self, op: u8, payload: impl FnOnce(&mut FrameWriter)) -> io::Result<u32> {
+        let request_id = self.next_request_id;
+        self.next_request_id = self.next_request_id.wrapping_add(1);
+        let mut writer = FrameWriter::request(op, request_id);
+        payload(&mut writer);
+        self.stream.write_all(&writer.finish())?;
+        Ok(request_id)
+    }
+
+    /// Sends raw bytes (tests use this for malformed frames).
+    pub fn send_raw(&mut self, bytes: &[u8]) -> io::Result<()> {
+        self.stream.write_all(bytes)
+    }
+
+    /// Reads the next reply, in the order requests were sent.
+    pub fn receive(&mut self) -> Result<Reply, ClientError> {
+        loop {
+            if let Some((frame, used)) =
+                split_frame(&self.input, REPLY_BYTES_MAX).map_err(|e| ClientError::Protocol(e.0))?
+            {
+                let reply = decode_reply(frame)?;
+                self.input.drain(..used);
+                return Ok(reply);
+            }
+            let mut chunk = [0u8; 16 * 1024];
+            let count = self.stream.read(&mut chunk)?;
+            if count == 0 {
+                return Err(ClientError::Io(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "server closed the admin connection",
+                )));
+            }
+            self.input.extend_from_slice(&chunk[..count]);
+        }
+    }
+
+    /// Sends a request and returns its OK payload.
+    pub fn call(&mut self, op: u8, payload: impl FnOnce(&mut FrameWriter)) -> Result<Vec<u8>, ClientError> {
+        let request_id = self.send(op, payload)?;
+        let reply = self.receive()?;
+        if reply.request_id != request_id {
+            return Err(ClientError::Protocol(format!(
+                "reply for request {} while waiting for {request_id}",
+                reply.request_id
+            )));
+        }
+        reply.result.map_err(ClientError::Server)
+    }
+
+    pub fn ping(&mut self) -> Result<(), ClientError> {
+        self.call(opcode::PING, |_| {}).map(|_| ())
+    }
+
+    /// Publishes `data` (JSON) to `channel` as `event`.
+    pub fn publish(&mut self, channel: &str, event: &str, data: &[u8]) -> Result<Published, ClientError> {
+        let payload = self.call(opcode::PUBLISH, |w| {
+            w.str16(channel).str16(event).bytes32(data);
+        })?;
+        decode_published(&payload)
+    }
+
+    /// Server statistics as a JSON document.
+    pub fn stats(&mut self) -> Result<serde_json::Value, ClientError> {
+        let payload = self.call(opcode::STATS, |_| {})?;
+        json_payload(&payload)
+    }
+}
+
+/// Decodes a PUBLISH OK payload.
+pub fn decode_published(payload: &[u8]) -> Result<Published, ClientError> {
+    let mut reader = Reader::new(payload);
+    let offset = reader.u64("offset")?;
+    let subscribers = reader.u64("subscribers")?;
+    let epoch = reader.str16("epoch")?.to_string();
+    reader.finish()?;
+    Ok(Published { offset, subscribers, epoch })
+}
+
+/// Decodes an OK payload that is one `bytes32` JSON document.
+pub fn json_payload(payload: &[u8]) -> Result<serde_json::Value, ClientError> {
+    let mut reader = Reader::new(payload);
+    let document = reader.bytes32("document")?;
+    reader.finish()?;
+    serde_json::from_slice(document).map_err(|e| ClientError::Protocol(format!("reply is not JSON: {e}")))
+}
+
+fn decode_reply(frame: RawFrame<'_>) -> Result<Reply, ClientError> {
+    let result = match frame.first {
+        STATUS_OK => Ok(frame.payload.to_vec()),
+        STATUS_ERROR => Err(decode_error(frame.payload)),
+        status => return Err(ClientError::Protocol(format!("unknown reply status {status}"))),
+    };
+    Ok(Reply { opcode: frame.second, request_id: frame.request_id, result })
+}

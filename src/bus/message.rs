@@ -1,0 +1,172 @@
+//! Messages between shards. Large variants are boxed so a queue slot stays
+//! small (every slot of every bounded queue is `size_of::<Message>()`).
+
+use std::sync::Arc;
+
+use serde::Serialize;
+
+use crate::hub::history::RecoveryFailure;
+use crate::hub::publication::Publication;
+use crate::proto::client::{CommandError, Position, RequestId};
+
+/// Names one connection anywhere in the process. The generation tells a
+/// live connection from an earlier one that used the same slab slot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConnRef {
+    pub shard: u16,
+    pub key: u32,
+    pub generation: u32,
+}
+
+/// Where a reply goes.
+#[derive(Debug, Clone)]
+pub enum ReplyTo {
+    /// An admin request waiting on `shard` under `token`.
+    Admin { shard: u16, token: u64 },
+    /// A client command; `request_id` is echoed in the reply.
+    Client { conn: ConnRef, request_id: Option<RequestId> },
+}
+
+impl ReplyTo {
+    pub fn shard(&self) -> usize {
+        match self {
+            ReplyTo::Admin { shard, .. } => usize::from(*shard),
+            ReplyTo::Client { conn, .. } => usize::from(conn.shard),
+        }
+    }
+}
+
+/// A connection asks a channel's owner to subscribe it.
+#[derive(Debug)]
+pub struct SubscribeRequest {
+    pub channel: Arc<str>,
+    pub conn: ConnRef,
+    pub user: Option<Arc<str>>,
+    /// Resume position, when the client had one.
+    pub since: Option<Position>,
+    pub request_id: Option<RequestId>,
+}
+
+/// The owner accepted a subscription.
+#[derive(Debug)]
+pub struct SubscribeOk {
+    pub epoch: Arc<str>,
+    /// The channel's last offset when the subscription took effect: the
+    /// subscriber gets every publication after it, and none at or before it
+    /// except the replayed ones.
+    pub offset: u64,
+    /// With `since`: the missed publications in order, or why not.
+    pub recovery: Option<Result<Vec<Arc<Publication>>, RecoveryFailure>>,
+}
+
+#[derive(Debug)]
+pub struct SubscribeReply {
+    pub conn: ConnRef,
+    pub channel: Arc<str>,
+    /// Echoed from the request, so a connection that closed meanwhile can
+    /// still be unsubscribed (and leave presence) correctly.
+    pub user: Option<Arc<str>>,
+    pub request_id: Option<RequestId>,
+    pub result: Result<SubscribeOk, CommandError>,
+}
+
+/// Publish to a channel (from the admin socket or a client).
+#[derive(Debug)]
+pub struct PublishRequest {
+    pub channel: Arc<str>,
+    pub event: Box<str>,
+    /// Validated JSON.
+    pub data: Box<[u8]>,
+    /// Set for client publications: stamped on the push.
+    pub user: Option<Arc<str>>,
+    pub reply: ReplyTo,
+}
+
+#[derive(Debug, Clone)]
+pub struct PublishOk {
+    pub offset: u64,
+    /// Subscribers the publication was sent to.
+    pub subscribers: u64,
+    pub epoch: Arc<str>,
+}
+
+/// Why an owner refused a publication.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PublishRefusal {
+    /// A bus queue from the owner is past its high-water mark.
+    Overloaded,
+    /// `channels_max` reached and the channel does not exist.
+    ChannelLimit,
+    ShuttingDown,
+}
+
+/// One shard's counters, gathered for `STATS`.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct ShardStats {
+    pub shard: usize,
+    /// Open sockets on the public port (any phase).
+    pub connections: u64,
+    /// Open WebSocket connections.
+    pub websockets: u64,
+    /// Channels with subscribers on this shard.
+    pub channels_local: u64,
+    /// Channels this shard owns (epoch, offsets, history).
+    pub channels_owned: u64,
+    pub subscriptions: u64,
+    /// Client messages received.
+    pub messages_in: u64,
+    /// Frames written to clients (pushes, replies, control).
+    pub messages_out: u64,
+    /// Publications this shard assigned offsets to, as owner.
+    pub publications: u64,
+    pub connections_accepted: u64,
+    /// Connections refused because `connections_max` was reached.
+    pub connections_refused: u64,
+    /// Closed with 1008 because their outbox passed its cap.
+    pub slow_consumers_closed: u64,
+    /// Closed for a protocol violation (1002, 1007, 1009, bad HTTP).
+    pub protocol_errors: u64,
+    /// Messages that waited in a bus overflow deque.
+    pub bus_overflowed: u64,
+    /// Bytes sitting in outboxes right now.
+    pub outbox_bytes: u64,
+}
+
+/// Everything that crosses between shards.
+#[derive(Debug)]
+pub enum Message {
+    // To a channel's owner.
+    Subscribe(Box<SubscribeRequest>),
+    /// One subscriber on `shard` left `channel`.
+    Unsubscribe {
+        channel: Arc<str>,
+        shard: u16,
+        user: Option<Arc<str>>,
+    },
+    Publish(Box<PublishRequest>),
+
+    // From an owner.
+    /// Fan-out of one publication to a shard with subscribers.
+    Deliver(Arc<Publication>),
+    SubscribeReply(Box<SubscribeReply>),
+    PublishReply(Box<(ReplyTo, Result<PublishOk, PublishRefusal>)>),
+
+    // Gathers for the admin socket.
+    StatsRequest {
+        token: u64,
+        origin: u16,
+    },
+    StatsReply {
+        token: u64,
+        stats: Box<ShardStats>,
+    },
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn message_stays_small() {
+        // Every queue slot costs this much; keep large payloads boxed.
+        assert!(std::mem::size_of::<super::Message>() <= 40, "{}", std::mem::size_of::<super::Message>());
+    }
+}

@@ -1,0 +1,455 @@
+//! Server configuration: embedded defaults, overridden by a TOML file,
+//! overridden by `KOMETA_*` environment variables and command-line flags.
+//!
+//! `validate` rejects nonsense before any socket opens; every error names the
+//! key it is about. Unknown keys are errors too (a typo in a limit must not
+//! silently fall back to the default).
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Deserializer};
+
+use crate::limits::{Limits, Timeouts};
+use crate::proto::client::name_byte_allowed;
+use crate::proto::http::HEADERS_HARD_MAX;
+
+/// Most shards (executors) one process runs.
+pub const SHARDS_MAX: usize = 256;
+
+/// Where the admin listener is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AdminAddress {
+    /// A Unix socket, created with mode 0600.
+    Unix(PathBuf),
+    /// TCP; requires `admin_key`.
+    Tcp(SocketAddr),
+}
+
+impl AdminAddress {
+    /// Parses `unix:PATH` or `tcp:ADDR:PORT`.
+    pub fn parse(text: &str) -> Result<AdminAddress, String> {
+        if let Some(path) = text.strip_prefix("unix:") {
+            if path.is_empty() {
+                return Err("unix: needs a path, for example unix:/run/kometa/admin.sock".into());
+            }
+            Ok(AdminAddress::Unix(PathBuf::from(path)))
+        } else if let Some(address) = text.strip_prefix("tcp:") {
+            address
+                .parse()
+                .map(AdminAddress::Tcp)
+                .map_err(|_| format!("`{address}` is not an ADDR:PORT socket address"))
+        } else {
+            Err(format!("`{text}` must start with unix: or tcp:"))
+        }
+    }
+}
+
+impl fmt::Display for AdminAddress {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            AdminAddress::Unix(path) => write!(f, "unix:{}", path.display()),
+            AdminAddress::Tcp(address) => write!(f, "tcp:{address}"),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for AdminAddress {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(deserializer)?;
+        AdminAddress::parse(&text).map_err(serde::de::Error::custom)
+    }
+}
+
+/// The default admin socket path: in `$XDG_RUNTIME_DIR` when set (per-user,
+/// private), else in the temp directory.
+pub fn default_admin_address() -> AdminAddress {
+    let directory = std::env::var_os("XDG_RUNTIME_DIR")
+        .map(PathBuf::from)
+        .filter(|dir| dir.is_dir())
+        .unwrap_or_else(std::env::temp_dir);
+    AdminAddress::Unix(directory.join("kometa-admin.sock"))
+}
+
+/// Rules for channels whose names start with `prefix` (longest prefix wins).
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct Namespace {
+    /// Channel-name prefix; "" is the catch-all default namespace.
+    pub prefix: String,
+    /// Clients may publish; the server stamps the sender's user id.
+    #[serde(default)]
+    pub client_publish: bool,
+    /// Keep presence (members with connection counts); clients may query it.
+    #[serde(default)]
+    pub presence: bool,
+    /// Push join/leave events to subscribers (requires `presence`).
+    #[serde(default)]
+    pub join_leave: bool,
+    /// Publications kept for history and resume (0 disables both).
+    #[serde(default = "default_history_size")]
+    pub history_size: usize,
+    /// How long a publication stays in history.
+    #[serde(default = "default_history_ttl_ms")]
+    pub history_ttl_ms: u64,
+    /// Only users whose token grants the channel (or, for channels ending in
+    /// `#USER` / `:USER`, that user) may subscribe.
+    #[serde(default)]
+    pub private: bool,
+    /// Connections without a user token may subscribe.
+    #[serde(default = "default_true")]
+    pub anonymous: bool,
+    /// Clients may ask for history.
+    #[serde(default = "default_true")]
+    pub client_history: bool,
+    /// Most subscribers a channel of this namespace may have.
+    #[serde(default = "default_subscribers_max")]
+    pub subscribers_max: usize,
+}
+
+fn default_history_size() -> usize {
+    100
+}
+fn default_history_ttl_ms() -> u64 {
+    300_000
+}
+fn default_true() -> bool {
+    true
+}
+fn default_subscribers_max() -> usize {
+    10_000_000
+}
+
+impl Namespace {
+    /// The catch-all namespace: short history, nothing else.
+    pub fn catch_all() -> Namespace {
+        Namespace {
+            prefix: String::new(),
+            client_publish: false,
+            presence: false,
+            join_leave: false,
+            history_size: default_history_size(),
+            history_ttl_ms: default_history_ttl_ms(),
+            private: false,
+            anonymous: true,
+            client_history: true,
+            subscribers_max: default_subscribers_max(),
+        }
+    }
+
+    /// Conventions users of earlier Comet servers know.
+    pub fn defaults() -> Vec<Namespace> {
+        vec![
+            Namespace { prefix: "web_".into(), client_publish: true, ..Namespace::catch_all() },
+            Namespace { prefix: "track_".into(), presence: true, join_leave: true, ..Namespace::catch_all() },
+            Namespace { prefix: "private_".into(), private: true, anonymous: false, ..Namespace::catch_all() },
+            Namespace { prefix: "user_status_".into(), ..Namespace::catch_all() },
+            Namespace::catch_all(),
+        ]
+    }
+}
+
+/// Per-user inbox for messages sent to users (`SEND_USER`).
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct InboxConfig {
+    /// Messages kept per user until acknowledged. When full, SEND_USER reports it.
+    pub messages_max: usize,
+    /// How long an unacknowledged message is kept.
+    pub ttl_ms: u64,
+    /// Users with a non-empty inbox the whole server keeps.
+    pub users_max: usize,
+}
+
+impl Default for InboxConfig {
+    fn default() -> Self {
+        InboxConfig { messages_max: 100, ttl_ms: 24 * 3600 * 1000, users_max: 1_000_000 }
+    }
+}
+
+/// Everything the server reads at start.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Public listener: WebSocket, SSE, long-poll, health.
+    pub listen: SocketAddr,
+    /// Admin listener for the backend.
+    pub admin: AdminAddress,
+    /// Shared key required on a TCP admin listener (at least 16 bytes).
+    pub admin_key: Option<String>,
+    /// Executors, one per core; 0 means one per available core.
+    pub shards: usize,
+    /// Listen backlog of each shard's listener.
+    pub accept_backlog: u32,
+    /// Connections the whole process accepts; more are answered 503.
+    pub connections_max: usize,
+    /// `Origin` values allowed to open WebSockets; empty allows any.
+    pub allowed_origins: Vec<String>,
+    /// If set, a WebSocket echo endpoint at this path, for protocol
+    /// conformance suites (Autobahn). Off by default.
+    pub echo_path: Option<String>,
+    /// HS256 secret for connection tokens (or `KOMETA_TOKEN_SECRET`).
+    pub token_secret: Option<String>,
+    /// The previous secret, still accepted during a rotation.
+    pub token_secret_previous: Option<String>,
+    pub limits: Limits,
+    pub timeouts: Timeouts,
+    /// Channel-prefix rules; replaces the built-in list when given. A
+    /// catch-all (`prefix = ""`) is added when missing.
+    pub namespaces: Vec<Namespace>,
+    pub inbox: InboxConfig,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            admin: default_admin_address(),
+            admin_key: None,
+            shards: 0,
+            accept_backlog: 4096,
+            connections_max: 1_000_000,
+            allowed_origins: Vec::new(),
+            echo_path: None,
+            token_secret: None,
+            token_secret_previous: None,
+            limits: Limits::default(),
+            timeouts: Timeouts::default(),
+            namespaces: Namespace::defaults(),
+            inbox: InboxConfig::default(),
+        }
+    }
+}
+
+/// A configuration problem, naming the key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError(pub String);
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+fn error(key: &str, problem: impl fmt::Display) -> ConfigError {
+    ConfigError(format!("config key `{key}`: {problem}"))
+}
+
+fn check_range<T: PartialOrd + fmt::Display + Copy>(key: &str, value: T, min: T, max: T) -> Result<(), ConfigError> {
+    if value < min || value > max {
+        return Err(error(key, format!("{value} is out of range ({min}..={max})")));
+    }
+    Ok(())
+}
+
+impl Config {
+    /// Parses a TOML document. Unknown keys and wrong types are errors that
+    /// name the key (toml reports the line and column).
+    pub fn from_toml(text: &str) -> Result<Config, ConfigError> {
+        toml::from_str(text).map_err(|e| ConfigError(format!("config file: {e}")))
+    }
+
+    /// Reads and parses a TOML file.
+    pub fn from_file(path: &Path) -> Result<Config, ConfigError> {
+        let text =
+            std::fs::read_to_string(path).map_err(|e| ConfigError(format!("config file {}: {e}", path.display())))?;
+        Config::from_toml(&text).map_err(|e| ConfigError(format!("{}: {}", path.display(), e.0)))
+    }
+
+    /// Shards to run: `shards`, or the available cores when 0.
+    pub fn shard_count(&self) -> usize {
+        if self.shards > 0 {
+            self.shards
+        } else {
+            std::thread::available_parallelism().map_or(1, usize::from)
+        }
+    }
+
+    /// Rejects values that would make the server misbehave.
+    pub fn validate(&mut self) -> Result<(), ConfigError> {
+        check_range("shards", self.shards, 0, SHARDS_MAX)?;
+        check_range("accept_backlog", self.accept_backlog, 1, 1 << 20)?;
+        check_range("connections_max", self.connections_max, 1, 100_000_000)?;
+        if let AdminAddress::Tcp(_) = self.admin {
+            match &self.admin_key {
+                None => return Err(error("admin_key", "required when `admin` is a tcp: address")),
+                Some(key) if key.len() < 16 => return Err(error("admin_key", "must be at least 16 bytes")),
+                Some(_) => {}
+            }
+        }
+        for origin in &self.allowed_origins {
+            if origin.is_empty() || origin.ends_with('/') {
+                return Err(error(
+                    "allowed_origins",
+                    format!("`{origin}` must look like https://host[:port] (no trailing slash)"),
+                ));
+            }
+        }
+        if let Some(path) = &self.echo_path {
+            if !path.starts_with('/') {
+                return Err(error("echo_path", "must start with /"));
+            }
+        }
+        for (key, secret) in
+            [("token_secret", &self.token_secret), ("token_secret_previous", &self.token_secret_previous)]
+        {
+            if secret.as_ref().is_some_and(|s| s.len() < 16) {
+                return Err(error(key, "must be at least 16 bytes"));
+            }
+        }
+
+        let l = &self.limits;
+        check_range("limits.http_head_bytes_max", l.http_head_bytes_max, 256, 1 << 20)?;
+        check_range("limits.http_headers_max", l.http_headers_max, 4, HEADERS_HARD_MAX)?;
+        check_range("limits.http_body_bytes_max", l.http_body_bytes_max, 256, 64 << 20)?;
+        check_range("limits.client_message_bytes_max", l.client_message_bytes_max, 128, 64 << 20)?;
+        check_range("limits.publication_data_bytes_max", l.publication_data_bytes_max, 16, 16 << 20)?;
+        check_range("limits.channels_per_connection_max", l.channels_per_connection_max, 1, 65_536)?;
+        check_range("limits.channel_name_bytes_max", l.channel_name_bytes_max, 1, 1024)?;
+        check_range("limits.outbox_messages_max", l.outbox_messages_max, 1, 1 << 20)?;
+        check_range("limits.outbox_bytes_max", l.outbox_bytes_max, 1024, 1 << 30)?;
+        check_range("limits.channels_max", l.channels_max, 1, 100_000_000)?;
+        check_range("limits.admin_connections_max", l.admin_connections_max, 1, 65_536)?;
+        check_range("limits.admin_requests_in_flight_max", l.admin_requests_in_flight_max, 1, 1 << 20)?;
+        check_range("limits.bus_queue_capacity", l.bus_queue_capacity, 16, 1 << 22)?;
+        check_range("limits.bus_overflow_max", l.bus_overflow_max, 16, 1 << 24)?;
+        check_range("limits.admin_frame_bytes_max", l.admin_frame_bytes_max, 1024, 1 << 30)?;
+        // A publication must fit in one admin frame and in one outbox.
+        let publication_frame_max = l.publication_data_bytes_max + 2 * 1024;
+        if l.admin_frame_bytes_max < publication_frame_max {
+            return Err(error(
+                "limits.admin_frame_bytes_max",
+                format!("must be at least limits.publication_data_bytes_max + 2048 = {publication_frame_max}"),
+            ));
+        }
+        if l.outbox_bytes_max < publication_frame_max {
+            return Err(error(
+                "limits.outbox_bytes_max",
+                format!("must be at least limits.publication_data_bytes_max + 2048 = {publication_frame_max}"),
+            ));
+        }
+
+        let t = &self.timeouts;
+        check_range("timeouts.handshake_timeout_ms", t.handshake_timeout_ms, 100, 3_600_000)?;
+        check_range("timeouts.ping_interval_ms", t.ping_interval_ms, 100, 3_600_000)?;
+        check_range("timeouts.pong_timeout_ms", t.pong_timeout_ms, 100, 3_600_000)?;
+        check_range("timeouts.close_timeout_ms", t.close_timeout_ms, 10, 600_000)?;
+        check_range("timeouts.shutdown_timeout_ms", t.shutdown_timeout_ms, 0, 600_000)?;
+        check_range("timeouts.sweep_interval_ms", t.sweep_interval_ms, 10, 60_000)?;
+
+        check_range("inbox.messages_max", self.inbox.messages_max, 0, 100_000)?;
+        check_range("inbox.ttl_ms", self.inbox.ttl_ms, 1000, 30 * 24 * 3600 * 1000)?;
+        check_range("inbox.users_max", self.inbox.users_max, 1, 100_000_000)?;
+
+        let mut seen = std::collections::HashSet::new();
+        for (index, namespace) in self.namespaces.iter().enumerate() {
+            let key = |field: &str| format!("namespaces[{index}].{field}");
+            if !namespace.prefix.bytes().all(name_byte_allowed) {
+                return Err(error(&key("prefix"), "may contain only letters, digits and _ - . : @ / = #"));
+            }
+            if !seen.insert(namespace.prefix.as_str()) {
+                return Err(error(&key("prefix"), format!("`{}` appears twice", namespace.prefix)));
+            }
+            check_range(&key("history_size"), namespace.history_size, 0, 100_000)?;
+            check_range(&key("history_ttl_ms"), namespace.history_ttl_ms, 0, 30 * 24 * 3600 * 1000)?;
+            check_range(&key("subscribers_max"), namespace.subscribers_max, 1, 100_000_000)?;
+            if namespace.join_leave && !namespace.presence {
+                return Err(error(&key("join_leave"), "requires presence = true"));
+            }
+            if namespace.history_size > 0 && namespace.history_ttl_ms == 0 {
+                return Err(error(&key("history_ttl_ms"), "must be > 0 when history_size > 0"));
+            }
+        }
+        if !self.namespaces.iter().any(|n| n.prefix.is_empty()) {
+            self.namespaces.push(Namespace::catch_all());
+        }
+        Ok(())
+    }
+
+    /// The namespace that governs `channel`: the longest matching prefix.
+    pub fn namespace_for(&self, channel: &str) -> &Namespace {
+        namespace_for(&self.namespaces, channel)
+    }
+}
+
+/// Longest-prefix match; the catch-all guarantees a match after `validate`.
+pub fn namespace_for<'a>(namespaces: &'a [Namespace], channel: &str) -> &'a Namespace {
+    namespaces.iter().filter(|n| channel.starts_with(n.prefix.as_str())).max_by_key(|n| n.prefix.len()).unwrap_or_else(
+        || {
+            // validate() always adds a catch-all; reaching here is a bug.
+            debug_assert!(false, "no catch-all namespace");
+            &namespaces[0]
+        },
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_validate() {
+        let mut config = Config::default();
+        config.validate().unwrap();
+        assert_eq!(config.namespace_for("web_chat").prefix, "web_");
+        assert!(config.namespace_for("web_chat").client_publish);
+        assert_eq!(config.namespace_for("news").prefix, "");
+        assert!(!config.namespace_for("news").client_publish);
+        assert!(config.namespace_for("track_room").join_leave);
+    }
+
+    #[test]
+    fn toml_overrides_and_unknown_keys() {
+        let config =
+            Config::from_toml("listen = \"0.0.0.0:9000\"\nshards = 2\n[limits]\noutbox_bytes_max = 2000000\n").unwrap();
+        assert_eq!(config.listen.port(), 9000);
+        assert_eq!(config.shards, 2);
+        assert_eq!(config.limits.outbox_bytes_max, 2_000_000);
+        assert_eq!(config.limits.http_headers_max, Limits::default().http_headers_max);
+
+        let error = Config::from_toml("[limits]\noutbox_byte_max = 1\n").unwrap_err();
+        assert!(error.0.contains("outbox_byte_max"), "{error}");
+        let error = Config::from_toml("shards = \"two\"\n").unwrap_err();
+        assert!(error.0.contains("shards"), "{error}");
+        let error = Config::from_toml("admin = \"http://x\"\n").unwrap_err();
+        assert!(error.0.contains("unix:"), "{error}");
+    }
+
+    #[test]
+    fn validate_names_the_key() {
+        let mut config = Config::default();
+        config.limits.outbox_bytes_max = 10;
+        assert!(config.validate().unwrap_err().0.contains("limits.outbox_bytes_max"));
+
+        let mut config = Config { admin: AdminAddress::Tcp("127.0.0.1:1".parse().unwrap()), ..Config::default() };
+        assert!(config.validate().unwrap_err().0.contains("admin_key"));
+
+        let mut config = Config::default();
+        config.limits.publication_data_bytes_max = 4 << 20;
+        assert!(config.validate().unwrap_err().0.contains("admin_frame_bytes_max"));
+
+        let mut config = Config::default();
+        config.namespaces.push(Namespace { prefix: "web_".into(), ..Namespace::catch_all() });
+        assert!(config.validate().unwrap_err().0.contains("namespaces[5].prefix"));
+    }
+
+    #[test]
+    fn custom_namespaces_get_a_catch_all() {
+        let mut config = Config::from_toml("[[namespaces]]\nprefix = \"chat_\"\nclient_publish = true\n").unwrap();
+        config.validate().unwrap();
+        assert_eq!(config.namespaces.len(), 2);
+        assert!(config.namespace_for("chat_1").client_publish);
+        assert!(!config.namespace_for("web_1").client_publish);
+    }
+
+    #[test]
+    fn admin_address_parsing() {
+        assert_eq!(AdminAddress::parse("unix:/tmp/a.sock").unwrap(), AdminAddress::Unix("/tmp/a.sock".into()));
+        assert_eq!(AdminAddress::parse("tcp:127.0.0.1:9").unwrap(), AdminAddress::Tcp("127.0.0.1:9".parse().unwrap()));
+        assert!(AdminAddress::parse("tcp:nope").is_err());
+        assert!(AdminAddress::parse("unix:").is_err());
+    }
+}

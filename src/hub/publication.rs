@@ -1,0 +1,136 @@
+//! A publication, encoded once and shared by reference count.
+//!
+//! Server frames are not masked, so the same WebSocket frame bytes fit every
+//! subscriber on every shard. The owner shard builds it; every other shard
+//! and connection only holds an `Arc` to it (invariant 2 in DESIGN.md).
+
+use std::sync::{Arc, OnceLock};
+
+use crate::proto::json::ObjectWriter;
+use crate::proto::ws::{FrameBuilder, OPCODE_TEXT, SERVER_HEADER_BYTES_MAX};
+
+/// One message published to a channel.
+#[derive(Debug)]
+pub struct Publication {
+    /// The channel name, shared with the owner's channel state.
+    pub channel: Arc<str>,
+    /// Position within the channel's current epoch; strictly increasing.
+    pub offset: u64,
+    /// The push as a WebSocket text frame; the JSON starts at
+    /// `SERVER_HEADER_BYTES_MAX` and the frame at `frame_start`.
+    buffer: Box<[u8]>,
+    frame_start: u8,
+    /// The SSE encoding (`id:`/`data:` lines), built on first use by an SSE
+    /// subscriber and then shared like the WebSocket frame.
+    sse: OnceLock<Box<[u8]>>,
+    /// The channel epoch, for SSE event ids.
+    pub epoch: Arc<str>,
+}
+
+/// What a publication says, before it gets an offset.
+#[derive(Debug, Clone, Copy)]
+pub struct PushFields<'a> {
+    pub channel: &'a str,
+    pub event: &'a str,
+    /// Validated JSON, re-emitted verbatim.
+    pub data: &'a [u8],
+    /// The publishing user, for client publications.
+    pub user: Option<&'a str>,
+}
+
+impl Publication {
+    /// Encodes `{"channel":…,"event":…,"offset":…,"data":…[,"user":…]}` once.
+    pub fn encode(channel: Arc<str>, epoch: Arc<str>, offset: u64, fields: PushFields<'_>) -> Publication {
+        debug_assert_eq!(&*channel, fields.channel);
+        let mut builder =
+            FrameBuilder::with_capacity(64 + fields.channel.len() + fields.event.len() + fields.data.len());
+        let mut object = ObjectWriter::new(builder.payload());
+        object.str("channel", fields.channel).str("event", fields.event).u64("offset", offset).raw("data", fields.data);
+        if let Some(user) = fields.user {
+            object.str("user", user);
+        }
+        object.finish();
+        let (buffer, frame_start) = builder.finish(OPCODE_TEXT);
+        debug_assert!(frame_start < SERVER_HEADER_BYTES_MAX);
+        Publication {
+            channel,
+            offset,
+            buffer: buffer.into_boxed_slice(),
+            frame_start: frame_start as u8,
+            sse: OnceLock::new(),
+            epoch,
+        }
+    }
+
+    /// The complete WebSocket frame.
+    pub fn ws_frame(&self) -> &[u8] {
+        &self.buffer[usize::from(self.frame_start)..]
+    }
+
+    /// The push as JSON (the frame's payload).
+    pub fn json(&self) -> &[u8] {
+        &self.buffer[SERVER_HEADER_BYTES_MAX..]
+    }
+
+    /// The push as one SSE event, `id: EPOCH:OFFSET` so a reconnecting
+    /// EventSource resumes with `Last-Event-ID`.
+    pub fn sse_event(&self) -> &[u8] {
+        self.sse.get_or_init(|| {
+            let json = self.json();
+            let mut event = Vec::with_capacity(json.len() + self.channel.len() + self.epoch.len() + 48);
+            event.extend_from_slice(b"id: ");
+            event.extend_from_slice(self.channel.as_bytes());
+            event.push(b'@');
+            event.extend_from_slice(self.epoch.as_bytes());
+            event.push(b':');
+            event.extend_from_slice(self.offset.to_string().as_bytes());
+            event.extend_from_slice(b"\ndata: ");
+            // JSON from serde_json never contains a raw newline outside strings,
+            // and strings escape it, so one data line holds the whole push.
+            event.extend_from_slice(json);
+            event.extend_from_slice(b"\n\n");
+            event.into_boxed_slice()
+        })
+    }
+
+    /// Heap bytes this publication holds (for history accounting).
+    pub fn bytes(&self) -> usize {
+        self.buffer.len() + self.sse.get().map_or(0, |s| s.len())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn encodes_frame_and_json_once() {
+        let publication = Publication::encode(
+            "news".into(),
+            "e1".into(),
+            18,
+            PushFields { channel: "news", event: "update", data: br#"{"x":1}"#, user: None },
+        );
+        assert_eq!(publication.json(), br#"{"channel":"news","event":"update","offset":18,"data":{"x":1}}"#);
+        let frame = publication.ws_frame();
+        assert_eq!(frame[0], 0x81);
+        assert_eq!(usize::from(frame[1]), publication.json().len());
+        assert_eq!(&frame[2..], publication.json());
+        let sse = std::str::from_utf8(publication.sse_event()).unwrap();
+        assert!(sse.starts_with("id: news@e1:18\ndata: {"));
+        assert!(sse.ends_with("}\n\n"));
+    }
+
+    #[test]
+    fn client_publications_carry_the_user() {
+        let publication = Publication::encode(
+            "web_chat".into(),
+            "e".into(),
+            1,
+            PushFields { channel: "web_chat", event: "msg", data: b"\"hi\"", user: Some("42") },
+        );
+        let value: serde_json::Value = serde_json::from_slice(publication.json()).unwrap();
+        assert_eq!(value["user"], "42");
+        assert_eq!(value["data"], "hi");
+    }
+}

@@ -1,0 +1,284 @@
+//! Process start and stop: raise the open-files limit, open the listeners
+//! (one SO_REUSEPORT socket per shard, and the admin socket), build the bus,
+//! start one pinned executor per shard, and turn SIGTERM/SIGINT into a
+//! graceful shutdown.
+
+use std::cell::RefCell;
+use std::fmt;
+use std::io::Write;
+use std::net::SocketAddr;
+use std::os::fd::{FromRawFd, IntoRawFd, OwnedFd};
+use std::os::unix::fs::PermissionsExt;
+use std::path::PathBuf;
+use std::rc::Rc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use socket2::{Domain, Socket, Type};
+
+use crate::admin::server::Transport;
+use crate::bus;
+use crate::config::{AdminAddress, Config};
+use crate::shard::{self, Shard, Shared, DESCRIPTORS_RESERVED};
+
+/// Memory glommio registers for its own I/O buffers per executor. Kometa's
+/// socket I/O does not use them, so a small pool keeps RSS and locked memory low.
+const EXECUTOR_IO_MEMORY_BYTES: usize = 1 << 20;
+
+#[derive(Debug)]
+pub struct ServeError(pub String);
+
+impl fmt::Display for ServeError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for ServeError {}
+
+fn fail(what: impl fmt::Display) -> ServeError {
+    ServeError(what.to_string())
+}
+
+/// Raises the soft open-files limit to the hard limit; returns (soft, hard).
+pub fn raise_open_files_limit() -> (u64, u64) {
+    let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit writes into a valid rlimit.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
+        return (0, 0);
+    }
+    if limit.rlim_cur < limit.rlim_max {
+        let raised = libc::rlimit { rlim_cur: limit.rlim_max, rlim_max: limit.rlim_max };
+        // SAFETY: setrlimit reads a valid rlimit.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } == 0 {
+            limit.rlim_cur = limit.rlim_max;
+        }
+    }
+    (limit.rlim_cur, limit.rlim_max)
+}
+
+/// CPUs this process may run on, in order.
+fn allowed_cpus() -> Vec<usize> {
+    // SAFETY: a zeroed cpu_set_t is valid; sched_getaffinity fills it.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    // SAFETY: passes the size of the set we own.
+    let ok = unsafe { libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) } == 0;
+    let cpus: Vec<usize> = if ok {
+        // SAFETY: CPU_ISSET reads the set we own.
+        (0..libc::CPU_SETSIZE as usize).filter(|&cpu| unsafe { libc::CPU_ISSET(cpu, &set) }).collect()
+    } else {
+        Vec::new()
+    };
+    if cpus.is_empty() {
+        vec![0]
+    } else {
+        cpus
+    }
+}
+
+fn public_listener(address: SocketAddr, backlog: u32) -> Result<Socket, ServeError> {
+    let socket = Socket::new(Domain::for_address(address), Type::STREAM.cloexec(), None)
+        .map_err(|e| fail(format!("cannot create a socket for {address}: {e}")))?;
+    socket.set_reuse_address(true).map_err(|e| fail(format!("SO_REUSEADDR: {e}")))?;
+    socket.set_reuse_port(true).map_err(|e| fail(format!("SO_REUSEPORT: {e}")))?;
+    socket.set_nonblocking(true).map_err(|e| fail(format!("O_NONBLOCK: {e}")))?;
+    socket.bind(&address.into()).map_err(|e| fail(format!("cannot listen on {address}: {e}")))?;
+    let backlog = i32::try_from(backlog).unwrap_or(i32::MAX);
+    socket.listen(backlog).map_err(|e| fail(format!("cannot listen on {address}: {e}")))?;
+    Ok(socket)
+}
+
+/// Binds the admin listener. A stale Unix socket file (nobody listening) is
+/// replaced; a live one is an error, so two servers never share it.
+fn admin_listener(address: &AdminAddress) -> Result<(OwnedFd, Transport), ServeError> {
+    match address {
+        AdminAddress::Unix(path) => {
+            if path.exists() {
+                if std::os::unix::net::UnixStream::connect(path).is_ok() {
+                    return Err(fail(format!("admin socket {} is in use by another server", path.display())));
+                }
+                std::fs::remove_file(path)
+                    .map_err(|e| fail(format!("cannot remove stale admin socket {}: {e}", path.display())))?;
+            }
+            // Created owner-only from the start: no window with wider permissions.
+            // SAFETY: umask only changes the process file-creation mask.
+            let previous = unsafe { libc::umask(0o177) };
+            let bound = std::os::unix::net::UnixListener::bind(path);
+            // SAFETY: restores the previous mask.
+            unsafe { libc::umask(previous) };
+            let listener = bound.map_err(|e| fail(format!("cannot bind admin socket {}: {e}", path.display())))?;
+            std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+                .map_err(|e| fail(format!("cannot chmod admin socket {}: {e}", path.display())))?;
+            listener.set_nonblocking(true).map_err(|e| fail(format!("admin socket: {e}")))?;
+            // SAFETY: we take ownership of the listener's descriptor.
+            Ok((unsafe { OwnedFd::from_raw_fd(listener.into_raw_fd()) }, Transport::Unix))
+        }
+        AdminAddress::Tcp(socket_address) => {
+            let socket = Socket::new(Domain::for_address(*socket_address), Type::STREAM.cloexec(), None)
+                .map_err(|e| fail(format!("admin socket: {e}")))?;
+            socket.set_reuse_address(true).map_err(|e| fail(format!("admin socket: {e}")))?;
+            socket.set_nonblocking(true).map_err(|e| fail(format!("admin socket: {e}")))?;
+            socket
+                .bind(&(*socket_address).into())
+                .map_err(|e| fail(format!("cannot bind admin address {socket_address}: {e}")))?;
+            socket.listen(128).map_err(|e| fail(format!("cannot listen on admin address {socket_address}: {e}")))?;
+            Ok((socket.into(), Transport::Tcp))
+        }
+    }
+}
+
+/// Blocks SIGINT and SIGTERM in the calling thread (and the threads it
+/// starts), so only the signal thread receives them.
+fn block_shutdown_signals() -> libc::sigset_t {
+    // SAFETY: sigset manipulation on a local set; pthread_sigmask on our thread.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGINT);
+        libc::sigaddset(&mut set, libc::SIGTERM);
+        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+        libc::signal(libc::SIGPIPE, libc::SIG_IGN);
+        set
+    }
+}
+
+/// Removes the admin socket file when the server exits.
+struct SocketFileGuard(Option<PathBuf>);
+
+impl Drop for SocketFileGuard {
+    fn drop(&mut self) {
+        if let Some(path) = &self.0 {
+            let _ = std::fs::remove_file(path);
+        }
+    }
+}
+
+/// Runs the server until SIGTERM/SIGINT and a graceful shutdown.
+pub fn serve(config: Config) -> Result<(), ServeError> {
+    let config = Arc::new(config);
+    let shard_count = config.shard_count();
+
+    let (soft, hard) = raise_open_files_limit();
+    let descriptors_for_clients = (soft as usize).saturating_sub(DESCRIPTORS_RESERVED * shard_count.max(1));
+    let connections_max = config.connections_max.min(descriptors_for_clients.max(1));
+    if config.connections_max > descriptors_for_clients {
+        tracing::warn!(
+            connections_max = config.connections_max,
+            open_files_soft = soft,
+            open_files_hard = hard,
+            effective = connections_max,
+            "connections_max exceeds what the open-files limit allows: connections past {connections_max} get 503. \
+             Raise LimitNOFILE / nofile (see tuning/) to serve more"
+        );
+    }
+
+    let mut listeners = Vec::with_capacity(shard_count);
+    let first = public_listener(config.listen, config.accept_backlog)?;
+    let bound = first
+        .local_addr()
+        .ok()
+        .and_then(|a| a.as_socket())
+        .ok_or_else(|| fail("cannot read the listener's address"))?;
+    listeners.push(first);
+    for _ in 1..shard_count {
+        listeners.push(public_listener(bound, config.accept_backlog)?);
+    }
+    let (admin_fd, admin_transport) = admin_listener(&config.admin)?;
+    let _socket_file = SocketFileGuard(match &config.admin {
+        AdminAddress::Unix(path) => Some(path.clone()),
+        AdminAddress::Tcp(_) => None,
+    });
+
+    let (endpoints, wakeups) = bus::mesh(shard_count, config.limits.bus_queue_capacity, config.limits.bus_overflow_max)
+        .map_err(|e| fail(format!("cannot create the bus: {e}")))?;
+    let shared = Arc::new(Shared {
+        connections: AtomicUsize::new(0),
+        connections_max,
+        shutting_down: AtomicBool::new(false),
+        wakeups: Arc::clone(&wakeups),
+    });
+
+    let signals = block_shutdown_signals();
+    let cpus = allowed_cpus();
+    if shard_count > cpus.len() {
+        tracing::warn!(shards = shard_count, cpus = cpus.len(), "more shards than CPUs: shards will share cores");
+    }
+
+    let mut admin = Some((admin_fd, admin_transport));
+    let mut handles = Vec::with_capacity(shard_count);
+    for (id, (listener, endpoint)) in listeners.into_iter().zip(endpoints).enumerate() {
+        let config = Arc::clone(&config);
+        let shared = Arc::clone(&shared);
+        let admin = if id == 0 { admin.take() } else { None };
+        let listener: OwnedFd = listener.into();
+        let cpu = cpus[id % cpus.len()];
+        let handle = glommio::LocalExecutorBuilder::new(glommio::Placement::Fixed(cpu))
+            .name(&format!("kometa-shard-{id}"))
+            .io_memory(EXECUTOR_IO_MEMORY_BYTES)
+            .spawn(move || async move {
+                let shard = match Shard::new(id, config, shared, listener, endpoint) {
+                    Ok(shard) => Rc::new(RefCell::new(shard)),
+                    Err(error) => return Err(format!("shard {id}: {error}")),
+                };
+                if let Some((fd, transport)) = admin {
+                    glommio::spawn_local(crate::admin::server::serve(Rc::clone(&shard), fd, transport)).detach();
+                }
+                shard::run(shard).await;
+                Ok(())
+            })
+            .map_err(|e| fail(format!("cannot start shard {id}: {e}")))?;
+        handles.push(handle);
+    }
+
+    println!("kometa ready listen={bound} admin={} shards={shard_count}", config.admin);
+    let _ = std::io::stdout().flush();
+    tracing::info!(listen = %bound, admin = %config.admin, shards = shard_count, connections_max, "serving");
+
+    let signal_shared = Arc::clone(&shared);
+    std::thread::Builder::new()
+        .name("kometa-signals".into())
+        .spawn(move || wait_for_signals(signals, &signal_shared))
+        .map_err(|e| fail(format!("cannot start the signal thread: {e}")))?;
+
+    let mut failure = None;
+    for handle in handles {
+        match handle.join() {
+            Ok(Ok(())) => {}
+            Ok(Err(message)) => failure = Some(message),
+            Err(error) => failure = Some(format!("shard executor failed: {error}")),
+        }
+        // One shard failing stops the others.
+        if failure.is_some() {
+            shared.shutting_down.store(true, Ordering::Release);
+            shared.wakeups.iter().for_each(bus::Wakeup::signal);
+        }
+    }
+    match failure {
+        Some(message) => Err(fail(message)),
+        None => {
+            tracing::info!("shutdown complete");
+            Ok(())
+        }
+    }
+}
+
+/// First SIGINT/SIGTERM: graceful shutdown. Second: exit at once.
+fn wait_for_signals(signals: libc::sigset_t, shared: &Shared) {
+    let mut received = 0;
+    loop {
+        let mut signal: libc::c_int = 0;
+        // SAFETY: sigwait on a set of blocked signals, writing into a local.
+        if unsafe { libc::sigwait(&signals, &mut signal) } != 0 {
+            continue;
+        }
+        received += 1;
+        if received == 1 {
+            tracing::info!(signal, "signal received: closing connections (1001) and draining");
+            shared.shutting_down.store(true, Ordering::Release);
+            shared.wakeups.iter().for_each(bus::Wakeup::signal);
+        } else {
+            tracing::warn!("second signal: exiting without draining");
+            std::process::exit(130);
+        }
+    }
+}

@@ -1,0 +1,459 @@
+//! A shard: one glommio executor pinned to one core, owning its listener,
+//! its connections (a `Slab`), its channel index, the channels and users it
+//! owns, and its end of the bus. This is the only code that awaits sockets.
+//!
+//! One task per shard runs the event loop (`Shard::tick`): bus messages,
+//! socket readiness from an edge-triggered epoll set, pending fan-outs and
+//! the timer sweep, each with a budget per tick, yielding to the executor
+//! between ticks. Because that one task is the only one that mutates
+//! connections and subscriptions, no locks or `RefCell` juggling across
+//! awaits are needed; admin tasks only send bus messages and await replies.
+
+mod conn;
+mod owner;
+mod sweep;
+pub mod sys;
+
+use std::cell::RefCell;
+use std::collections::{HashMap, VecDeque};
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::rc::Rc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures_channel::oneshot;
+use slab::Slab;
+
+use crate::bus::message::{PublishOk, PublishRefusal, ShardStats};
+use crate::bus::{Endpoint, Wakeup};
+use crate::config::Config;
+use crate::hub::channel::OwnedChannels;
+use crate::hub::index::{ConnKey, LocalChannelId, LocalIndex};
+use crate::hub::publication::Publication;
+use crate::session::Session;
+use sys::Epoll;
+
+/// Bytes read per `recv` into the shard's scratch buffer.
+const SCRATCH_BYTES: usize = 64 * 1024;
+/// Epoll events collected per tick.
+const EVENTS_PER_TICK: usize = 512;
+/// Bus messages handled per tick.
+const BUS_MESSAGES_PER_TICK: usize = 4096;
+/// Connections accepted per tick.
+const ACCEPTS_PER_TICK: usize = 256;
+/// Bytes read from one connection per tick before others get a turn.
+const READ_BYTES_PER_CONN_PER_TICK: usize = 256 * 1024;
+/// Deliveries (one publication to one connection) per tick.
+const DELIVERIES_PER_TICK: usize = 16_384;
+/// Connections examined by the timer sweep per tick.
+const SWEEP_CONNS_PER_TICK: usize = 8192;
+/// Descriptors kept free for listeners, the admin socket and epoll wake-ups.
+pub const DESCRIPTORS_RESERVED: usize = 64;
+
+/// Epoll tokens: connection tokens are `generation << 32 | key`; these two
+/// use keys no slab ever reaches.
+const TOKEN_LISTENER: u64 = u32::MAX as u64;
+const TOKEN_WAKEUP: u64 = (u32::MAX - 1) as u64;
+
+/// State shared by all shards of the process.
+pub struct Shared {
+    /// Open public connections over all shards.
+    pub connections: AtomicUsize,
+    /// Effective cap: `connections_max`, lowered to what the open-files
+    /// limit allows.
+    pub connections_max: usize,
+    /// Set once by the signal handler thread.
+    pub shutting_down: AtomicBool,
+    /// One per shard, to wake them (shutdown, bus).
+    pub wakeups: Arc<[Wakeup]>,
+}
+
+/// An accepted socket and its session.
+pub struct Conn {
+    pub fd: OwnedFd,
+    pub session: Session,
+}
+
+/// A publication being written to this shard's subscribers of a channel,
+/// possibly over several ticks.
+struct PendingFanout {
+    publication: Arc<Publication>,
+    channel: LocalChannelId,
+    /// Next subscriber slot to visit.
+    next_slot: usize,
+}
+
+/// What an admin request is waiting for.
+pub enum AdminWait {
+    Publish(oneshot::Sender<Result<PublishOk, PublishRefusal>>),
+    Stats { remaining: usize, collected: Vec<ShardStats>, reply: oneshot::Sender<Vec<ShardStats>> },
+}
+
+/// Running counters (see `ShardStats` for their meaning).
+#[derive(Debug, Default)]
+pub struct Metrics {
+    pub connections_accepted: u64,
+    pub connections_refused: u64,
+    pub messages_in: u64,
+    pub messages_out: u64,
+    pub publications: u64,
+    pub slow_consumers_closed: u64,
+    pub protocol_errors: u64,
+    pub websockets: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Lifecycle {
+    Running,
+    /// Shutdown began: no accepts, clients told 1001, outboxes draining.
+    Draining {
+        deadline_ms: u64,
+    },
+    Finished,
+}
+
+/// What a tick leaves behind.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TickOutcome {
+    /// More work is ready; yield and tick again.
+    Busy,
+    /// Nothing to do until an event or the next sweep, `Duration` from now.
+    Idle(Duration),
+    /// Shutdown is complete.
+    Finished,
+}
+
+pub struct Shard {
+    pub id: usize,
+    pub config: Arc<Config>,
+    pub shared: Arc<Shared>,
+    pub(crate) started: Instant,
+    /// Milliseconds since the shard started; updated once per tick.
+    pub now_ms: u64,
+    pub(crate) epoll: Epoll,
+    pub(crate) listener: Option<OwnedFd>,
+    /// After EMFILE, accepting resumes at this time.
+    pub(crate) accept_paused_until_ms: Option<u64>,
+    pub(crate) conns: Slab<Conn>,
+    pub(crate) next_generation: u32,
+    pub(crate) index: LocalIndex,
+    pub(crate) owned: OwnedChannels,
+    pub bus: Endpoint,
+    fanouts: VecDeque<PendingFanout>,
+    /// Connections to revisit: input left unread at a budget, or a paused
+    /// connection whose reply arrived.
+    pub(crate) ready: VecDeque<(ConnKey, u32)>,
+    /// Reads land here; only a partial frame is copied to the connection.
+    pub(crate) scratch: Vec<u8>,
+    /// Reusable list of connection keys for fan-out chunks.
+    pub(crate) fanout_keys: Vec<ConnKey>,
+    pub(crate) events: Vec<libc::epoll_event>,
+    pub metrics: Metrics,
+    pub admin_waits: HashMap<u64, AdminWait>,
+    pub(crate) next_admin_token: u64,
+    lifecycle: Lifecycle,
+    pub(crate) next_sweep_ms: u64,
+    pub(crate) sweep_cursor: usize,
+    pub(crate) next_channel_sweep_ms: u64,
+}
+
+impl Shard {
+    pub fn new(
+        id: usize,
+        config: Arc<Config>,
+        shared: Arc<Shared>,
+        listener: OwnedFd,
+        bus: Endpoint,
+    ) -> std::io::Result<Shard> {
+        let epoll = Epoll::new()?;
+        epoll.add(listener.as_raw_fd(), sys::EPOLLIN, TOKEN_LISTENER)?;
+        epoll.add(bus.wakeup().fd(), sys::EPOLLIN, TOKEN_WAKEUP)?;
+        let shard_count = bus.shard_count();
+        let channels_max = config.limits.channels_max.div_ceil(shard_count);
+        Ok(Shard {
+            id,
+            shared,
+            started: Instant::now(),
+            now_ms: 0,
+            epoll,
+            listener: Some(listener),
+            accept_paused_until_ms: None,
+            conns: Slab::new(),
+            next_generation: 1,
+            index: LocalIndex::default(),
+            owned: OwnedChannels::new(shard_count, channels_max),
+            bus,
+            fanouts: VecDeque::new(),
+            ready: VecDeque::new(),
+            scratch: vec![0; SCRATCH_BYTES],
+            fanout_keys: Vec::with_capacity(1024),
+            events: vec![libc::epoll_event { events: 0, u64: 0 }; EVENTS_PER_TICK],
+            metrics: Metrics::default(),
+            admin_waits: HashMap::new(),
+            next_admin_token: 1,
+            lifecycle: Lifecycle::Running,
+            next_sweep_ms: config.timeouts.sweep_interval_ms,
+            sweep_cursor: 0,
+            next_channel_sweep_ms: 0,
+            config,
+        })
+    }
+
+    pub fn shard_count(&self) -> usize {
+        self.bus.shard_count()
+    }
+
+    /// A fresh token for an admin wait.
+    pub fn admin_token(&mut self) -> u64 {
+        let token = self.next_admin_token;
+        self.next_admin_token += 1;
+        token
+    }
+
+    pub fn is_draining(&self) -> bool {
+        !matches!(self.lifecycle, Lifecycle::Running)
+    }
+
+    fn update_clock(&mut self) {
+        self.now_ms = self.started.elapsed().as_millis() as u64;
+    }
+
+    /// One round of the event loop; never blocks.
+    pub fn tick(&mut self) -> TickOutcome {
+        self.update_clock();
+        if self.lifecycle == Lifecycle::Finished {
+            return TickOutcome::Finished;
+        }
+        if self.lifecycle == Lifecycle::Running && self.shared.shutting_down.load(Ordering::Acquire) {
+            self.begin_shutdown();
+        }
+
+        let mut work = self.receive_bus();
+        work += self.poll_events();
+        work += self.continue_ready();
+        work += self.run_fanouts();
+        if self.now_ms >= self.next_sweep_ms {
+            work += self.sweep();
+        }
+        let overflow_left = self.bus.flush();
+
+        if let Lifecycle::Draining { deadline_ms } = self.lifecycle {
+            if self.conns.is_empty() || self.now_ms >= deadline_ms {
+                self.finish_shutdown();
+                return TickOutcome::Finished;
+            }
+        }
+        if self.accept_paused_until_ms.is_some_and(|until| self.now_ms >= until) {
+            self.resume_accepting();
+        }
+
+        let pending = !self.fanouts.is_empty() || !self.ready.is_empty() || overflow_left || self.bus.has_inbound();
+        if work > 0 || pending {
+            return TickOutcome::Busy;
+        }
+        let mut wait_ms = self.next_sweep_ms.saturating_sub(self.now_ms).max(1);
+        if let Some(until) = self.accept_paused_until_ms {
+            wait_ms = wait_ms.min(until.saturating_sub(self.now_ms).max(1));
+        }
+        TickOutcome::Idle(Duration::from_millis(wait_ms))
+    }
+
+    /// `receive` holds the endpoint mutably, while handling a message needs
+    /// the whole shard, so messages are drained into a batch first.
+    fn receive_bus(&mut self) -> usize {
+        let mut batch = Vec::new();
+        self.bus.receive(BUS_MESSAGES_PER_TICK, |_, message| batch.push(message));
+        let count = batch.len();
+        for message in batch {
+            self.handle_message(message);
+        }
+        count
+    }
+
+    fn poll_events(&mut self) -> usize {
+        let mut events = std::mem::take(&mut self.events);
+        let count = match self.epoll.poll(&mut events) {
+            Ok(count) => count,
+            Err(error) => {
+                tracing::error!(shard = self.id, %error, "epoll_wait failed");
+                0
+            }
+        };
+        for event in &events[..count] {
+            let (token, flags) = (event.u64, event.events);
+            match token {
+                TOKEN_LISTENER => self.accept_connections(),
+                TOKEN_WAKEUP => self.bus.wakeup().drain(),
+                _ => {
+                    let key = (token & 0xFFFF_FFFF) as ConnKey;
+                    let generation = (token >> 32) as u32;
+                    self.connection_event(key, generation, flags);
+                }
+            }
+        }
+        self.events = events;
+        count
+    }
+
+    /// Puts a connection on the ready list for another turn.
+    pub(crate) fn mark_ready(&mut self, key: ConnKey, generation: u32) {
+        self.ready.push_back((key, generation));
+    }
+
+    fn continue_ready(&mut self) -> usize {
+        let turns = self.ready.len();
+        for _ in 0..turns {
+            let Some((key, generation)) = self.ready.pop_front() else {
+                break;
+            };
+            self.resume_connection(key, generation);
+        }
+        turns
+    }
+
+    /// Queues a publication for this shard's subscribers of its channel.
+    pub(crate) fn queue_fanout(&mut self, publication: Arc<Publication>) {
+        if let Some(channel) = self.index.lookup(&publication.channel) {
+            self.fanouts.push_back(PendingFanout { publication, channel, next_slot: 0 });
+        }
+    }
+
+    /// Writes pending publications to subscribers, at most
+    /// `DELIVERIES_PER_TICK` per tick; a big channel continues next tick.
+    fn run_fanouts(&mut self) -> usize {
+        let mut budget = DELIVERIES_PER_TICK;
+        let mut delivered = 0;
+        while budget > 0 {
+            let Some(fanout) = self.fanouts.front_mut() else {
+                break;
+            };
+            let mut keys = std::mem::take(&mut self.fanout_keys);
+            keys.clear();
+            let finished = match self.index.get(fanout.channel) {
+                // The channel entry may have been dropped and its id reused.
+                Some(channel) if channel.name == fanout.publication.channel => {
+                    let slots = channel.subscribers.capacity();
+                    let offset = fanout.publication.offset;
+                    while fanout.next_slot < slots && keys.len() < budget {
+                        if let Some(subscriber) = channel.subscribers.get(fanout.next_slot) {
+                            if offset > subscriber.after_offset {
+                                keys.push(subscriber.conn);
+                            }
+                        }
+                        fanout.next_slot += 1;
+                    }
+                    fanout.next_slot >= slots
+                }
+                _ => true,
+            };
+            let publication = Arc::clone(&fanout.publication);
+            if finished {
+                self.fanouts.pop_front();
+            }
+            budget = budget.saturating_sub(keys.len().max(1));
+            for &key in &keys {
+                self.deliver(key, &publication);
+            }
+            delivered += keys.len();
+            self.fanout_keys = keys;
+        }
+        delivered
+    }
+
+    /// Counters and gauges for `STATS`.
+    pub fn stats(&self) -> ShardStats {
+        let outbox_bytes = self
+            .conns
+            .iter()
+            .filter_map(|(_, conn)| conn.session.outbox.as_ref())
+            .map(|outbox| outbox.pending_bytes() as u64)
+            .sum();
+        ShardStats {
+            shard: self.id,
+            connections: self.conns.len() as u64,
+            websockets: self.metrics.websockets,
+            channels_local: self.index.len() as u64,
+            channels_owned: self.owned.len() as u64,
+            subscriptions: self.index.subscriptions() as u64,
+            messages_in: self.metrics.messages_in,
+            messages_out: self.metrics.messages_out,
+            publications: self.metrics.publications,
+            connections_accepted: self.metrics.connections_accepted,
+            connections_refused: self.metrics.connections_refused,
+            slow_consumers_closed: self.metrics.slow_consumers_closed,
+            protocol_errors: self.metrics.protocol_errors,
+            bus_overflowed: self.bus.overflowed_total,
+            outbox_bytes,
+        }
+    }
+
+    fn begin_shutdown(&mut self) {
+        tracing::info!(shard = self.id, connections = self.conns.len(), "shutting down");
+        self.stop_accepting();
+        self.lifecycle = Lifecycle::Draining { deadline_ms: self.now_ms + self.config.timeouts.shutdown_timeout_ms };
+        let keys: Vec<(ConnKey, u32)> =
+            self.conns.iter().map(|(key, conn)| (key as ConnKey, conn.session.generation)).collect();
+        for (key, generation) in keys {
+            self.close_for_shutdown(key, generation);
+        }
+    }
+
+    fn finish_shutdown(&mut self) {
+        let keys: Vec<ConnKey> = self.conns.iter().map(|(key, _)| key as ConnKey).collect();
+        for key in keys {
+            self.close_conn(key);
+        }
+        self.lifecycle = Lifecycle::Finished;
+        tracing::debug!(shard = self.id, "shard finished");
+    }
+
+    pub(crate) fn stop_accepting(&mut self) {
+        if let Some(listener) = self.listener.take() {
+            let _ = self.epoll.delete(listener.as_raw_fd());
+        }
+    }
+
+    pub(crate) fn pause_accepting(&mut self) {
+        if let Some(listener) = &self.listener {
+            let _ = self.epoll.modify(listener.as_raw_fd(), 0, TOKEN_LISTENER);
+            self.accept_paused_until_ms = Some(self.now_ms + 100);
+        }
+    }
+
+    fn resume_accepting(&mut self) {
+        self.accept_paused_until_ms = None;
+        if let Some(listener) = &self.listener {
+            let _ = self.epoll.modify(listener.as_raw_fd(), sys::EPOLLIN, TOKEN_LISTENER);
+        }
+    }
+
+    pub fn epoll_fd(&self) -> std::os::fd::RawFd {
+        self.epoll.fd()
+    }
+}
+
+/// Runs a shard's event loop until shutdown completes.
+pub async fn run(shard: Rc<RefCell<Shard>>) {
+    let (epoll_fd, wakeup_index, shared) = {
+        let shard = shard.borrow();
+        (shard.epoll_fd(), shard.id, Arc::clone(&shard.shared))
+    };
+    let wakeup = &shared.wakeups[wakeup_index];
+    loop {
+        let outcome = shard.borrow_mut().tick();
+        match outcome {
+            TickOutcome::Busy => futures_lite::future::yield_now().await,
+            TickOutcome::Finished => break,
+            TickOutcome::Idle(wait) => {
+                wakeup.prepare_park();
+                if shard.borrow().bus.has_inbound() {
+                    wakeup.cancel_park();
+                    continue;
+                }
+                futures_lite::future::or(sys::readable(epoll_fd), glommio::timer::sleep(wait)).await;
+                wakeup.cancel_park();
+            }
+        }
+    }
+}

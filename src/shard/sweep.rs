@@ -1,0 +1,61 @@
+//! The shard's coarse timer: one sweep over all connections every
+//! `sweep_interval_ms`, spread over ticks, instead of a timer per
+//! connection (invariant 7). It sends pings, closes silent connections and
+//! enforces handshake and close deadlines; less often it expires channel
+//! history and drops idle channels.
+
+use std::sync::Arc;
+
+use super::{Shard, SWEEP_CONNS_PER_TICK};
+use crate::hub::index::ConnKey;
+use crate::proto::ws;
+use crate::session::TimerAction;
+
+/// Owned channels are swept at most this often (history TTLs are minutes).
+const CHANNEL_SWEEP_INTERVAL_MS: u64 = 5_000;
+/// A ping with an empty payload.
+const PING_FRAME: [u8; 2] = [0x80 | ws::OPCODE_PING, 0];
+
+impl Shard {
+    /// Examines up to `SWEEP_CONNS_PER_TICK` connections; returns how many.
+    pub(crate) fn sweep(&mut self) -> usize {
+        let start = self.sweep_cursor;
+        let capacity = self.conns.capacity();
+        let end = (start + SWEEP_CONNS_PER_TICK).min(capacity);
+        let timeouts = self.config.timeouts.clone();
+        for index in start..end {
+            let now_ms = self.now_ms;
+            let Some(conn) = self.conns.get_mut(index) else {
+                continue;
+            };
+            let has_partial_input = conn.session.rx.is_some();
+            let action = conn.session.on_timer(now_ms, &timeouts);
+            let key = index as ConnKey;
+            match action {
+                TimerAction::Nothing => {}
+                TimerAction::SendPing => self.send_owned(key, PING_FRAME.to_vec()),
+                TimerAction::Close(code, reason) => self.close_websocket(key, code, reason),
+                TimerAction::HttpTimeout if has_partial_input => {
+                    self.respond(key, 408, &[], "request head not received in time", false, true);
+                    self.end_after_flush(key);
+                }
+                // An idle keep-alive connection: close quietly.
+                TimerAction::HttpTimeout | TimerAction::Drop => self.close_conn(key),
+            }
+        }
+        self.sweep_cursor = end;
+        if end >= capacity {
+            self.sweep_cursor = 0;
+            self.next_sweep_ms = self.now_ms + timeouts.sweep_interval_ms;
+            if self.now_ms >= self.next_channel_sweep_ms {
+                self.next_channel_sweep_ms = self.now_ms + CHANNEL_SWEEP_INTERVAL_MS.max(timeouts.sweep_interval_ms);
+                let config = Arc::clone(&self.config);
+                let dropped = self.owned.sweep(self.now_ms, |name| config.namespace_for(name));
+                if dropped > 0 {
+                    tracing::trace!(shard = self.id, dropped, "idle channels dropped");
+                }
+            }
+        }
+        end - start
+    }
+}

@@ -1,0 +1,169 @@
+//! Thin, checked wrappers over the socket and epoll syscalls the shard uses.
+//! Every function returns `io::Result`; none panics on a peer's behaviour.
+
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+
+fn check(result: libc::c_int) -> io::Result<libc::c_int> {
+    if result < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(result)
+    }
+}
+
+fn check_size(result: libc::ssize_t) -> io::Result<usize> {
+    if result < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(result as usize)
+    }
+}
+
+/// Non-blocking receive into `buffer`. `Ok(0)` is end of stream.
+pub fn recv(fd: RawFd, buffer: &mut [u8]) -> io::Result<usize> {
+    // SAFETY: buffer is valid for writes of its length.
+    check_size(unsafe { libc::recv(fd, buffer.as_mut_ptr().cast(), buffer.len(), libc::MSG_DONTWAIT) })
+}
+
+/// Non-blocking send; never raises SIGPIPE.
+pub fn send(fd: RawFd, bytes: &[u8]) -> io::Result<usize> {
+    // SAFETY: bytes is valid for reads of its length.
+    check_size(unsafe { libc::send(fd, bytes.as_ptr().cast(), bytes.len(), libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL) })
+}
+
+/// Most slices one gathered write takes.
+pub const IOVECS_MAX: usize = 64;
+
+/// Non-blocking gathered send of up to `IOVECS_MAX` slices.
+pub fn send_vectored<'a>(fd: RawFd, chunks: impl Iterator<Item = &'a [u8]>) -> io::Result<usize> {
+    let mut iovecs: [libc::iovec; IOVECS_MAX] =
+        [libc::iovec { iov_base: std::ptr::null_mut(), iov_len: 0 }; IOVECS_MAX];
+    let mut count = 0;
+    for chunk in chunks.take(IOVECS_MAX) {
+        iovecs[count] = libc::iovec { iov_base: chunk.as_ptr() as *mut libc::c_void, iov_len: chunk.len() };
+        count += 1;
+    }
+    // SAFETY: a zeroed msghdr is valid; we point it at `count` initialised iovecs
+    // whose buffers outlive the call.
+    let mut message: libc::msghdr = unsafe { std::mem::zeroed() };
+    message.msg_iov = iovecs.as_mut_ptr();
+    message.msg_iovlen = count as _;
+    // SAFETY: message references valid iovecs for the duration of the call.
+    check_size(unsafe { libc::sendmsg(fd, &message, libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL) })
+}
+
+/// Accepts one connection, non-blocking and close-on-exec.
+pub fn accept(listener: RawFd) -> io::Result<OwnedFd> {
+    // SAFETY: null address pointers are allowed; the result is a new fd or -1.
+    let fd = check(unsafe {
+        libc::accept4(listener, std::ptr::null_mut(), std::ptr::null_mut(), libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC)
+    })?;
+    // SAFETY: fd is a fresh descriptor we now own.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Disables Nagle: pushes are small and latency matters more than packets.
+pub fn set_nodelay(fd: RawFd) -> io::Result<()> {
+    let one: libc::c_int = 1;
+    // SAFETY: passes a valid c_int of the right size.
+    check(unsafe {
+        libc::setsockopt(
+            fd,
+            libc::IPPROTO_TCP,
+            libc::TCP_NODELAY,
+            (&one as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    })
+    .map(|_| ())
+}
+
+/// Half-closes the sending side (FIN) once everything is written.
+pub fn shutdown_write(fd: RawFd) {
+    // SAFETY: shutdown on any fd is safe; errors (ENOTCONN) are irrelevant here.
+    unsafe { libc::shutdown(fd, libc::SHUT_WR) };
+}
+
+pub const EPOLLIN: u32 = libc::EPOLLIN as u32;
+pub const EPOLLOUT: u32 = libc::EPOLLOUT as u32;
+pub const EPOLLRDHUP: u32 = libc::EPOLLRDHUP as u32;
+pub const EPOLLHUP: u32 = libc::EPOLLHUP as u32;
+pub const EPOLLERR: u32 = libc::EPOLLERR as u32;
+pub const EPOLLET: u32 = libc::EPOLLET as u32;
+
+/// A shard's epoll set. Connections are registered once, edge-triggered for
+/// input and output, so an idle connection costs no syscalls at all.
+pub struct Epoll {
+    fd: OwnedFd,
+}
+
+impl Epoll {
+    pub fn new() -> io::Result<Epoll> {
+        // SAFETY: returns a new fd or -1.
+        let fd = check(unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) })?;
+        // SAFETY: fresh descriptor we own.
+        Ok(Epoll { fd: unsafe { OwnedFd::from_raw_fd(fd) } })
+    }
+
+    pub fn fd(&self) -> RawFd {
+        self.fd.as_raw_fd()
+    }
+
+    fn control(&self, op: libc::c_int, fd: RawFd, events: u32, token: u64) -> io::Result<()> {
+        let mut event = libc::epoll_event { events, u64: token };
+        // SAFETY: event is a valid epoll_event.
+        check(unsafe { libc::epoll_ctl(self.fd(), op, fd, &mut event) }).map(|_| ())
+    }
+
+    pub fn add(&self, fd: RawFd, events: u32, token: u64) -> io::Result<()> {
+        self.control(libc::EPOLL_CTL_ADD, fd, events, token)
+    }
+
+    pub fn modify(&self, fd: RawFd, events: u32, token: u64) -> io::Result<()> {
+        self.control(libc::EPOLL_CTL_MOD, fd, events, token)
+    }
+
+    pub fn delete(&self, fd: RawFd) -> io::Result<()> {
+        self.control(libc::EPOLL_CTL_DEL, fd, 0, 0)
+    }
+
+    /// Collects ready events without blocking.
+    pub fn poll(&self, events: &mut [libc::epoll_event]) -> io::Result<usize> {
+        // SAFETY: events is a valid buffer of its length.
+        let count = unsafe { libc::epoll_wait(self.fd(), events.as_mut_ptr(), events.len() as libc::c_int, 0) };
+        if count < 0 {
+            let error = io::Error::last_os_error();
+            if error.kind() == io::ErrorKind::Interrupted {
+                return Ok(0);
+            }
+            return Err(error);
+        }
+        Ok(count as usize)
+    }
+}
+
+/// Waits until `fd` (an epoll set, eventfd or listening socket) is readable,
+/// through glommio's io_uring reactor, so the executor sleeps meanwhile.
+///
+/// glommio has no public "wait for readability" call; its `UnixStream` arms
+/// exactly that (an io_uring POLL_ADD) when built from a descriptor. We build
+/// a throwaway one on a `dup` of `fd` and wait for its first read attempt: on
+/// a descriptor that is not a connected socket the read fails at once
+/// (ENOTSOCK/ENOTCONN) after the poll completes, which is our signal.
+/// Dropping it closes only the duplicate. One dup per sleep, not per event.
+pub async fn readable(fd: RawFd) {
+    use futures_lite::AsyncRead;
+    use std::pin::Pin;
+
+    // SAFETY: dup of a valid descriptor; returns a new fd or -1.
+    let duplicate = unsafe { libc::dup(fd) };
+    if duplicate < 0 {
+        // Out of descriptors: fall back to a short sleep so the shard keeps going.
+        glommio::timer::sleep(std::time::Duration::from_millis(1)).await;
+        return;
+    }
+    // SAFETY: `duplicate` is a fresh descriptor that the stream now owns and closes.
+    let mut stream = unsafe { <glommio::net::UnixStream as FromRawFd>::from_raw_fd(duplicate) };
+    let _ = std::future::poll_fn(|cx| Pin::new(&mut stream).poll_read(cx, &mut [])).await;
+}

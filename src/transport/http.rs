@@ -1,0 +1,121 @@
+//! HTTP requests on the public port: health checks, WebSocket upgrades,
+//! and a status with a reason for everything else.
+
+use crate::hub::index::ConnKey;
+use crate::proto::http::{self, HeadLimits, Method, Request};
+use crate::proto::ws;
+use crate::session::Flags;
+use crate::shard::Shard;
+
+impl Shard {
+    /// Handles one complete request from the start of `input`; returns the
+    /// bytes it used, or `None` when the request is not complete yet.
+    pub(crate) fn http_input(&mut self, key: ConnKey, generation: u32, input: &mut [u8]) -> Option<usize> {
+        let limits = HeadLimits {
+            head_bytes_max: self.config.limits.http_head_bytes_max,
+            headers_max: self.config.limits.http_headers_max,
+        };
+        let request = match http::parse_head(input, limits) {
+            Ok(None) => return None,
+            Ok(Some(request)) => request,
+            Err(error) => {
+                self.metrics.protocol_errors += 1;
+                self.respond(key, error.status(), &[], error.reason(), false, true);
+                self.end_after_flush(key);
+                return Some(input.len());
+            }
+        };
+        if request.transfer_encoding {
+            self.metrics.protocol_errors += 1;
+            self.respond(key, 501, &[], "chunked request bodies are not supported; send Content-Length", false, true);
+            self.end_after_flush(key);
+            return Some(input.len());
+        }
+        let body_bytes = request.content_length.unwrap_or(0);
+        if body_bytes > self.config.limits.http_body_bytes_max as u64 {
+            self.metrics.protocol_errors += 1;
+            self.respond(key, 413, &[], "request body too large", false, true);
+            self.end_after_flush(key);
+            return Some(input.len());
+        }
+        // Within http_body_bytes_max, so it fits in usize.
+        let total = request.head_len + body_bytes as usize;
+        if input.len() < total {
+            return None;
+        }
+        let keep_alive = request.keep_alive();
+        let upgraded = self.route(key, &request);
+        if !upgraded && self.alive(key, generation) {
+            if keep_alive {
+                let now_ms = self.now_ms;
+                let timeouts = self.config.timeouts.clone();
+                if let Some(conn) = self.conn_mut(key, generation) {
+                    conn.session.keep_alive(now_ms, &timeouts);
+                }
+            } else {
+                self.end_after_flush(key);
+            }
+        }
+        Some(total)
+    }
+
+    /// Answers a request; returns true if the connection became a WebSocket.
+    fn route(&mut self, key: ConnKey, request: &Request<'_>) -> bool {
+        let keep_alive = request.keep_alive();
+        let with_body = request.method != Method::Head;
+        match request.path {
+            "/health" => match request.method {
+                Method::Get | Method::Head => self.respond(key, 200, &[], "ok", keep_alive, with_body),
+                _ => self.respond(key, 405, &[("Allow", "GET, HEAD")], "use GET", keep_alive, with_body),
+            },
+            "/ws" => return self.upgrade(key, request, false),
+            path if self.config.echo_path.as_deref() == Some(path) => return self.upgrade(key, request, true),
+            _ => self.respond(key, 404, &[], "not found", keep_alive, with_body),
+        }
+        false
+    }
+
+    fn upgrade(&mut self, key: ConnKey, request: &Request<'_>, echo: bool) -> bool {
+        let upgrade = match ws::check_upgrade(request, &self.config.allowed_origins) {
+            Ok(upgrade) => upgrade,
+            Err(refusal) => {
+                self.respond(key, refusal.status, refusal.headers, refusal.reason, false, true);
+                self.end_after_flush(key);
+                return false;
+            }
+        };
+        let mut response = Vec::with_capacity(160);
+        ws::write_upgrade_response(&mut response, &upgrade);
+        self.send_owned(key, response);
+        let now_ms = self.now_ms;
+        let Some(conn) = self.conns.get_mut(key as usize) else {
+            return false;
+        };
+        conn.session.open(now_ms);
+        conn.session.flags.insert(Flags::UPGRADED);
+        if echo {
+            conn.session.flags.insert(Flags::ECHO);
+        }
+        self.metrics.websockets += 1;
+        true
+    }
+
+    /// Sends a plain-text response.
+    pub(crate) fn respond(
+        &mut self,
+        key: ConnKey,
+        status: u16,
+        headers: &[(&str, &str)],
+        message: &str,
+        keep_alive: bool,
+        with_body: bool,
+    ) {
+        let mut response = Vec::with_capacity(160 + message.len());
+        if with_body {
+            http::write_text_response(&mut response, status, headers, message, keep_alive);
+        } else {
+            http::write_response_head(&mut response, status, headers, Some(message.len() + 1), keep_alive);
+        }
+        self.send_owned(key, response);
+    }
+}

@@ -1,0 +1,302 @@
+//! Test harness: runs the real `kometa` binary on 127.0.0.1:0 with a
+//! private admin socket, and gives tests real clients.
+
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use kometa::admin::client::AdminClient;
+use kometa::config::AdminAddress;
+use serde_json::Value;
+use tungstenite::{Message, WebSocket};
+
+pub const TIMEOUT: Duration = Duration::from_secs(10);
+
+static COUNTER: AtomicUsize = AtomicUsize::new(0);
+
+/// A fresh private directory for one server.
+pub fn temp_dir(tag: &str) -> PathBuf {
+    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+    let dir = std::env::temp_dir().join(format!("kometa-test-{}-{tag}-{n}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("create temp dir");
+    dir
+}
+
+pub struct Server {
+    pub child: Option<Child>,
+    pub port: u16,
+    pub admin: AdminAddress,
+    pub dir: PathBuf,
+    /// Lines the server wrote to stderr (its log), collected in the background.
+    pub log: mpsc::Receiver<String>,
+}
+
+impl Server {
+    /// Starts a server with `--shards shards` and extra TOML config.
+    pub fn start(shards: usize, config: &str) -> Server {
+        Server::start_with(shards, config, &[])
+    }
+
+    pub fn start_with(shards: usize, config: &str, extra_args: &[&str]) -> Server {
+        let dir = temp_dir("server");
+        let config_path = dir.join("kometa.toml");
+        std::fs::write(&config_path, config).expect("write config");
+        let admin_path = dir.join("admin.sock");
+        let mut command = Command::new(env!("CARGO_BIN_EXE_kometa"));
+        command.arg("serve").arg("--config").arg(&config_path).arg("--listen").arg("127.0.0.1:0");
+        // Tests that choose their own admin listener pass --admin themselves.
+        if !extra_args.contains(&"--admin") {
+            command.arg("--admin").arg(format!("unix:{}", admin_path.display()));
+        }
+        let mut child = command
+            .arg("--shards")
+            .arg(shards.to_string())
+            .args(extra_args)
+            .env("KOMETA_LOG", std::env::var("KOMETA_LOG").unwrap_or_else(|_| "warn".into()))
+            .env_remove("KOMETA_CONFIG")
+            .env_remove("KOMETA_ADMIN")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn kometa");
+        let stdout = child.stdout.take().expect("stdout");
+        let stderr = child.stderr.take().expect("stderr");
+        let (log_tx, log) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if std::env::var_os("KOMETA_TEST_ECHO_LOG").is_some() {
+                    eprintln!("[server] {line}");
+                }
+                if log_tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let (ready_tx, ready_rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            let mut lines = BufReader::new(stdout).lines();
+            if let Some(Ok(line)) = lines.next() {
+                let _ = ready_tx.send(line);
+            }
+            // Keep draining so the server never blocks on a full pipe.
+            for _ in lines {}
+        });
+        let line = ready_rx.recv_timeout(TIMEOUT).expect("server did not print its ready line");
+        let listen = line.split_whitespace().find_map(|w| w.strip_prefix("listen=")).expect("listen= in ready line");
+        let port = listen.rsplit(':').next().and_then(|p| p.parse().ok()).expect("port");
+        Server { child: Some(child), port, admin: AdminAddress::Unix(admin_path), dir, log }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("ws://127.0.0.1:{}{path}", self.port)
+    }
+
+    pub fn admin(&self) -> AdminClient {
+        AdminClient::connect(&self.admin, None, TIMEOUT).expect("admin connect")
+    }
+
+    /// A WebSocket client on /ws.
+    pub fn client(&self) -> Client {
+        self.client_at("/ws")
+    }
+
+    pub fn client_at(&self, path: &str) -> Client {
+        let stream = TcpStream::connect(("127.0.0.1", self.port)).expect("tcp connect");
+        stream.set_read_timeout(Some(TIMEOUT)).expect("timeout");
+        stream.set_nodelay(true).expect("nodelay");
+        let (socket, _) = tungstenite::client::client(self.url(path), stream).expect("websocket handshake");
+        Client { socket }
+    }
+
+    pub fn tcp(&self) -> TcpStream {
+        let stream = TcpStream::connect(("127.0.0.1", self.port)).expect("tcp connect");
+        stream.set_read_timeout(Some(TIMEOUT)).expect("timeout");
+        stream
+    }
+
+    pub fn stats(&self) -> Value {
+        self.admin().stats().expect("stats")
+    }
+
+    pub fn publish(&self, channel: &str, event: &str, data: &str) -> kometa::admin::client::Published {
+        self.admin().publish(channel, event, data.as_bytes()).expect("publish")
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.as_ref().map(|c| c.id() as i32).expect("running")
+    }
+
+    /// Sends SIGTERM and waits for the exit status.
+    pub fn terminate(&mut self) -> std::process::ExitStatus {
+        // SAFETY: sending a signal to our own child process.
+        unsafe { libc::kill(self.pid(), libc::SIGTERM) };
+        self.wait_exit()
+    }
+
+    /// Waits for the server to exit (after a signal sent elsewhere).
+    pub fn wait_exit(&mut self) -> std::process::ExitStatus {
+        let mut child = self.child.take().expect("running");
+        let deadline = Instant::now() + TIMEOUT;
+        loop {
+            if let Some(status) = child.try_wait().expect("wait") {
+                return status;
+            }
+            assert!(Instant::now() < deadline, "server did not exit after SIGTERM");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Waits until `check(stats)` holds (stats are gathered asynchronously).
+    pub fn wait_stats(&self, what: &str, check: impl Fn(&Value) -> bool) -> Value {
+        let deadline = Instant::now() + TIMEOUT;
+        loop {
+            let stats = self.stats();
+            if check(&stats) {
+                return stats;
+            }
+            assert!(Instant::now() < deadline, "timed out waiting for {what}: {stats}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A WebSocket client speaking the client protocol.
+pub struct Client {
+    pub socket: WebSocket<TcpStream>,
+}
+
+impl Client {
+    pub fn send(&mut self, value: Value) {
+        self.socket.send(Message::Text(value.to_string().into())).expect("send");
+    }
+
+    /// The next JSON message (pings are answered by tungstenite).
+    pub fn recv(&mut self) -> Value {
+        loop {
+            match self.socket.read().expect("read") {
+                Message::Text(text) => return serde_json::from_str(&text).expect("server sent JSON"),
+                Message::Ping(_) | Message::Pong(_) => continue,
+                other => panic!("unexpected message {other:?}"),
+            }
+        }
+    }
+
+    /// Sends a command and returns its reply (the next message).
+    pub fn request(&mut self, value: Value) -> Value {
+        self.send(value);
+        self.recv()
+    }
+
+    pub fn subscribe(&mut self, channel: &str) -> Value {
+        let reply = self.request(serde_json::json!({"op": "subscribe", "channel": channel, "id": 1}));
+        assert_eq!(reply["ok"], true, "subscribe {channel}: {reply}");
+        reply
+    }
+
+    pub fn set_timeout(&mut self, timeout: Duration) {
+        self.socket.get_mut().set_read_timeout(Some(timeout)).expect("timeout");
+    }
+
+    /// The close frame's code, reading past any data messages.
+    pub fn close_code(&mut self) -> Option<u16> {
+        loop {
+            match self.socket.read() {
+                Ok(Message::Close(frame)) => return frame.map(|f| u16::from(f.code)),
+                Ok(_) => continue,
+                Err(_) => return None,
+            }
+        }
+    }
+}
+
+/// Performs a WebSocket handshake over a raw socket, for tests that send
+/// malformed frames. Returns the stream positioned after the 101 response.
+pub fn raw_websocket(server: &Server) -> TcpStream {
+    let mut stream = server.tcp();
+    stream
+        .write_all(format!(
+            "GET /ws HTTP/1.1\r\nHost: 127.0.0.1:{}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
+            server.port
+        ).as_bytes())
+        .expect("write handshake");
+    let head = read_http_head(&mut stream);
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    stream
+}
+
+/// Reads up to the end of an HTTP response head, byte by byte.
+pub fn read_http_head(stream: &mut TcpStream) -> String {
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        match stream.read(&mut byte) {
+            Ok(1) => head.push(byte[0]),
+            _ => break,
+        }
+    }
+    String::from_utf8_lossy(&head).into_owned()
+}
+
+/// Sends a raw request and returns the whole response (until the server closes).
+pub fn http_exchange(server: &Server, request: &[u8]) -> String {
+    let mut stream = server.tcp();
+    stream.write_all(request).expect("write request");
+    let mut response = Vec::new();
+    let _ = stream.read_to_end(&mut response);
+    String::from_utf8_lossy(&response).into_owned()
+}
+
+/// A masked client frame.
+pub fn client_frame(first_byte: u8, payload: &[u8]) -> Vec<u8> {
+    kometa::proto::ws::encode_client_frame(first_byte, payload, [0x37, 0xfa, 0x21, 0x3d])
+}
+
+/// One server frame: (opcode, payload). None at end of stream.
+pub fn read_server_frame(stream: &mut TcpStream) -> Option<(u8, Vec<u8>)> {
+    let mut head = [0u8; 2];
+    stream.read_exact(&mut head).ok()?;
+    assert_eq!(head[1] & 0x80, 0, "server frames must not be masked");
+    let len = match head[1] & 0x7f {
+        126 => {
+            let mut b = [0u8; 2];
+            stream.read_exact(&mut b).ok()?;
+            u16::from_be_bytes(b) as usize
+        }
+        127 => {
+            let mut b = [0u8; 8];
+            stream.read_exact(&mut b).ok()?;
+            u64::from_be_bytes(b) as usize
+        }
+        n => n as usize,
+    };
+    let mut payload = vec![0u8; len];
+    stream.read_exact(&mut payload).ok()?;
+    Some((head[0] & 0x0f, payload))
+}
+
+/// Reads frames until a close frame; returns its code (None: stream ended without one).
+pub fn read_close_code(stream: &mut TcpStream) -> Option<u16> {
+    while let Some((opcode, payload)) = read_server_frame(stream) {
+        if opcode == 0x8 {
+            return (payload.len() >= 2).then(|| u16::from_be_bytes([payload[0], payload[1]]));
+        }
+    }
+    None
+}

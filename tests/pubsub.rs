@@ -1,0 +1,240 @@
+//! Publish/subscribe over real sockets, connections spread over shards.
+
+mod common;
+
+use std::collections::HashSet;
+
+use common::{Client, Server};
+use kometa::proto::admin::opcode;
+use serde_json::{json, Value};
+
+/// Opens `count` clients and checks the kernel spread them over every shard.
+fn clients_on_all_shards(server: &Server, count: usize, shards: usize) -> Vec<Client> {
+    let clients: Vec<Client> = (0..count).map(|_| server.client()).collect();
+    let stats = server.wait_stats("connections registered", |s| s["connections"].as_u64() == Some(count as u64));
+    let per_shard: Vec<u64> =
+        stats["shards"].as_array().unwrap().iter().map(|s| s["connections"].as_u64().unwrap()).collect();
+    assert_eq!(per_shard.len(), shards);
+    assert!(per_shard.iter().all(|&n| n > 0), "connections not spread over shards: {per_shard:?}");
+    clients
+}
+
+#[test]
+fn every_subscriber_on_every_shard_gets_every_publication_in_order_exactly_once() {
+    let server = Server::start(3, "");
+    let mut clients = clients_on_all_shards(&server, 60, 3);
+    // Several channels, so owners differ from the subscribers' shards.
+    let channels = ["news", "sport", "weather"];
+    for (i, client) in clients.iter_mut().enumerate() {
+        client.subscribe(channels[i % 3]);
+    }
+    let mut admin = server.admin();
+    for n in 0..40 {
+        for channel in channels {
+            let published = admin.publish(channel, "update", json!({"n": n}).to_string().as_bytes()).unwrap();
+            assert_eq!(published.offset, n + 1);
+            assert_eq!(published.subscribers, 20);
+        }
+    }
+    for channel in channels {
+        admin.publish(channel, "end", b"null").unwrap();
+    }
+    for (i, client) in clients.iter_mut().enumerate() {
+        let mut seen = Vec::new();
+        loop {
+            let push = client.recv();
+            assert_eq!(push["channel"], channels[i % 3]);
+            if push["event"] == "end" {
+                assert_eq!(push["offset"], 41);
+                break;
+            }
+            assert_eq!(push["event"], "update");
+            seen.push((push["offset"].as_u64().unwrap(), push["data"]["n"].as_u64().unwrap()));
+        }
+        let expected: Vec<(u64, u64)> = (0..40).map(|n| (n + 1, n)).collect();
+        assert_eq!(seen, expected, "client {i}");
+    }
+}
+
+#[test]
+fn unsubscribe_stops_delivery() {
+    let server = Server::start(2, "");
+    let mut stays = server.client();
+    let mut leaves = server.client();
+    stays.subscribe("news");
+    leaves.subscribe("news");
+    server.publish("news", "a", "1");
+    assert_eq!(stays.recv()["offset"], 1);
+    assert_eq!(leaves.recv()["offset"], 1);
+
+    let reply = leaves.request(json!({"op": "unsubscribe", "channel": "news", "id": 5}));
+    assert_eq!(reply, json!({"id": 5, "ok": true}));
+    let published = server.publish("news", "b", "2");
+    assert_eq!(published.subscribers, 1);
+    assert_eq!(stays.recv()["offset"], 2);
+    // The next thing `leaves` sees is the reply to a ping, not the publication.
+    assert_eq!(leaves.request(json!({"op": "ping", "id": 6})), json!({"id": 6, "ok": true}));
+
+    let reply = leaves.request(json!({"op": "unsubscribe", "channel": "news", "id": 7}));
+    assert_eq!(reply["error"]["code"], "not_subscribed");
+    let reply = stays.request(json!({"op": "subscribe", "channel": "news", "id": 8}));
+    assert_eq!(reply["error"]["code"], "already_subscribed");
+}
+
+#[test]
+fn closing_a_connection_unsubscribes_it() {
+    let server = Server::start(2, "");
+    let mut clients: Vec<Client> = (0..10).map(|_| server.client()).collect();
+    for client in &mut clients {
+        client.subscribe("room");
+    }
+    assert_eq!(server.publish("room", "x", "1").subscribers, 10);
+    clients.truncate(4);
+    server.wait_stats("closed connections gone", |s| s["subscriptions"] == 4);
+    assert_eq!(server.publish("room", "x", "2").subscribers, 4);
+}
+
+#[test]
+fn clients_may_publish_only_where_the_namespace_allows() {
+    let server = Server::start(2, "");
+    let mut publisher = server.client();
+    let mut listener = server.client();
+    listener.subscribe("web_chat");
+    listener.subscribe("news");
+
+    let reply = publisher
+        .request(json!({"op": "publish", "channel": "web_chat", "event": "msg", "data": {"text": "hi"}, "id": 1}));
+    assert_eq!(reply, json!({"id": 1, "ok": true, "offset": 1}));
+    let push = listener.recv();
+    assert_eq!(push, json!({"channel": "web_chat", "event": "msg", "offset": 1, "data": {"text": "hi"}}));
+    assert!(push.get("user").is_none(), "anonymous publications carry no user");
+
+    let reply = publisher.request(json!({"op": "publish", "channel": "news", "event": "msg", "data": 1, "id": 2}));
+    assert_eq!(reply["id"], 2);
+    assert_eq!(reply["error"]["code"], "forbidden");
+    // Nothing reached the subscriber of `news`.
+    assert_eq!(listener.request(json!({"op": "ping", "id": 3})), json!({"id": 3, "ok": true}));
+
+    // A custom namespace list replaces the defaults.
+    let custom = Server::start(2, "[[namespaces]]\nprefix = \"chat_\"\nclient_publish = true\n");
+    let mut client = custom.client();
+    assert_eq!(client.request(json!({"op": "publish", "channel": "chat_1", "data": 1, "id": 1}))["ok"], true);
+    assert_eq!(
+        client.request(json!({"op": "publish", "channel": "web_1", "data": 1, "id": 2}))["error"]["code"],
+        "forbidden"
+    );
+}
+
+#[test]
+fn a_thousand_concurrent_clients() {
+    let server = Server::start(2, "");
+    let mut clients: Vec<Client> = (0..1000).map(|_| server.client()).collect();
+    for client in &mut clients {
+        client.send(json!({"op": "subscribe", "channel": "crowd"}));
+    }
+    for client in &mut clients {
+        assert_eq!(client.recv()["ok"], true);
+    }
+    for n in 0..3 {
+        let published = server.publish("crowd", "tick", &n.to_string());
+        assert_eq!(published.subscribers, 1000);
+    }
+    for client in &mut clients {
+        let offsets: Vec<Value> = (0..3).map(|_| client.recv()["offset"].clone()).collect();
+        assert_eq!(offsets, vec![json!(1), json!(2), json!(3)]);
+    }
+    let stats = server.stats();
+    assert_eq!(stats["websockets"], 1000);
+    assert_eq!(stats["subscriptions"], 1000);
+}
+
+#[test]
+fn subscribe_reports_position_and_resumes_from_history() {
+    let server = Server::start(2, "");
+    let mut first = server.client();
+    let reply = first.subscribe("feed");
+    assert_eq!(reply["offset"], 0);
+    let epoch = reply["epoch"].as_str().unwrap().to_string();
+    for n in 1..=5 {
+        server.publish("feed", "e", &n.to_string());
+    }
+    // A client that saw up to offset 2 resumes and gets 3, 4, 5, then live ones.
+    let mut resumer = server.client();
+    let reply =
+        resumer.request(json!({"op": "subscribe", "channel": "feed", "id": 1, "since": {"epoch": epoch, "offset": 2}}));
+    assert_eq!(reply, json!({"id": 1, "ok": true, "epoch": epoch, "offset": 5, "recovered": true}));
+    for offset in 3..=5 {
+        assert_eq!(resumer.recv()["offset"], offset);
+    }
+    server.publish("feed", "e", "6");
+    assert_eq!(resumer.recv()["offset"], 6);
+
+    // An unknown epoch is reported, not silently ignored.
+    let mut stale = server.client();
+    let reply =
+        stale.request(json!({"op": "subscribe", "channel": "feed", "id": 2, "since": {"epoch": "0000", "offset": 2}}));
+    assert_eq!(reply["recovered"], false);
+    assert_eq!(reply["reason"], "epoch_changed");
+}
+
+#[test]
+fn admin_requests_pipeline_and_replies_keep_order() {
+    let server = Server::start(2, "");
+    let mut admin = server.admin();
+    let mut ids = Vec::new();
+    for n in 0..200 {
+        let channel = format!("c{}", n % 7);
+        ids.push(
+            admin
+                .send(opcode::PUBLISH, |w| {
+                    w.str16(&channel).str16("e").bytes32(b"1");
+                })
+                .unwrap(),
+        );
+    }
+    let mut last_offset = std::collections::HashMap::new();
+    for (n, id) in ids.into_iter().enumerate() {
+        let reply = admin.receive().unwrap();
+        assert_eq!(reply.request_id, id);
+        let published = kometa::admin::client::decode_published(&reply.result.unwrap()).unwrap();
+        let previous = last_offset.insert(n % 7, published.offset).unwrap_or(0);
+        assert_eq!(published.offset, previous + 1, "offsets per channel increase by one");
+    }
+    let distinct: HashSet<u64> = last_offset.values().copied().collect();
+    assert!(!distinct.is_empty());
+}
+
+#[test]
+fn cli_publish_and_stats_print_json() {
+    let server = Server::start(2, "");
+    let mut subscriber = server.client();
+    subscriber.subscribe("news");
+    let admin = match &server.admin {
+        kometa::config::AdminAddress::Unix(path) => format!("unix:{}", path.display()),
+        other => panic!("{other}"),
+    };
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_kometa"))
+        .args(["publish", "--admin", &admin, "news", "update", "plain text"])
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let printed: Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(printed, json!({"offset": 1, "subscribers": 1}));
+    assert_eq!(subscriber.recv()["data"], "plain text");
+
+    let output =
+        std::process::Command::new(env!("CARGO_BIN_EXE_kometa")).args(["stats", "--admin", &admin]).output().unwrap();
+    assert!(output.status.success());
+    let stats: Value = serde_json::from_slice(&output.stdout).unwrap();
+    for key in ["connections", "channels", "subscriptions", "messages_in", "messages_out", "shards"] {
+        assert!(stats.get(key).is_some(), "stats lacks {key}: {stats}");
+    }
+    assert_eq!(stats["shards"].as_array().unwrap().len(), 2);
+
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_kometa"))
+        .args(["publish", "--admin", &admin, "bad channel", "e", "1"])
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    assert!(String::from_utf8_lossy(&output.stderr).contains("bad_argument"));
+}
