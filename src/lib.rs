@@ -15,6 +15,7 @@
 //! | [`admin`]   | admin listener (on shard 0) and a blocking client                    |
 //! | [`config`], [`limits`] | every setting with its default; validation names the key  |
 //! | [`server`]  | process start: limits, listeners, executors, signals                 |
+//! | [`load`]    | the bundled load generator (`kometa load`)                           |
 //!
 //! Data flows: a socket's bytes land in its shard's scratch buffer,
 //! `proto` turns them into commands, the command goes over the `bus` to the
@@ -27,6 +28,7 @@ pub mod bus;
 pub mod config;
 pub mod hub;
 pub mod limits;
+pub mod load;
 pub mod proto;
 pub mod server;
 pub mod session;

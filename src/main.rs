@@ -37,6 +37,11 @@ enum Command {
         #[command(flatten)]
         admin: AdminArgs,
     },
+    /// Load generator: idle, broadcast, churn and connect scenarios.
+    Load(kometa::load::LoadArgs),
+    /// Internal: one load-generator worker process, started by `kometa load`.
+    #[command(hide = true)]
+    LoadWorker,
 }
 
 #[derive(Args)]
@@ -148,6 +153,8 @@ fn run(cli: Cli) -> Result<(), (u8, String)> {
             println!("{stats}");
             Ok(())
         }
+        Command::Load(args) => kometa::load::run(args).map_err(|e| (1, e)),
+        Command::LoadWorker => kometa::load::worker_main().map_err(|e| (1, e)),
     }
 }
 
