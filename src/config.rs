@@ -168,6 +168,32 @@ impl Default for InboxConfig {
     }
 }
 
+/// Users: online status, last seen, revocations.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct UsersConfig {
+    /// Users tracked at once (online, last seen, inbox, revocation); past
+    /// it, offline users with nothing pending are forgotten first.
+    pub tracked_max: usize,
+    /// An offline user with nothing pending is forgotten after this; its
+    /// status becomes `unknown`.
+    pub last_seen_ttl_ms: u64,
+    /// Publish `online` / `offline` events to the channel `user_status_<id>`
+    /// (only while that channel exists: has subscribers or history).
+    pub status_events: bool,
+}
+
+impl Default for UsersConfig {
+    fn default() -> Self {
+        UsersConfig { tracked_max: 2_000_000, last_seen_ttl_ms: 7 * 24 * 3600 * 1000, status_events: true }
+    }
+}
+
+/// Channel that carries a user's online/offline events.
+pub fn user_status_channel(user: &str) -> String {
+    format!("user_status_{user}")
+}
+
 /// Everything the server reads at start.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -199,6 +225,7 @@ pub struct Config {
     /// catch-all (`prefix = ""`) is added when missing.
     pub namespaces: Vec<Namespace>,
     pub inbox: InboxConfig,
+    pub users: UsersConfig,
 }
 
 impl Default for Config {
@@ -218,6 +245,7 @@ impl Default for Config {
             timeouts: Timeouts::default(),
             namespaces: Namespace::defaults(),
             inbox: InboxConfig::default(),
+            users: UsersConfig::default(),
         }
     }
 }
@@ -343,6 +371,10 @@ impl Config {
         check_range("inbox.messages_max", self.inbox.messages_max, 0, 100_000)?;
         check_range("inbox.ttl_ms", self.inbox.ttl_ms, 1000, 30 * 24 * 3600 * 1000)?;
         check_range("inbox.users_max", self.inbox.users_max, 1, 100_000_000)?;
+        check_range("users.tracked_max", self.users.tracked_max, 1, 1_000_000_000)?;
+        check_range("users.last_seen_ttl_ms", self.users.last_seen_ttl_ms, 1000, 365 * 24 * 3600 * 1000)?;
+        check_range("limits.query_items_max", self.limits.query_items_max, 1, 100_000)?;
+        check_range("limits.query_reply_bytes_max", self.limits.query_reply_bytes_max, 1024, 64 << 20)?;
 
         let mut seen = std::collections::HashSet::new();
         for (index, namespace) in self.namespaces.iter().enumerate() {

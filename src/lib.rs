@@ -24,6 +24,7 @@
 //! the same bytes to its local subscribers.
 
 pub mod admin;
+pub mod auth;
 pub mod bus;
 pub mod config;
 pub mod hub;

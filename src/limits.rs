@@ -48,6 +48,14 @@ pub struct Limits {
     /// Past half of it the shard refuses new publications with `overloaded`
     /// and stops reading client sockets until it drains.
     pub bus_overflow_max: usize,
+    /// Most items one query takes or returns: users in SEND_USER and
+    /// USER_STATUS, members in a presence page, channels in a listing,
+    /// publications in a history page.
+    pub query_items_max: usize,
+    /// A history page stops once its publications reach this many bytes, or
+    /// half of `outbox_bytes_max` if that is smaller (a `next` position says
+    /// where to continue).
+    pub query_reply_bytes_max: usize,
 }
 
 impl Default for Limits {
@@ -68,6 +76,8 @@ impl Default for Limits {
             admin_requests_in_flight_max: 1024,
             bus_queue_capacity: 8192,
             bus_overflow_max: 65_536,
+            query_items_max: 1000,
+            query_reply_bytes_max: 512 * 1024,
         }
     }
 }

@@ -37,6 +37,95 @@ enum Command {
         #[command(flatten)]
         admin: AdminArgs,
     },
+    /// Send DATA to users (comma-separated ids): every live connection gets it; it waits in their inboxes until acknowledged.
+    SendUser {
+        #[command(flatten)]
+        admin: AdminArgs,
+        /// USER_ID[,USER_ID...]
+        users: String,
+        event: String,
+        data: String,
+    },
+    /// Members of a channel (user ids with connection counts), or counts with --stats.
+    Presence {
+        #[command(flatten)]
+        admin: AdminArgs,
+        channel: String,
+        /// Only the counts (users, connections, anonymous).
+        #[arg(long)]
+        stats: bool,
+        /// Continue after this user id (the previous page's "next").
+        #[arg(long, default_value = "")]
+        cursor: String,
+        /// Members per page (0: the server's maximum).
+        #[arg(long, default_value_t = 0)]
+        limit: u32,
+    },
+    /// Whether users are online, or when they were last seen.
+    UserStatus {
+        #[command(flatten)]
+        admin: AdminArgs,
+        #[arg(required = true)]
+        users: Vec<String>,
+    },
+    /// A channel's recent publications.
+    History {
+        #[command(flatten)]
+        admin: AdminArgs,
+        channel: String,
+        /// Only publications after this offset (0: all retained).
+        #[arg(long, default_value_t = 0)]
+        since: u64,
+        /// At most this many (0: the server's maximum).
+        #[arg(long, default_value_t = 0)]
+        limit: u32,
+    },
+    /// Channels that exist, with subscriber counts, optionally by name prefix.
+    Channels {
+        #[command(flatten)]
+        admin: AdminArgs,
+        #[arg(default_value = "")]
+        prefix: String,
+        #[arg(long, default_value = "")]
+        cursor: String,
+        #[arg(long, default_value_t = 0)]
+        limit: u32,
+    },
+    /// One channel: subscribers, epoch, offset, history length.
+    ChannelInfo {
+        #[command(flatten)]
+        admin: AdminArgs,
+        channel: String,
+    },
+    /// Close every connection of a user, optionally refusing tokens issued before a time.
+    Disconnect {
+        #[command(flatten)]
+        admin: AdminArgs,
+        user: String,
+        /// Close code (default 4003).
+        #[arg(long, default_value_t = 0)]
+        code: u16,
+        #[arg(long, default_value = "")]
+        reason: String,
+        /// Refuse tokens issued before this Unix time, or `now`.
+        #[arg(long)]
+        revoke_before: Option<String>,
+    },
+    /// Mint a connection token (HS256 JWT), as a backend would.
+    Token {
+        /// The token secret (or KOMETA_TOKEN_SECRET).
+        #[arg(long, env = "KOMETA_TOKEN_SECRET", hide_env_values = true)]
+        secret: String,
+        /// The user id.
+        #[arg(long)]
+        sub: String,
+        /// Lifetime in seconds (0: no expiry).
+        #[arg(long, default_value_t = 3600)]
+        ttl: u64,
+        /// Grant a private channel (a name, or a prefix ending in *); repeatable.
+        #[arg(long = "channel")]
+        channels: Vec<String>,
+    },
     /// Load generator: idle, broadcast, churn and connect scenarios.
     Load(kometa::load::LoadArgs),
     /// Internal: one load-generator worker process, started by `kometa load`.
@@ -113,7 +202,11 @@ fn load_config(args: &ServeArgs) -> Result<Config, String> {
     Ok(config)
 }
 
-fn connect(args: &AdminArgs) -> Result<AdminClient, String> {
+fn connect(args: &AdminArgs) -> Result<AdminClient, (u8, String)> {
+    connect_admin(args).map_err(|e| (1, e))
+}
+
+fn connect_admin(args: &AdminArgs) -> Result<AdminClient, String> {
     let file = match &args.config {
         Some(path) => Some(Config::from_file(path).map_err(|e| e.to_string())?),
         None => None,
@@ -135,6 +228,13 @@ fn data_as_json(data: &str) -> Vec<u8> {
     }
 }
 
+/// Prints an admin reply document as one JSON line.
+fn print_json(result: Result<serde_json::Value, kometa::admin::client::ClientError>) -> Result<(), (u8, String)> {
+    let document = result.map_err(|e| (1, e.to_string()))?;
+    println!("{document}");
+    Ok(())
+}
+
 fn run(cli: Cli) -> Result<(), (u8, String)> {
     match cli.command {
         Command::Serve(args) => {
@@ -142,15 +242,55 @@ fn run(cli: Cli) -> Result<(), (u8, String)> {
             kometa::server::serve(config).map_err(|e| (1, e.to_string()))
         }
         Command::Publish { admin, channel, event, data } => {
-            let mut client = connect(&admin).map_err(|e| (1, e))?;
+            let mut client = connect(&admin)?;
             let published = client.publish(&channel, &event, &data_as_json(&data)).map_err(|e| (1, e.to_string()))?;
             println!("{}", serde_json::json!({"offset": published.offset, "subscribers": published.subscribers}));
             Ok(())
         }
-        Command::Stats { admin } => {
-            let mut client = connect(&admin).map_err(|e| (1, e))?;
-            let stats = client.stats().map_err(|e| (1, e.to_string()))?;
-            println!("{stats}");
+        Command::Stats { admin } => print_json(connect(&admin)?.stats()),
+        Command::SendUser { admin, users, event, data } => {
+            let users: Vec<&str> = users.split(',').filter(|u| !u.is_empty()).collect();
+            print_json(connect(&admin)?.send_user(&users, &event, &data_as_json(&data)))
+        }
+        Command::Presence { admin, channel, stats, cursor, limit } => {
+            let mut client = connect(&admin)?;
+            if stats {
+                print_json(client.presence_stats(&channel))
+            } else {
+                print_json(client.presence(&channel, &cursor, limit))
+            }
+        }
+        Command::UserStatus { admin, users } => {
+            let users: Vec<&str> = users.iter().map(String::as_str).collect();
+            print_json(connect(&admin)?.user_status(&users))
+        }
+        Command::History { admin, channel, since, limit } => {
+            print_json(connect(&admin)?.history(&channel, since, limit))
+        }
+        Command::Channels { admin, prefix, cursor, limit } => {
+            print_json(connect(&admin)?.channels(&prefix, &cursor, limit))
+        }
+        Command::ChannelInfo { admin, channel } => print_json(connect(&admin)?.channel_info(&channel)),
+        Command::Disconnect { admin, user, code, reason, revoke_before } => {
+            let revoke_before_s = match revoke_before.as_deref() {
+                None => 0,
+                Some("now") => kometa::util::unix_time_ms() / 1000,
+                Some(text) => {
+                    text.parse().map_err(|_| (2, format!("--revoke-before: `{text}` is not a Unix time or `now`")))?
+                }
+            };
+            print_json(connect(&admin)?.disconnect(&user, code, &reason, revoke_before_s))
+        }
+        Command::Token { secret, sub, ttl, channels } => {
+            let now = kometa::util::unix_time_ms() / 1000;
+            let mut claims = serde_json::json!({"sub": sub, "iat": now});
+            if ttl > 0 {
+                claims["exp"] = (now + ttl).into();
+            }
+            if !channels.is_empty() {
+                claims["channels"] = channels.into();
+            }
+            println!("{}", kometa::auth::sign(&secret, &claims));
             Ok(())
         }
         Command::Load(args) => kometa::load::run(args).map_err(|e| (1, e)),

@@ -262,23 +262,31 @@ pub fn serve(config: Config) -> Result<(), ServeError> {
     }
 }
 
-/// First SIGINT/SIGTERM: graceful shutdown. Second: exit at once.
+/// A repeated signal within this window is the same request (a signal sent
+/// to the process and its group reaches us twice), not an impatient operator.
+const REPEATED_SIGNAL_WINDOW: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// First SIGINT/SIGTERM: graceful shutdown. Another one later: exit at once.
 fn wait_for_signals(signals: libc::sigset_t, shared: &Shared) {
-    let mut received = 0;
+    let mut first: Option<std::time::Instant> = None;
     loop {
         let mut signal: libc::c_int = 0;
         // SAFETY: sigwait on a set of blocked signals, writing into a local.
         if unsafe { libc::sigwait(&signals, &mut signal) } != 0 {
             continue;
         }
-        received += 1;
-        if received == 1 {
-            tracing::info!(signal, "signal received: closing connections (1001) and draining");
-            shared.shutting_down.store(true, Ordering::Release);
-            shared.wakeups.iter().for_each(bus::Wakeup::signal);
-        } else {
-            tracing::warn!("second signal: exiting without draining");
-            std::process::exit(130);
+        match first {
+            None => {
+                first = Some(std::time::Instant::now());
+                tracing::info!(signal, "signal received: closing connections (1001) and draining");
+                shared.shutting_down.store(true, Ordering::Release);
+                shared.wakeups.iter().for_each(bus::Wakeup::signal);
+            }
+            Some(at) if at.elapsed() < REPEATED_SIGNAL_WINDOW => {}
+            Some(_) => {
+                tracing::warn!("second signal: exiting without draining");
+                std::process::exit(130);
+            }
         }
     }
 }

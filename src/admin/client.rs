@@ -195,8 +195,81 @@ impl AdminClient {
 
     /// Server statistics as a JSON document.
     pub fn stats(&mut self) -> Result<serde_json::Value, ClientError> {
-        let payload = self.call(opcode::STATS, |_| {})?;
-        json_payload(&payload)
+        self.call_json(opcode::STATS, |_| {})
+    }
+
+    /// Sends a request whose OK payload is a JSON document.
+    pub fn call_json(
+        &mut self,
+        op: u8,
+        payload: impl FnOnce(&mut FrameWriter),
+    ) -> Result<serde_json::Value, ClientError> {
+        json_payload(&self.call(op, payload)?)
+    }
+
+    /// A message to each user's connections (stored in their inboxes).
+    pub fn send_user(&mut self, users: &[&str], event: &str, data: &[u8]) -> Result<serde_json::Value, ClientError> {
+        self.call_json(opcode::SEND_USER, |w| {
+            write_users(w, users);
+            w.str16(event).bytes32(data);
+        })
+    }
+
+    /// One page of a channel's members; `cursor` "" starts at the beginning, `limit` 0 means the server's maximum.
+    pub fn presence(&mut self, channel: &str, cursor: &str, limit: u32) -> Result<serde_json::Value, ClientError> {
+        self.call_json(opcode::PRESENCE, |w| {
+            w.str16(channel).str16(cursor).u32(limit);
+        })
+    }
+
+    pub fn presence_stats(&mut self, channel: &str) -> Result<serde_json::Value, ClientError> {
+        self.call_json(opcode::PRESENCE_STATS, |w| {
+            w.str16(channel);
+        })
+    }
+
+    pub fn user_status(&mut self, users: &[&str]) -> Result<serde_json::Value, ClientError> {
+        self.call_json(opcode::USER_STATUS, |w| write_users(w, users))
+    }
+
+    pub fn channel_info(&mut self, channel: &str) -> Result<serde_json::Value, ClientError> {
+        self.call_json(opcode::CHANNEL_INFO, |w| {
+            w.str16(channel);
+        })
+    }
+
+    pub fn channels(&mut self, prefix: &str, cursor: &str, limit: u32) -> Result<serde_json::Value, ClientError> {
+        self.call_json(opcode::CHANNELS, |w| {
+            w.str16(prefix).str16(cursor).u32(limit);
+        })
+    }
+
+    /// Publications after offset `since` (0: all retained), at most `limit` (0: the server's maximum).
+    pub fn history(&mut self, channel: &str, since: u64, limit: u32) -> Result<serde_json::Value, ClientError> {
+        self.call_json(opcode::HISTORY, |w| {
+            w.str16(channel).u64(since).u32(limit);
+        })
+    }
+
+    /// Closes every connection of `user` (`code` 0: 4003); with
+    /// `revoke_before_s` > 0, tokens issued before that Unix time are refused.
+    pub fn disconnect(
+        &mut self,
+        user: &str,
+        code: u16,
+        reason: &str,
+        revoke_before_s: u64,
+    ) -> Result<serde_json::Value, ClientError> {
+        self.call_json(opcode::DISCONNECT, |w| {
+            w.str16(user).u16(code).str16(reason).u64(revoke_before_s);
+        })
+    }
+}
+
+fn write_users(writer: &mut FrameWriter, users: &[&str]) {
+    writer.u16(users.len().min(usize::from(u16::MAX)) as u16);
+    for user in users.iter().take(usize::from(u16::MAX)) {
+        writer.str16(user);
     }
 }
 

@@ -2,4 +2,5 @@
 //! 0600), TCP with a shared key as an option. Never on the public port.
 
 pub mod client;
+pub mod query;
 pub mod server;

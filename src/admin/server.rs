@@ -13,11 +13,12 @@ use std::time::Duration;
 use futures_channel::oneshot;
 use futures_lite::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
-use crate::bus::message::{PublishOk, PublishRefusal, PublishRequest, ReplyTo, ShardStats};
+use crate::admin::query::{first_failure, merge_channels, merge_rows, merge_stats, Answer, Query};
+use crate::bus::message::{PublishOk, PublishRefusal, PublishRequest, QueryRequest, ReplyTo, ShardStats};
 use crate::bus::Message;
 use crate::hub::owner_of;
 use crate::proto::admin::{opcode, split_frame, AdminError, ErrorCode, FrameWriter, RawFrame, Reader};
-use crate::proto::{client, json};
+use crate::proto::{client, json, ws};
 use crate::shard::{sys, AdminWait, Shard};
 
 /// Bytes read from an admin socket at a time.
@@ -83,11 +84,23 @@ pub async fn serve(shard: Rc<RefCell<Shard>>, listener: OwnedFd, transport: Tran
     }
 }
 
-/// A reply that may still be waiting for another shard.
+/// A reply that may still be waiting for other shards.
 enum PendingReply {
     Ready(Vec<u8>),
     Publish { request_id: u32, receiver: oneshot::Receiver<Result<PublishOk, PublishRefusal>> },
-    Stats { request_id: u32, receiver: oneshot::Receiver<Vec<ShardStats>> },
+    Gather { op: u8, request_id: u32, receiver: oneshot::Receiver<Vec<Answer>>, finish: Finish },
+}
+
+/// How the answers of a gather become the reply document.
+enum Finish {
+    Stats,
+    /// `{"results":[…]}` in request order.
+    Rows,
+    /// The one owner's object.
+    Single,
+    Channels {
+        limit: usize,
+    },
 }
 
 impl PendingReply {
@@ -103,14 +116,42 @@ impl PendingReply {
                 Ok(Err(refusal)) => FrameWriter::error(opcode::PUBLISH, request_id, &refusal_error(refusal)),
                 Err(_) => FrameWriter::error(opcode::PUBLISH, request_id, &shutting_down()),
             },
-            PendingReply::Stats { request_id, receiver } => match receiver.await {
-                Ok(shards) => {
-                    let mut writer = FrameWriter::ok(opcode::STATS, request_id);
-                    writer.bytes32(&stats_json(&shards));
-                    writer.finish()
+            PendingReply::Gather { op, request_id, receiver, finish } => {
+                let Ok(answers) = receiver.await else {
+                    return FrameWriter::error(op, request_id, &shutting_down());
+                };
+                if let Some(failure) = first_failure(&answers) {
+                    return FrameWriter::error(op, request_id, &failure.admin_error());
                 }
-                Err(_) => FrameWriter::error(opcode::STATS, request_id, &shutting_down()),
-            },
+                let document = match finish {
+                    Finish::Stats => stats_json(&merge_stats(answers)),
+                    Finish::Rows => {
+                        serde_json::to_vec(&serde_json::json!({ "results": merge_rows(answers) })).unwrap_or_default()
+                    }
+                    Finish::Single => match answers.into_iter().next() {
+                        Some(Answer::Object(fields)) => serde_json::to_vec(&fields).unwrap_or_default(),
+                        _ => {
+                            return FrameWriter::error(
+                                op,
+                                request_id,
+                                &AdminError::new(ErrorCode::Internal, "no answer"),
+                            )
+                        }
+                    },
+                    Finish::Channels { limit } => {
+                        let (channels, next) = merge_channels(answers, limit);
+                        let channels: Vec<serde_json::Value> = channels
+                            .iter()
+                            .map(|(name, subscribers)| serde_json::json!({"channel": &**name, "subscribers": subscribers}))
+                            .collect();
+                        serde_json::to_vec(&serde_json::json!({"channels": channels, "next": next.as_deref()}))
+                            .unwrap_or_default()
+                    }
+                };
+                let mut writer = FrameWriter::ok(op, request_id);
+                writer.bytes32(&document);
+                writer.finish()
+            }
         }
     }
 }
@@ -124,6 +165,7 @@ fn refusal_error(refusal: PublishRefusal) -> AdminError {
         PublishRefusal::Overloaded => AdminError::new(ErrorCode::Overloaded, "server busy (bus backlog); retry"),
         PublishRefusal::ChannelLimit => AdminError::new(ErrorCode::LimitReached, "limits.channels_max reached"),
         PublishRefusal::ShuttingDown => shutting_down(),
+        PublishRefusal::NoChannel => AdminError::new(ErrorCode::NotFound, "channel does not exist"),
     }
 }
 
@@ -133,6 +175,8 @@ pub fn stats_json(shards: &[ShardStats]) -> Vec<u8> {
     let document = serde_json::json!({
         "connections": sum(|s| s.connections),
         "websockets": sum(|s| s.websockets),
+        "users": sum(|s| s.users_online),
+        "authenticated": sum(|s| s.authenticated),
         "channels": sum(|s| s.channels_owned),
         "subscriptions": sum(|s| s.subscriptions),
         "messages_in": sum(|s| s.messages_in),
@@ -212,11 +256,15 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
+fn bad_argument(message: impl Into<String>) -> AdminError {
+    AdminError::new(ErrorCode::BadArgument, message)
+}
+
 fn dispatch(shard: &Rc<RefCell<Shard>>, frame: RawFrame<'_>, authorized: &mut bool) -> PendingReply {
     let (op, request_id) = (frame.first, frame.request_id);
     let result = (|| -> Result<PendingReply, AdminError> {
         if frame.second != 0 {
-            return Err(AdminError::new(ErrorCode::BadArgument, "flags must be 0 in protocol v1"));
+            return Err(bad_argument("flags must be 0 in protocol v1"));
         }
         if op == opcode::AUTH {
             let mut reader = Reader::new(frame.payload);
@@ -236,92 +284,232 @@ fn dispatch(shard: &Rc<RefCell<Shard>>, frame: RawFrame<'_>, authorized: &mut bo
         if !*authorized {
             return Err(AdminError::new(ErrorCode::Unauthorized, "send AUTH with the admin key first"));
         }
-        match op {
-            opcode::PING => {
-                Reader::new(frame.payload).finish()?;
-                Ok(ok_empty(op, request_id))
-            }
-            opcode::PUBLISH => publish(shard, request_id, frame.payload),
-            opcode::STATS => {
-                Reader::new(frame.payload).finish()?;
-                Ok(stats(shard, request_id))
-            }
-            opcode::SEND_USER
-            | opcode::PRESENCE
-            | opcode::PRESENCE_STATS
-            | opcode::USER_STATUS
-            | opcode::CHANNEL_INFO
-            | opcode::CHANNELS
-            | opcode::HISTORY
-            | opcode::DISCONNECT => Err(AdminError::new(
-                ErrorCode::UnknownOpcode,
-                format!("opcode {op:#04x} is not available on this server"),
-            )),
-            _ => Err(AdminError::new(ErrorCode::UnknownOpcode, format!("unknown opcode {op:#04x}"))),
+        if shard.borrow().is_draining() {
+            return Err(shutting_down());
         }
+        let mut reader = Reader::new(frame.payload);
+        let pending = match op {
+            opcode::PING => {
+                reader.finish()?;
+                return Ok(ok_empty(op, request_id));
+            }
+            opcode::PUBLISH => return publish(shard, request_id, reader),
+            opcode::STATS => {
+                reader.finish()?;
+                let count = shard.borrow().shard_count();
+                gather(shard, op, request_id, (0..count).map(|s| (s, Query::Stats)).collect(), Finish::Stats)
+            }
+            opcode::SEND_USER => {
+                let users = read_users(&mut reader, shard)?;
+                let event = reader.str16("event")?;
+                let data = reader.bytes32("data")?;
+                reader.finish()?;
+                check_event(event)?;
+                let data = check_data(shard, data)?;
+                let event: Arc<str> = event.into();
+                let queries = by_owner(shard, users, |items| Query::SendUser {
+                    items,
+                    event: Arc::clone(&event),
+                    data: Arc::clone(&data),
+                });
+                gather(shard, op, request_id, queries, Finish::Rows)
+            }
+            opcode::USER_STATUS => {
+                let users = read_users(&mut reader, shard)?;
+                reader.finish()?;
+                let queries = by_owner(shard, users, |items| Query::UserStatus { items });
+                gather(shard, op, request_id, queries, Finish::Rows)
+            }
+            opcode::PRESENCE => {
+                let channel = read_channel(&mut reader, shard)?;
+                let cursor = reader.str16("cursor")?;
+                let limit = read_limit(&mut reader, shard)?;
+                reader.finish()?;
+                let cursor = (!cursor.is_empty()).then(|| cursor.into());
+                to_owner(shard, op, request_id, Arc::clone(&channel), Query::Presence { channel, cursor, limit })
+            }
+            opcode::PRESENCE_STATS => {
+                let channel = read_channel(&mut reader, shard)?;
+                reader.finish()?;
+                to_owner(shard, op, request_id, Arc::clone(&channel), Query::PresenceStats { channel })
+            }
+            opcode::CHANNEL_INFO => {
+                let channel = read_channel(&mut reader, shard)?;
+                reader.finish()?;
+                to_owner(shard, op, request_id, Arc::clone(&channel), Query::ChannelInfo { channel })
+            }
+            opcode::CHANNELS => {
+                let prefix = reader.str16("prefix")?;
+                let cursor = reader.str16("cursor")?;
+                let limit = read_limit(&mut reader, shard)?;
+                reader.finish()?;
+                if !prefix.bytes().all(client::name_byte_allowed) {
+                    return Err(bad_argument("prefix may contain only letters, digits and _ - . : @ / = #"));
+                }
+                let prefix: Arc<str> = prefix.into();
+                let count = shard.borrow().shard_count();
+                let queries = (0..count)
+                    .map(|s| {
+                        let cursor = (!cursor.is_empty()).then(|| cursor.into());
+                        (s, Query::Channels { prefix: Arc::clone(&prefix), cursor, limit })
+                    })
+                    .collect();
+                gather(shard, op, request_id, queries, Finish::Channels { limit })
+            }
+            opcode::HISTORY => {
+                let channel = read_channel(&mut reader, shard)?;
+                let since_offset = reader.u64("since")?;
+                let limit = read_limit(&mut reader, shard)?;
+                reader.finish()?;
+                let query = Query::History { channel: Arc::clone(&channel), since_epoch: None, since_offset, limit };
+                to_owner(shard, op, request_id, channel, query)
+            }
+            opcode::DISCONNECT => {
+                let user = reader.str16("user")?;
+                let code = reader.u16("code")?;
+                let reason = reader.str16("reason")?;
+                let revoke_before_s = reader.u64("revoke_before")?;
+                reader.finish()?;
+                check_user(user)?;
+                let code = match code {
+                    0 => ws::close::DISCONNECTED_BY_SERVER,
+                    1000 | 1001 | 1008 | 3000..=4999 => code,
+                    _ => return Err(bad_argument("code must be 0 (default 4003), 1000, 1001, 1008 or 3000-4999")),
+                };
+                let reason = if reason.is_empty() { "disconnected by the server" } else { reason };
+                let query = Query::Disconnect { user: user.into(), code, reason: reason.into(), revoke_before_s };
+                let owner = owner_of(user, shard.borrow().shard_count());
+                gather(shard, op, request_id, vec![(owner, query)], Finish::Single)
+            }
+            _ => return Err(AdminError::new(ErrorCode::UnknownOpcode, format!("unknown opcode {op:#04x}"))),
+        };
+        Ok(pending)
     })();
     result.unwrap_or_else(|error| error_reply(op, request_id, &error))
 }
 
-fn publish(shard: &Rc<RefCell<Shard>>, request_id: u32, payload: &[u8]) -> Result<PendingReply, AdminError> {
-    let mut reader = Reader::new(payload);
+fn check_user(user: &str) -> Result<(), AdminError> {
+    if user.is_empty() || user.len() > crate::auth::USER_ID_BYTES_MAX || !user.bytes().all(client::name_byte_allowed) {
+        return Err(bad_argument(format!(
+            "user id `{user}` must be 1-128 bytes of letters, digits and _ - . : @ / = #"
+        )));
+    }
+    Ok(())
+}
+
+fn check_event(event: &str) -> Result<(), AdminError> {
+    client::check_event_name(event).map_err(bad_argument)
+}
+
+/// Checks size and JSON validity; returns the data with raw newlines flattened.
+fn check_data(shard: &Rc<RefCell<Shard>>, data: &[u8]) -> Result<Arc<[u8]>, AdminError> {
+    let limit = shard.borrow().config.limits.publication_data_bytes_max;
+    if data.len() > limit {
+        return Err(AdminError::new(
+            ErrorCode::TooLarge,
+            format!("data is {} bytes; limits.publication_data_bytes_max is {limit}", data.len()),
+        ));
+    }
+    json::validate(data).map_err(|why| bad_argument(format!("data is not valid JSON: {why}")))?;
+    Ok(json::single_line(data).into_owned().into())
+}
+
+fn read_channel(reader: &mut Reader<'_>, shard: &Rc<RefCell<Shard>>) -> Result<Arc<str>, AdminError> {
     let channel = reader.str16("channel")?;
+    let limit = shard.borrow().config.limits.channel_name_bytes_max;
+    client::check_channel_name(channel, limit).map_err(bad_argument)?;
+    Ok(channel.into())
+}
+
+/// A `u32` limit: 0 means the maximum, larger values are capped to it.
+fn read_limit(reader: &mut Reader<'_>, shard: &Rc<RefCell<Shard>>) -> Result<usize, AdminError> {
+    let limit = reader.u32("limit")? as usize;
+    let max = shard.borrow().config.limits.query_items_max;
+    Ok(if limit == 0 { max } else { limit.min(max) })
+}
+
+/// `count:u16` then that many `str16` user ids.
+fn read_users(reader: &mut Reader<'_>, shard: &Rc<RefCell<Shard>>) -> Result<Vec<Arc<str>>, AdminError> {
+    let count = usize::from(reader.u16("user count")?);
+    let max = shard.borrow().config.limits.query_items_max;
+    if count == 0 || count > max {
+        return Err(bad_argument(format!("user count must be 1..={max} (limits.query_items_max)")));
+    }
+    let mut users = Vec::with_capacity(count);
+    for _ in 0..count {
+        let user = reader.str16("user id")?;
+        check_user(user)?;
+        users.push(Arc::from(user));
+    }
+    Ok(users)
+}
+
+/// Groups users by owner shard, keeping each user's index in the request.
+fn by_owner(
+    shard: &Rc<RefCell<Shard>>,
+    users: Vec<Arc<str>>,
+    make: impl Fn(Vec<(u32, Arc<str>)>) -> Query,
+) -> Vec<(usize, Query)> {
+    let count = shard.borrow().shard_count();
+    let mut groups: Vec<Vec<(u32, Arc<str>)>> = vec![Vec::new(); count];
+    for (index, user) in users.into_iter().enumerate() {
+        groups[owner_of(&user, count)].push((index as u32, user));
+    }
+    groups.into_iter().enumerate().filter(|(_, items)| !items.is_empty()).map(|(s, items)| (s, make(items))).collect()
+}
+
+fn to_owner(shard: &Rc<RefCell<Shard>>, op: u8, request_id: u32, channel: Arc<str>, query: Query) -> PendingReply {
+    let owner = owner_of(&channel, shard.borrow().shard_count());
+    gather(shard, op, request_id, vec![(owner, query)], Finish::Single)
+}
+
+/// Sends each query to its shard and waits for all their answers.
+fn gather(
+    shard: &Rc<RefCell<Shard>>,
+    op: u8,
+    request_id: u32,
+    queries: Vec<(usize, Query)>,
+    finish: Finish,
+) -> PendingReply {
+    let mut shard = shard.borrow_mut();
+    let token = shard.admin_token();
+    let (sender, receiver) = oneshot::channel();
+    shard.admin_waits.insert(token, AdminWait::Gather { remaining: queries.len(), answers: Vec::new(), reply: sender });
+    let origin = shard.id as u16;
+    for (destination, query) in queries {
+        let request = QueryRequest { reply: ReplyTo::Admin { shard: origin, token }, query };
+        shard.bus.send(destination, Message::Query(Box::new(request)));
+    }
+    // Outside the shard's tick: wake the destinations now.
+    shard.bus.flush();
+    PendingReply::Gather { op, request_id, receiver, finish }
+}
+
+fn publish(shard: &Rc<RefCell<Shard>>, request_id: u32, mut reader: Reader<'_>) -> Result<PendingReply, AdminError> {
+    let channel = read_channel(&mut reader, shard)?;
     let event = reader.str16("event")?;
     let data = reader.bytes32("data")?;
     reader.finish()?;
+    check_event(event)?;
+    let data = check_data(shard, data)?;
     let mut shard = shard.borrow_mut();
-    let limits = &shard.config.limits;
-    client::check_channel_name(channel, limits.channel_name_bytes_max)
-        .map_err(|why| AdminError::new(ErrorCode::BadArgument, why))?;
-    client::check_event_name(event).map_err(|why| AdminError::new(ErrorCode::BadArgument, why))?;
-    if data.len() > limits.publication_data_bytes_max {
-        return Err(AdminError::new(
-            ErrorCode::TooLarge,
-            format!(
-                "data is {} bytes; limits.publication_data_bytes_max is {}",
-                data.len(),
-                limits.publication_data_bytes_max
-            ),
-        ));
-    }
-    json::validate(data)
-        .map_err(|why| AdminError::new(ErrorCode::BadArgument, format!("data is not valid JSON: {why}")))?;
-    if shard.is_draining() {
-        return Err(shutting_down());
-    }
     if shard.bus.overloaded() {
         return Err(refusal_error(PublishRefusal::Overloaded));
     }
     let token = shard.admin_token();
     let (sender, receiver) = oneshot::channel();
     shard.admin_waits.insert(token, AdminWait::Publish(sender));
-    let owner = owner_of(channel, shard.shard_count());
+    let owner = owner_of(&channel, shard.shard_count());
     let request = PublishRequest {
-        channel: Arc::from(channel),
+        channel,
         event: event.into(),
-        data: json::single_line(data).into_owned().into_boxed_slice(),
+        data: Box::from(&*data),
         user: None,
         reply: ReplyTo::Admin { shard: shard.id as u16, token },
+        only_if_exists: false,
     };
     shard.bus.send(owner, Message::Publish(Box::new(request)));
     // Outside the shard's tick: wake the owner now.
     shard.bus.flush();
     Ok(PendingReply::Publish { request_id, receiver })
-}
-
-fn stats(shard: &Rc<RefCell<Shard>>, request_id: u32) -> PendingReply {
-    let mut shard = shard.borrow_mut();
-    let token = shard.admin_token();
-    let (sender, receiver) = oneshot::channel();
-    let shard_count = shard.shard_count();
-    shard.admin_waits.insert(
-        token,
-        AdminWait::Stats { remaining: shard_count, collected: Vec::with_capacity(shard_count), reply: sender },
-    );
-    let origin = shard.id as u16;
-    for destination in 0..shard_count {
-        shard.bus.send(destination, Message::StatsRequest { token, origin });
-    }
-    shard.bus.flush();
-    PendingReply::Stats { request_id, receiver }
 }

@@ -5,6 +5,7 @@ use std::sync::Arc;
 
 use serde::Serialize;
 
+use crate::admin::query::{Answer, Query};
 use crate::hub::history::RecoveryFailure;
 use crate::hub::publication::Publication;
 use crate::proto::client::{CommandError, Position, RequestId};
@@ -25,13 +26,16 @@ pub enum ReplyTo {
     Admin { shard: u16, token: u64 },
     /// A client command; `request_id` is echoed in the reply.
     Client { conn: ConnRef, request_id: Option<RequestId> },
+    /// Nobody waits (the server's own publications, such as status events).
+    Nobody,
 }
 
 impl ReplyTo {
-    pub fn shard(&self) -> usize {
+    pub fn shard(&self) -> Option<usize> {
         match self {
-            ReplyTo::Admin { shard, .. } => usize::from(*shard),
-            ReplyTo::Client { conn, .. } => usize::from(conn.shard),
+            ReplyTo::Admin { shard, .. } => Some(usize::from(*shard)),
+            ReplyTo::Client { conn, .. } => Some(usize::from(conn.shard)),
+            ReplyTo::Nobody => None,
         }
     }
 }
@@ -80,6 +84,9 @@ pub struct PublishRequest {
     /// Set for client publications: stamped on the push.
     pub user: Option<Arc<str>>,
     pub reply: ReplyTo,
+    /// Publish only if the channel already exists (status events must not
+    /// create a channel per user).
+    pub only_if_exists: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -98,6 +105,43 @@ pub enum PublishRefusal {
     /// `channels_max` reached and the channel does not exist.
     ChannelLimit,
     ShuttingDown,
+    /// `only_if_exists` and the channel does not exist.
+    NoChannel,
+}
+
+/// A connection with a verified token registers with its user's owner.
+#[derive(Debug)]
+pub struct UserConnectRequest {
+    pub user: Arc<str>,
+    pub conn: ConnRef,
+    /// The token's `iat`, checked against the user's revocation time.
+    pub issued_at_s: u64,
+    /// Set when this came from a `connect` command (the reply answers it).
+    pub request_id: Option<RequestId>,
+    pub via_command: bool,
+}
+
+#[derive(Debug)]
+pub struct UserConnectReply {
+    pub conn: ConnRef,
+    pub user: Arc<str>,
+    pub request_id: Option<RequestId>,
+    pub via_command: bool,
+    /// The inbox to replay, or `Err` when the token was revoked.
+    pub result: Result<Vec<Arc<Publication>>, ()>,
+}
+
+/// An admin or client query for an owner (or for every shard).
+#[derive(Debug)]
+pub struct QueryRequest {
+    pub reply: ReplyTo,
+    pub query: Query,
+}
+
+#[derive(Debug)]
+pub struct QueryAnswer {
+    pub reply: ReplyTo,
+    pub answer: Answer,
 }
 
 /// One shard's counters, gathered for `STATS`.
@@ -130,6 +174,12 @@ pub struct ShardStats {
     pub bus_overflowed: u64,
     /// Bytes sitting in outboxes right now.
     pub outbox_bytes: u64,
+    /// Users this shard owns that have a connection.
+    pub users_online: u64,
+    /// Users this shard owns and tracks (online, last seen, inbox).
+    pub users_tracked: u64,
+    /// Connections with a verified user token.
+    pub authenticated: u64,
 }
 
 /// Everything that crosses between shards.
@@ -151,15 +201,36 @@ pub enum Message {
     SubscribeReply(Box<SubscribeReply>),
     PublishReply(Box<(ReplyTo, Result<PublishOk, PublishRefusal>)>),
 
-    // Gathers for the admin socket.
-    StatsRequest {
-        token: u64,
-        origin: u16,
+    // Users, to the user's owner.
+    UserConnect(Box<UserConnectRequest>),
+    /// One connection of `user` on `shard` closed.
+    UserDisconnect {
+        user: Arc<str>,
+        shard: u16,
     },
-    StatsReply {
-        token: u64,
-        stats: Box<ShardStats>,
+    /// Acknowledges inbox messages up to and including `seq`.
+    UserAck {
+        user: Arc<str>,
+        seq: u64,
     },
+
+    // From a user's owner.
+    UserConnectReply(Box<UserConnectReply>),
+    /// A message for every local connection of `user`.
+    UserDeliver {
+        user: Arc<str>,
+        push: Arc<Publication>,
+    },
+    /// Close every local connection of `user` (admin DISCONNECT).
+    CloseUser {
+        user: Arc<str>,
+        code: u16,
+        reason: Arc<str>,
+    },
+
+    // Queries from the admin socket and clients, and their answers.
+    Query(Box<QueryRequest>),
+    Answer(Box<QueryAnswer>),
 }
 
 #[cfg(test)]

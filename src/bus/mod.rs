@@ -274,12 +274,12 @@ mod tests {
     use super::*;
 
     fn stats_request(token: u64) -> Message {
-        Message::StatsRequest { token, origin: 0 }
+        Message::UserAck { user: "u".into(), seq: token }
     }
 
     fn token_of(message: &Message) -> u64 {
         match message {
-            Message::StatsRequest { token, .. } => *token,
+            Message::UserAck { seq, .. } => *seq,
             _ => panic!("unexpected message"),
         }
     }

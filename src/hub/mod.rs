@@ -9,6 +9,7 @@ pub mod history;
 pub mod index;
 pub mod presence;
 pub mod publication;
+pub mod user;
 
 /// The shard that owns `name` (a channel or a user id): a stable hash
 /// (FNV-1a, so every process and version agrees) modulo the shard count.

@@ -15,6 +15,8 @@ pub struct Publication {
     /// The channel name, shared with the owner's channel state.
     pub channel: Arc<str>,
     /// Position within the channel's current epoch; strictly increasing.
+    /// 0 for pushes outside the sequence (presence events); the inbox
+    /// sequence for user messages.
     pub offset: u64,
     /// The push as a WebSocket text frame; the JSON starts at
     /// `SERVER_HEADER_BYTES_MAX` and the frame at `frame_start`.
@@ -42,13 +44,55 @@ impl Publication {
     /// Encodes `{"channel":…,"event":…,"offset":…,"data":…[,"user":…]}` once.
     pub fn encode(channel: Arc<str>, epoch: Arc<str>, offset: u64, fields: PushFields<'_>) -> Publication {
         debug_assert_eq!(&*channel, fields.channel);
-        let mut builder =
-            FrameBuilder::with_capacity(64 + fields.channel.len() + fields.event.len() + fields.data.len());
+        Publication::build(
+            channel,
+            epoch,
+            offset,
+            fields.data.len() + fields.channel.len() + fields.event.len(),
+            |object| {
+                object
+                    .str("channel", fields.channel)
+                    .str("event", fields.event)
+                    .u64("offset", offset)
+                    .raw("data", fields.data);
+                if let Some(user) = fields.user {
+                    object.str("user", user);
+                }
+            },
+        )
+    }
+
+    /// A channel event outside the channel's offset sequence (presence
+    /// join/leave): `{"channel":…,"event":…,"data":…}`, offset 0, no history.
+    pub fn channel_event(channel: Arc<str>, event: &str, data: &[u8]) -> Publication {
+        let name = Arc::clone(&channel);
+        Publication::build(channel, "".into(), 0, data.len() + name.len() + event.len(), |object| {
+            object.str("channel", &name).str("event", event).raw("data", data);
+        })
+    }
+
+    /// A message to a user: `{"inbox":SEQ,"event":…,"data":…}`, where SEQ is
+    /// the inbox sequence to acknowledge (absent when it was not stored).
+    /// `channel` is empty and `offset` is the sequence (0 when not stored).
+    pub fn user_message(seq: Option<u64>, event: &str, data: &[u8]) -> Publication {
+        Publication::build("".into(), "".into(), seq.unwrap_or(0), data.len() + event.len(), |object| {
+            if let Some(seq) = seq {
+                object.u64("inbox", seq);
+            }
+            object.str("event", event).raw("data", data);
+        })
+    }
+
+    fn build(
+        channel: Arc<str>,
+        epoch: Arc<str>,
+        offset: u64,
+        size_hint: usize,
+        fields: impl FnOnce(&mut ObjectWriter<'_>),
+    ) -> Publication {
+        let mut builder = FrameBuilder::with_capacity(64 + size_hint);
         let mut object = ObjectWriter::new(builder.payload());
-        object.str("channel", fields.channel).str("event", fields.event).u64("offset", offset).raw("data", fields.data);
-        if let Some(user) = fields.user {
-            object.str("user", user);
-        }
+        fields(&mut object);
         object.finish();
         let (buffer, frame_start) = builder.finish(OPCODE_TEXT);
         debug_assert!(frame_start < SERVER_HEADER_BYTES_MAX);
@@ -119,6 +163,17 @@ mod tests {
         let sse = std::str::from_utf8(publication.sse_event()).unwrap();
         assert!(sse.starts_with("id: news@e1:18\ndata: {"));
         assert!(sse.ends_with("}\n\n"));
+    }
+
+    #[test]
+    fn events_and_user_messages() {
+        let join = Publication::channel_event("track_room".into(), "join", br#"{"user":"42"}"#);
+        assert_eq!(join.json(), br#"{"channel":"track_room","event":"join","data":{"user":"42"}}"#);
+        assert_eq!(join.offset, 0);
+        let message = Publication::user_message(Some(7), "notice", b"1");
+        assert_eq!(message.json(), br#"{"inbox":7,"event":"notice","data":1}"#);
+        let transient = Publication::user_message(None, "notice", b"1");
+        assert_eq!(transient.json(), br#"{"event":"notice","data":1}"#);
     }
 
     #[test]

@@ -9,6 +9,7 @@ pub mod outbox;
 
 use std::sync::Arc;
 
+use crate::auth::Identity;
 use crate::hub::index::LocalChannelId;
 use crate::limits::Timeouts;
 use crate::proto::ws::Fragments;
@@ -46,6 +47,8 @@ impl Flags {
     pub const READ_PENDING: Flags = Flags(1 << 4);
     /// The connection completed a WebSocket upgrade (for the gauge).
     pub const UPGRADED: Flags = Flags(1 << 5);
+    /// The user's owner counts this connection (so closing it must tell the owner).
+    pub const REGISTERED: Flags = Flags(1 << 6);
 
     pub fn contains(self, other: Flags) -> bool {
         self.0 & other.0 == other.0
@@ -114,8 +117,9 @@ pub struct Session {
     pub last_ping_ms: u64,
     /// Http: the head must be complete by then. Closing: give up then.
     pub deadline_ms: u64,
-    /// The authenticated user, if any.
-    pub user: Option<Arc<str>>,
+    /// Who the token said the client is; boxed, as most connections in a
+    /// broadcast are anonymous or share few users.
+    pub identity: Option<Box<Identity>>,
     pub subscriptions: Vec<Subscription>,
     pub rx: Option<Box<RxState>>,
     pub outbox: Option<Box<Outbox>>,
@@ -130,11 +134,16 @@ impl Session {
             last_input_ms: now_ms,
             last_ping_ms: now_ms,
             deadline_ms: now_ms + timeouts.handshake_timeout_ms,
-            user: None,
+            identity: None,
             subscriptions: Vec::new(),
             rx: None,
             outbox: None,
         }
+    }
+
+    /// The authenticated user id.
+    pub fn user(&self) -> Option<&Arc<str>> {
+        self.identity.as_ref().map(|identity| &identity.user)
     }
 
     /// The HTTP exchange finished and the connection stays open for another request.

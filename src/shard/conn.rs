@@ -414,7 +414,13 @@ impl Shard {
         if conn.session.flags.contains(Flags::UPGRADED) {
             self.metrics.websockets -= 1;
         }
-        let user = conn.session.user.clone();
+        let user = conn.session.user().cloned();
+        if conn.session.identity.is_some() {
+            self.metrics.authenticated -= 1;
+        }
+        if let (true, Some(user)) = (conn.session.flags.contains(Flags::REGISTERED), &user) {
+            self.unregister_user(key, user);
+        }
         for subscription in &conn.session.subscriptions {
             // Pending subscriptions are settled when the owner's reply
             // finds the connection gone.

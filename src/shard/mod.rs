@@ -11,8 +11,10 @@
 
 mod conn;
 mod owner;
+mod queries;
 mod sweep;
 pub mod sys;
+mod users;
 
 use std::cell::RefCell;
 use std::collections::{HashMap, VecDeque};
@@ -25,12 +27,15 @@ use std::time::{Duration, Instant};
 use futures_channel::oneshot;
 use slab::Slab;
 
+use crate::admin::query::Answer;
+use crate::auth::Verifier;
 use crate::bus::message::{PublishOk, PublishRefusal, ShardStats};
 use crate::bus::{Endpoint, Wakeup};
 use crate::config::Config;
 use crate::hub::channel::OwnedChannels;
 use crate::hub::index::{ConnKey, LocalChannelId, LocalIndex};
 use crate::hub::publication::Publication;
+use crate::hub::user::{OwnedUsers, UserLimits};
 use crate::session::Session;
 use sys::Epoll;
 
@@ -87,7 +92,12 @@ struct PendingFanout {
 /// What an admin request is waiting for.
 pub enum AdminWait {
     Publish(oneshot::Sender<Result<PublishOk, PublishRefusal>>),
-    Stats { remaining: usize, collected: Vec<ShardStats>, reply: oneshot::Sender<Vec<ShardStats>> },
+    /// Answers from `remaining` more shards.
+    Gather {
+        remaining: usize,
+        answers: Vec<Answer>,
+        reply: oneshot::Sender<Vec<Answer>>,
+    },
 }
 
 /// Running counters (see `ShardStats` for their meaning).
@@ -101,6 +111,8 @@ pub struct Metrics {
     pub slow_consumers_closed: u64,
     pub protocol_errors: u64,
     pub websockets: u64,
+    /// Connections with a verified token (gauge).
+    pub authenticated: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -139,6 +151,11 @@ pub struct Shard {
     pub(crate) next_generation: u32,
     pub(crate) index: LocalIndex,
     pub(crate) owned: OwnedChannels,
+    /// Users this shard owns (status, inbox, revocations).
+    pub(crate) users: OwnedUsers,
+    /// This shard's registered connections of each user, for user messages.
+    pub(crate) users_local: HashMap<Arc<str>, Vec<ConnKey>>,
+    pub(crate) verifier: Verifier,
     pub bus: Endpoint,
     fanouts: VecDeque<PendingFanout>,
     /// Connections to revisit: input left unread at a budget, or a paused
@@ -171,6 +188,14 @@ impl Shard {
         epoll.add(bus.wakeup().fd(), sys::EPOLLIN, TOKEN_WAKEUP)?;
         let shard_count = bus.shard_count();
         let channels_max = config.limits.channels_max.div_ceil(shard_count);
+        let user_limits = UserLimits {
+            inbox_messages_max: config.inbox.messages_max,
+            inbox_ttl_ms: config.inbox.ttl_ms,
+            inbox_users_max: config.inbox.users_max.div_ceil(shard_count),
+            tracked_max: config.users.tracked_max.div_ceil(shard_count),
+            last_seen_ttl_ms: config.users.last_seen_ttl_ms,
+        };
+        let verifier = Verifier::new(config.token_secret.as_deref(), config.token_secret_previous.as_deref());
         Ok(Shard {
             id,
             shared,
@@ -183,6 +208,9 @@ impl Shard {
             next_generation: 1,
             index: LocalIndex::default(),
             owned: OwnedChannels::new(shard_count, channels_max),
+            users: OwnedUsers::new(shard_count, user_limits),
+            users_local: HashMap::new(),
+            verifier,
             bus,
             fanouts: VecDeque::new(),
             ready: VecDeque::new(),
@@ -337,7 +365,8 @@ impl Shard {
                     let offset = fanout.publication.offset;
                     while fanout.next_slot < slots && keys.len() < budget {
                         if let Some(subscriber) = channel.subscribers.get(fanout.next_slot) {
-                            if offset > subscriber.after_offset {
+                            // Offset 0: an event outside the sequence (presence).
+                            if offset == 0 || offset > subscriber.after_offset {
                                 keys.push(subscriber.conn);
                             }
                         }
@@ -385,6 +414,9 @@ impl Shard {
             protocol_errors: self.metrics.protocol_errors,
             bus_overflowed: self.bus.overflowed_total,
             outbox_bytes,
+            users_online: self.users.online() as u64,
+            users_tracked: self.users.tracked() as u64,
+            authenticated: self.metrics.authenticated,
         }
     }
 

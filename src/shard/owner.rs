@@ -1,16 +1,18 @@
-//! Bus messages: the owner's side (subscribe, unsubscribe, publish) and the
-//! replies that come back to a connection's shard or an admin request.
+//! Bus messages about channels: the owner's side (subscribe, unsubscribe,
+//! publish, presence events) and the replies that come back to a
+//! connection's shard or an admin request.
 
 use std::sync::Arc;
 
 use super::{AdminWait, Shard};
 use crate::bus::message::{
-    PublishOk, PublishRefusal, PublishRequest, ReplyTo, ShardStats, SubscribeOk, SubscribeReply, SubscribeRequest,
+    PublishOk, PublishRefusal, PublishRequest, QueryAnswer, ReplyTo, SubscribeOk, SubscribeReply, SubscribeRequest,
 };
 use crate::bus::Message;
+use crate::config::Namespace;
 use crate::hub::index::Subscriber;
 use crate::hub::owner_of;
-use crate::hub::publication::PushFields;
+use crate::hub::publication::{Publication, PushFields};
 use crate::proto::client::{CommandError, ErrorCode};
 use crate::session::PENDING_SLOT;
 
@@ -26,11 +28,29 @@ impl Shard {
                 let (reply_to, result) = *reply;
                 self.publish_reply(reply_to, result);
             }
-            Message::StatsRequest { token, origin } => {
-                let stats = Box::new(self.stats());
-                self.bus.send(usize::from(origin), Message::StatsReply { token, stats });
+            Message::UserConnect(request) => self.owner_user_connect(*request),
+            Message::UserDisconnect { user, shard } => self.owner_user_disconnect(&user, usize::from(shard)),
+            Message::UserAck { user, seq } => self.users.ack(&user, seq),
+            Message::UserConnectReply(reply) => self.user_connect_reply(*reply),
+            Message::UserDeliver { user, push } => self.user_deliver(&user, &push),
+            Message::CloseUser { user, code, reason } => self.close_user(&user, code, &reason),
+            Message::Query(request) => {
+                let request = *request;
+                let answer = self.answer_query(request.query, &request.reply);
+                self.send_answer(request.reply, answer);
             }
-            Message::StatsReply { token, stats } => self.stats_reply(token, *stats),
+            Message::Answer(answer) => self.receive_answer(*answer),
+        }
+    }
+
+    /// Sends a join/leave event to the channel's subscribers (outside the
+    /// channel's offsets and history).
+    fn presence_event(&mut self, channel: &Arc<str>, event: &str, user: &str) {
+        let data = serde_json::json!({ "user": user }).to_string();
+        let publication = Arc::new(Publication::channel_event(Arc::clone(channel), event, data.as_bytes()));
+        let shards: Vec<usize> = self.owned.get(channel).map(|c| c.subscriber_shards().collect()).unwrap_or_default();
+        for shard in shards {
+            self.bus.send(shard, Message::Deliver(Arc::clone(&publication)));
         }
     }
 
@@ -40,6 +60,7 @@ impl Shard {
         let namespace = config.namespace_for(&request.channel);
         let now_ms = self.now_ms;
         let shard = usize::from(request.conn.shard);
+        let mut joined = false;
         let result = match self.owned.get_or_create(&request.channel, now_ms) {
             Err(_) => Err(CommandError::new(
                 request.request_id.clone(),
@@ -54,12 +75,14 @@ impl Shard {
             Ok(channel) => {
                 channel.add_subscriber(shard, now_ms);
                 if namespace.presence {
-                    channel.presence.join(request.user.as_ref());
+                    joined = channel.presence.join(request.user.as_ref());
                 }
                 let recovery = request.since.as_ref().map(|position| channel.recover(&position.epoch, position.offset));
                 Ok(SubscribeOk { epoch: Arc::clone(&channel.epoch), offset: channel.last_offset, recovery })
             }
         };
+        let channel = Arc::clone(&request.channel);
+        let user = request.user.clone();
         let reply = SubscribeReply {
             conn: request.conn,
             channel: request.channel,
@@ -68,29 +91,39 @@ impl Shard {
             result,
         };
         self.bus.send(shard, Message::SubscribeReply(Box::new(reply)));
+        if joined && namespace.join_leave {
+            if let Some(user) = user {
+                self.presence_event(&channel, "join", &user);
+            }
+        }
     }
 
-    fn owner_unsubscribe(&mut self, channel: &str, shard: usize, user: Option<Arc<str>>) {
+    fn owner_unsubscribe(&mut self, channel_name: &str, shard: usize, user: Option<Arc<str>>) {
         let config = Arc::clone(&self.config);
-        let namespace = config.namespace_for(channel);
+        let namespace = config.namespace_for(channel_name);
         let now_ms = self.now_ms;
-        if let Some(channel) = self.owned.get_mut(channel) {
-            channel.remove_subscriber(shard, now_ms);
-            if namespace.presence {
-                channel.presence.leave(user.as_ref());
+        let Some(channel) = self.owned.get_mut(channel_name) else { return };
+        channel.remove_subscriber(shard, now_ms);
+        let left = namespace.presence && channel.presence.leave(user.as_ref());
+        if left && namespace.join_leave {
+            let name = Arc::clone(&channel.name);
+            if let Some(user) = user {
+                self.presence_event(&name, "leave", &user);
             }
         }
     }
 
     fn owner_publish(&mut self, request: PublishRequest) {
-        let PublishRequest { channel, event, data, user, reply } = request;
+        let PublishRequest { channel, event, data, user, reply, only_if_exists } = request;
         let result = if self.is_draining() {
             Err(PublishRefusal::ShuttingDown)
         } else if self.bus.overloaded() {
             Err(PublishRefusal::Overloaded)
+        } else if only_if_exists && self.owned.get(&channel).is_none() {
+            Err(PublishRefusal::NoChannel)
         } else {
             let config = Arc::clone(&self.config);
-            let namespace = config.namespace_for(&channel);
+            let namespace: &Namespace = config.namespace_for(&channel);
             let now_ms = self.now_ms;
             match self.owned.get_or_create(&channel, now_ms) {
                 Err(_) => Err(PublishRefusal::ChannelLimit),
@@ -111,8 +144,9 @@ impl Shard {
                 }
             }
         };
-        let destination = reply.shard();
-        self.bus.send(destination, Message::PublishReply(Box::new((reply, result))));
+        if let Some(destination) = reply.shard() {
+            self.bus.send(destination, Message::PublishReply(Box::new((reply, result))));
+        }
     }
 
     fn subscribe_reply(&mut self, reply: SubscribeReply) {
@@ -201,26 +235,20 @@ impl Shard {
                                 (ErrorCode::TooManyChannelsOnServer, "the server's channel limit is reached")
                             }
                             PublishRefusal::ShuttingDown => (ErrorCode::Overloaded, "server shutting down"),
+                            PublishRefusal::NoChannel => (ErrorCode::Internal, "channel does not exist"),
                         };
                         self.reply_error(key, &CommandError::new(request_id, code, message));
                     }
                 }
                 self.unpause(key, generation);
             }
+            ReplyTo::Nobody => {}
         }
     }
 
-    fn stats_reply(&mut self, token: u64, stats: ShardStats) {
-        let Some(AdminWait::Stats { remaining, collected, .. }) = self.admin_waits.get_mut(&token) else {
-            return;
-        };
-        collected.push(stats);
-        *remaining -= 1;
-        if *remaining == 0 {
-            if let Some(AdminWait::Stats { mut collected, reply, .. }) = self.admin_waits.remove(&token) {
-                collected.sort_by_key(|s| s.shard);
-                let _ = reply.send(collected);
-            }
+    fn send_answer(&mut self, reply: ReplyTo, answer: crate::admin::query::Answer) {
+        if let Some(destination) = reply.shard() {
+            self.bus.send(destination, Message::Answer(Box::new(QueryAnswer { reply, answer })));
         }
     }
 }

@@ -9,7 +9,8 @@ use std::sync::Arc;
 use super::{Shard, SWEEP_CONNS_PER_TICK};
 use crate::hub::index::ConnKey;
 use crate::proto::ws;
-use crate::session::TimerAction;
+use crate::session::{Phase, TimerAction};
+use crate::util::unix_time_ms;
 
 /// Owned channels are swept at most this often (history TTLs are minutes).
 const CHANNEL_SWEEP_INTERVAL_MS: u64 = 5_000;
@@ -23,14 +24,24 @@ impl Shard {
         let capacity = self.conns.capacity();
         let end = (start + SWEEP_CONNS_PER_TICK).min(capacity);
         let timeouts = self.config.timeouts.clone();
+        let unix_s = unix_time_ms() / 1000;
         for index in start..end {
             let now_ms = self.now_ms;
             let Some(conn) = self.conns.get_mut(index) else {
                 continue;
             };
+            let key = index as ConnKey;
+            let token_expired = conn
+                .session
+                .identity
+                .as_ref()
+                .is_some_and(|identity| identity.expires_at_s.is_some_and(|exp| unix_s >= exp));
+            if token_expired && conn.session.phase == Phase::WebSocket {
+                self.close_websocket(key, ws::close::TOKEN_EXPIRED, "token expired");
+                continue;
+            }
             let has_partial_input = conn.session.rx.is_some();
             let action = conn.session.on_timer(now_ms, &timeouts);
-            let key = index as ConnKey;
             match action {
                 TimerAction::Nothing => {}
                 TimerAction::SendPing => self.send_owned(key, PING_FRAME.to_vec()),
@@ -51,6 +62,7 @@ impl Shard {
                 self.next_channel_sweep_ms = self.now_ms + CHANNEL_SWEEP_INTERVAL_MS.max(timeouts.sweep_interval_ms);
                 let config = Arc::clone(&self.config);
                 let dropped = self.owned.sweep(self.now_ms, |name| config.namespace_for(name));
+                self.users.sweep(unix_time_ms());
                 if dropped > 0 {
                     tracing::trace!(shard = self.id, dropped, "idle channels dropped");
                 }

@@ -1,20 +1,23 @@
-//! Client protocol commands on the connection's shard: validation, limits,
-//! and the request to the channel's owner. Replies that need the owner
-//! come back through the bus (`owner.rs`); until then the connection's
-//! input is paused, so its commands run strictly in order.
+//! Client protocol commands on the connection's shard: validation, access
+//! rules, limits, and the request to the channel's (or user's) owner.
+//! Replies that need an owner come back through the bus; until then the
+//! connection's input is paused, so its commands run strictly in order.
 
 use std::borrow::Cow;
 use std::sync::Arc;
 
-use crate::bus::message::{ConnRef, PublishRequest, ReplyTo, SubscribeRequest};
+use crate::admin::query::Query;
+use crate::bus::message::{ConnRef, PublishRequest, QueryRequest, ReplyTo, SubscribeRequest};
 use crate::bus::Message;
+use crate::config::Namespace;
 use crate::hub::index::ConnKey;
 use crate::hub::owner_of;
 use crate::proto::client::{self, Command, CommandError, ErrorCode, Position, RequestId};
 use crate::proto::json;
-use crate::proto::ws::{FrameBuilder, OPCODE_TEXT};
+use crate::proto::ws::{self, FrameBuilder, OPCODE_TEXT};
 use crate::session::{Flags, Subscription, PENDING_SLOT};
 use crate::shard::Shard;
+use crate::util::unix_time_ms;
 
 /// A command refused on this shard: the code and the reason.
 type Refusal = (ErrorCode, Cow<'static, str>);
@@ -22,6 +25,9 @@ type Refusal = (ErrorCode, Cow<'static, str>);
 fn refuse(code: ErrorCode, message: impl Into<Cow<'static, str>>) -> Refusal {
     (code, message.into())
 }
+
+/// Publications a client `history` returns when it names no limit.
+const CLIENT_HISTORY_DEFAULT_LIMIT: usize = 100;
 
 impl Shard {
     pub(crate) fn client_command(&mut self, key: ConnKey, generation: u32, message: &[u8]) {
@@ -43,20 +49,40 @@ impl Shard {
             Command::Publish { channel, event, data } => {
                 self.client_publish(key, generation, id.clone(), &channel, &event, data.get().as_bytes())
             }
-            Command::Connect { .. }
-            | Command::Presence { .. }
-            | Command::PresenceStats { .. }
-            | Command::History { .. }
-            | Command::Ack { .. } => Err(refuse(ErrorCode::NotAvailable, "not available on this server")),
+            Command::Connect { token } => self.connect_command(key, generation, id.clone(), &token),
+            Command::Ack { inbox } => self.ack(key, generation, id.as_ref(), inbox),
+            Command::Presence { channel } => {
+                self.channel_query(key, generation, id.clone(), &channel, QueryKind::Presence)
+            }
+            Command::PresenceStats { channel } => {
+                self.channel_query(key, generation, id.clone(), &channel, QueryKind::PresenceStats)
+            }
+            Command::History { channel, since, limit } => {
+                self.channel_query(key, generation, id.clone(), &channel, QueryKind::History { since, limit })
+            }
         };
         if let Err((code, message)) = outcome {
             self.reply_error(key, &CommandError::new(id, code, message));
         }
     }
 
-    fn check_channel(&self, channel: &str) -> Result<(), Refusal> {
+    /// Name rules and the namespace's access rules (anonymous, private grants).
+    fn channel_access(&self, key: ConnKey, channel: &str) -> Result<Arc<crate::config::Config>, Refusal> {
         client::check_channel_name(channel, self.config.limits.channel_name_bytes_max)
-            .map_err(|why| refuse(ErrorCode::BadChannel, why))
+            .map_err(|why| refuse(ErrorCode::BadChannel, why))?;
+        let config = Arc::clone(&self.config);
+        let namespace = config.namespace_for(channel);
+        let identity = self.conns.get(key as usize).and_then(|conn| conn.session.identity.as_deref());
+        match identity {
+            None if namespace.private || !namespace.anonymous => {
+                return Err(refuse(ErrorCode::Unauthorized, "this channel needs a user token"));
+            }
+            Some(identity) if namespace.private && !identity.grants(channel) => {
+                return Err(refuse(ErrorCode::Forbidden, "your token does not grant this private channel"));
+            }
+            _ => {}
+        }
+        Ok(config)
     }
 
     fn subscribe(
@@ -67,16 +93,9 @@ impl Shard {
         channel: &str,
         since: Option<Position>,
     ) -> Result<(), Refusal> {
-        self.check_channel(channel)?;
-        let config = Arc::clone(&self.config);
-        let namespace = config.namespace_for(channel);
-        let Some(conn) = self.conn_mut(key, generation) else {
-            return Ok(());
-        };
-        let user = conn.session.user.clone();
-        if user.is_none() && (!namespace.anonymous || namespace.private) {
-            return Err(refuse(ErrorCode::Unauthorized, "this channel needs a user token"));
-        }
+        let config = self.channel_access(key, channel)?;
+        let Some(conn) = self.conn_mut(key, generation) else { return Ok(()) };
+        let user = conn.session.user().cloned();
         if conn.session.subscriptions.len() >= config.limits.channels_per_connection_max {
             return Err(refuse(
                 ErrorCode::TooManyChannels,
@@ -84,8 +103,8 @@ impl Shard {
             ));
         }
         if let Some(local) = self.index.lookup(channel) {
-            let conn = self.conns.get(key as usize).map(|c| &c.session.subscriptions);
-            if conn.is_some_and(|subscriptions| subscriptions.iter().any(|s| s.channel == local)) {
+            let subscriptions = self.conns.get(key as usize).map(|c| &c.session.subscriptions);
+            if subscriptions.is_some_and(|subscriptions| subscriptions.iter().any(|s| s.channel == local)) {
                 return Err(refuse(ErrorCode::AlreadySubscribed, "already subscribed"));
             }
         }
@@ -94,9 +113,7 @@ impl Shard {
         }
         let (local, name) = self.index.intern(channel);
         self.index.add_pending(local);
-        let Some(conn) = self.conn_mut(key, generation) else {
-            return Ok(());
-        };
+        let Some(conn) = self.conn_mut(key, generation) else { return Ok(()) };
         conn.session.subscriptions.push(Subscription { channel: local, slot: PENDING_SLOT });
         conn.session.flags.insert(Flags::AWAITING_REPLY);
         let owner = owner_of(channel, self.shard_count());
@@ -118,12 +135,11 @@ impl Shard {
         id: Option<&RequestId>,
         channel: &str,
     ) -> Result<(), Refusal> {
-        self.check_channel(channel)?;
+        client::check_channel_name(channel, self.config.limits.channel_name_bytes_max)
+            .map_err(|why| refuse(ErrorCode::BadChannel, why))?;
         let not_subscribed = || refuse(ErrorCode::NotSubscribed, "not subscribed");
         let local = self.index.lookup(channel).ok_or_else(not_subscribed)?;
-        let Some(conn) = self.conn_mut(key, generation) else {
-            return Ok(());
-        };
+        let Some(conn) = self.conn_mut(key, generation) else { return Ok(()) };
         let position = conn
             .session
             .subscriptions
@@ -131,7 +147,7 @@ impl Shard {
             .position(|s| s.channel == local && s.slot != PENDING_SLOT)
             .ok_or_else(not_subscribed)?;
         let subscription = conn.session.subscriptions.swap_remove(position);
-        let user = conn.session.user.clone();
+        let user = conn.session.user().cloned();
         let name = self.index.get(local).map(|c| Arc::clone(&c.name));
         self.index.remove(local, subscription.slot);
         if let Some(name) = name {
@@ -151,10 +167,9 @@ impl Shard {
         event: &str,
         data: &[u8],
     ) -> Result<(), Refusal> {
-        self.check_channel(channel)?;
+        let config = self.channel_access(key, channel)?;
         client::check_event_name(event).map_err(|why| refuse(ErrorCode::BadRequest, why))?;
-        let config = Arc::clone(&self.config);
-        let namespace = config.namespace_for(channel);
+        let namespace: &Namespace = config.namespace_for(channel);
         if !namespace.client_publish {
             return Err(refuse(ErrorCode::Forbidden, "clients may not publish to this channel"));
         }
@@ -167,13 +182,8 @@ impl Shard {
         if self.bus.overloaded() {
             return Err(refuse(ErrorCode::Overloaded, "server busy, retry"));
         }
-        let Some(conn) = self.conn_mut(key, generation) else {
-            return Ok(());
-        };
-        let user = conn.session.user.clone();
-        if user.is_none() && !namespace.anonymous {
-            return Err(refuse(ErrorCode::Unauthorized, "this channel needs a user token"));
-        }
+        let Some(conn) = self.conn_mut(key, generation) else { return Ok(()) };
+        let user = conn.session.user().cloned();
         conn.session.flags.insert(Flags::AWAITING_REPLY);
         let request = PublishRequest {
             channel: channel.into(),
@@ -181,9 +191,101 @@ impl Shard {
             data: json::single_line(data).into_owned().into_boxed_slice(),
             user,
             reply: ReplyTo::Client { conn: ConnRef { shard: self.id as u16, key, generation }, request_id: id },
+            only_if_exists: false,
         };
         let owner = owner_of(channel, self.shard_count());
         self.bus.send(owner, Message::Publish(Box::new(request)));
+        Ok(())
+    }
+
+    /// `connect`: authenticate a connection opened without `?token=`, or
+    /// refresh the token of an authenticated one (same user).
+    fn connect_command(
+        &mut self,
+        key: ConnKey,
+        generation: u32,
+        id: Option<RequestId>,
+        token: &str,
+    ) -> Result<(), Refusal> {
+        let identity = match self.verifier.verify(token, unix_time_ms() / 1000) {
+            Ok(identity) => identity,
+            Err(error) => {
+                // Never treated as anonymous: the client hears why, then the
+                // connection closes with a 4000-range code.
+                let (code, close) = if error.is_expired() {
+                    (ErrorCode::TokenExpired, ws::close::TOKEN_EXPIRED)
+                } else {
+                    (ErrorCode::Unauthorized, ws::close::INVALID_TOKEN)
+                };
+                self.reply_error(key, &CommandError::new(id, code, error.message()));
+                self.close_websocket(key, close, error.message());
+                return Ok(());
+            }
+        };
+        let Some(conn) = self.conn_mut(key, generation) else { return Ok(()) };
+        match conn.session.identity.as_mut() {
+            Some(current) if current.user == identity.user => {
+                // A refreshed token: new expiry and grants, same registration.
+                **current = identity;
+                let user = Arc::clone(&current.user);
+                self.reply_ok(key, id.as_ref(), |object| {
+                    object.str("user", &user);
+                });
+                Ok(())
+            }
+            Some(_) => Err(refuse(ErrorCode::Forbidden, "this connection is authenticated as another user")),
+            None => {
+                self.register_user(key, generation, identity, id, true);
+                Ok(())
+            }
+        }
+    }
+
+    fn ack(&mut self, key: ConnKey, generation: u32, id: Option<&RequestId>, seq: u64) -> Result<(), Refusal> {
+        let Some(conn) = self.conn_mut(key, generation) else { return Ok(()) };
+        let Some(user) = conn.session.user().cloned() else {
+            return Err(refuse(ErrorCode::Unauthorized, "only authenticated connections have an inbox"));
+        };
+        let owner = owner_of(&user, self.shard_count());
+        self.bus.send(owner, Message::UserAck { user, seq });
+        self.reply_ok(key, id, |_| {});
+        Ok(())
+    }
+
+    /// Presence and history: access rules here, the answer from the owner.
+    fn channel_query(
+        &mut self,
+        key: ConnKey,
+        generation: u32,
+        id: Option<RequestId>,
+        channel: &str,
+        kind: QueryKind,
+    ) -> Result<(), Refusal> {
+        let config = self.channel_access(key, channel)?;
+        let namespace = config.namespace_for(channel);
+        let channel: Arc<str> = channel.into();
+        let items_max = config.limits.query_items_max;
+        let query = match kind {
+            QueryKind::Presence | QueryKind::PresenceStats if !namespace.presence => {
+                return Err(refuse(ErrorCode::Forbidden, "presence is not kept for this channel"));
+            }
+            QueryKind::Presence => Query::Presence { channel: Arc::clone(&channel), cursor: None, limit: items_max },
+            QueryKind::PresenceStats => Query::PresenceStats { channel: Arc::clone(&channel) },
+            QueryKind::History { .. } if !namespace.client_history => {
+                return Err(refuse(ErrorCode::Forbidden, "clients may not read this channel's history"));
+            }
+            QueryKind::History { since, limit } => Query::History {
+                channel: Arc::clone(&channel),
+                since_epoch: since.as_ref().map(|p| p.epoch.clone().into_boxed_str()),
+                since_offset: since.map_or(0, |p| p.offset),
+                limit: limit.map_or(CLIENT_HISTORY_DEFAULT_LIMIT, |l| l as usize).clamp(1, items_max),
+            },
+        };
+        let Some(conn) = self.conn_mut(key, generation) else { return Ok(()) };
+        conn.session.flags.insert(Flags::AWAITING_REPLY);
+        let reply = ReplyTo::Client { conn: ConnRef { shard: self.id as u16, key, generation }, request_id: id };
+        let owner = owner_of(&channel, self.shard_count());
+        self.bus.send(owner, Message::Query(Box::new(QueryRequest { reply, query })));
         Ok(())
     }
 
@@ -216,4 +318,11 @@ impl Shard {
     pub(crate) fn reply_error(&mut self, key: ConnKey, error: &CommandError) {
         self.send_json(key, |out| client::write_error(out, error));
     }
+}
+
+/// Which channel query a client asked for.
+enum QueryKind {
+    Presence,
+    PresenceStats,
+    History { since: Option<Position>, limit: Option<u32> },
 }

@@ -6,6 +6,7 @@ use crate::proto::http::{self, HeadLimits, Method, Request};
 use crate::proto::ws;
 use crate::session::Flags;
 use crate::shard::Shard;
+use crate::util::unix_time_ms;
 
 impl Shard {
     /// Handles one complete request from the start of `input`; returns the
@@ -84,6 +85,19 @@ impl Shard {
                 return false;
             }
         };
+        // A token in the URL is checked before the upgrade: a bad one gets
+        // 401 with the reason, never an anonymous connection.
+        let identity = match request.query_param("token") {
+            None => None,
+            Some(token) => match self.verifier.verify(&token, unix_time_ms() / 1000) {
+                Ok(identity) => Some(identity),
+                Err(error) => {
+                    self.respond(key, 401, &[], error.message(), false, true);
+                    self.end_after_flush(key);
+                    return false;
+                }
+            },
+        };
         let mut response = Vec::with_capacity(160);
         ws::write_upgrade_response(&mut response, &upgrade);
         self.send_owned(key, response);
@@ -97,6 +111,10 @@ impl Shard {
             conn.session.flags.insert(Flags::ECHO);
         }
         self.metrics.websockets += 1;
+        if let Some(identity) = identity {
+            let generation = conn.session.generation;
+            self.register_user(key, generation, identity, None, false);
+        }
         true
     }
 

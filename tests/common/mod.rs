@@ -94,6 +94,12 @@ impl Server {
         Server { child: Some(child), port, admin: AdminAddress::Unix(admin_path), dir, log }
     }
 
+    /// A handle to a server started elsewhere (for worker threads); it
+    /// neither stops the server nor removes its files when dropped.
+    pub fn view(port: u16, admin: AdminAddress) -> Server {
+        Server { child: None, port, admin, dir: PathBuf::new(), log: mpsc::channel().1 }
+    }
+
     pub fn url(&self, path: &str) -> String {
         format!("ws://127.0.0.1:{}{path}", self.port)
     }
@@ -173,7 +179,9 @@ impl Drop for Server {
             let _ = child.kill();
             let _ = child.wait();
         }
-        let _ = std::fs::remove_dir_all(&self.dir);
+        if !self.dir.as_os_str().is_empty() {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
     }
 }
 
