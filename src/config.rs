@@ -367,6 +367,13 @@ impl Config {
         check_range("timeouts.close_timeout_ms", t.close_timeout_ms, 10, 600_000)?;
         check_range("timeouts.shutdown_timeout_ms", t.shutdown_timeout_ms, 0, 600_000)?;
         check_range("timeouts.sweep_interval_ms", t.sweep_interval_ms, 10, 60_000)?;
+        check_range("timeouts.session_grace_ms", t.session_grace_ms, 100, 3_600_000)?;
+        check_range("timeouts.poll_timeout_ms", t.poll_timeout_ms, 100, 600_000)?;
+        check_range("timeouts.sse_heartbeat_ms", t.sse_heartbeat_ms, 100, 600_000)?;
+        check_range("limits.http_sessions_max", self.limits.http_sessions_max, 1, 100_000_000)?;
+        check_range("limits.session_buffer_messages_max", self.limits.session_buffer_messages_max, 1, 1 << 20)?;
+        check_range("limits.session_buffer_bytes_max", self.limits.session_buffer_bytes_max, 1024, 1 << 30)?;
+        check_range("limits.session_commands_pending_max", self.limits.session_commands_pending_max, 1, 65_536)?;
 
         check_range("inbox.messages_max", self.inbox.messages_max, 0, 100_000)?;
         check_range("inbox.ttl_ms", self.inbox.ttl_ms, 1000, 30 * 24 * 3600 * 1000)?;

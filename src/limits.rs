@@ -52,6 +52,15 @@ pub struct Limits {
     /// USER_STATUS, members in a presence page, channels in a listing,
     /// publications in a history page.
     pub query_items_max: usize,
+    /// HTTP sessions (SSE, long-poll) that may exist at once; more get 503.
+    pub http_sessions_max: usize,
+    /// Messages an HTTP session keeps for its client (unacknowledged, or
+    /// recent for an SSE replay).
+    pub session_buffer_messages_max: usize,
+    /// Bytes an HTTP session keeps for its client.
+    pub session_buffer_bytes_max: usize,
+    /// Commands from `POST /cmd` waiting to run in one session; more get 429.
+    pub session_commands_pending_max: usize,
     /// A history page stops once its publications reach this many bytes, or
     /// half of `outbox_bytes_max` if that is smaller (a `next` position says
     /// where to continue).
@@ -76,6 +85,10 @@ impl Default for Limits {
             admin_requests_in_flight_max: 1024,
             bus_queue_capacity: 8192,
             bus_overflow_max: 65_536,
+            http_sessions_max: 100_000,
+            session_buffer_messages_max: 1024,
+            session_buffer_bytes_max: 1024 * 1024,
+            session_commands_pending_max: 64,
             query_items_max: 1000,
             query_reply_bytes_max: 512 * 1024,
         }
@@ -102,6 +115,12 @@ pub struct Timeouts {
     pub shutdown_timeout_ms: u64,
     /// How often each shard sweeps its connections for the timeouts above.
     pub sweep_interval_ms: u64,
+    /// An HTTP session outlives its last stream or poll by this much.
+    pub session_grace_ms: u64,
+    /// A long-poll waits this long for messages before answering empty.
+    pub poll_timeout_ms: u64,
+    /// An SSE stream gets a comment line this often, so proxies keep it open.
+    pub sse_heartbeat_ms: u64,
 }
 
 impl Default for Timeouts {
@@ -113,6 +132,9 @@ impl Default for Timeouts {
             close_timeout_ms: 3_000,
             shutdown_timeout_ms: 5_000,
             sweep_interval_ms: 1_000,
+            session_grace_ms: 30_000,
+            poll_timeout_ms: 25_000,
+            sse_heartbeat_ms: 15_000,
         }
     }
 }

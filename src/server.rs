@@ -195,6 +195,7 @@ pub fn serve(config: Config) -> Result<(), ServeError> {
         connections: AtomicUsize::new(0),
         connections_max,
         shutting_down: AtomicBool::new(false),
+        http_sessions: AtomicUsize::new(0),
         wakeups: Arc::clone(&wakeups),
     });
 

@@ -162,7 +162,7 @@ fn subscribe_reports_position_and_resumes_from_history() {
     let mut resumer = server.client();
     let reply =
         resumer.request(json!({"op": "subscribe", "channel": "feed", "id": 1, "since": {"epoch": epoch, "offset": 2}}));
-    assert_eq!(reply, json!({"id": 1, "ok": true, "epoch": epoch, "offset": 5, "recovered": true}));
+    assert_eq!(reply, json!({"id": 1, "ok": true, "channel": "feed", "epoch": epoch, "offset": 5, "recovered": true}));
     for offset in 3..=5 {
         assert_eq!(resumer.recv()["offset"], offset);
     }

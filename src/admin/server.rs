@@ -117,9 +117,7 @@ impl PendingReply {
                 Err(_) => FrameWriter::error(opcode::PUBLISH, request_id, &shutting_down()),
             },
             PendingReply::Gather { op, request_id, receiver, finish } => {
-                let Ok(answers) = receiver.await else {
-                    return FrameWriter::error(op, request_id, &shutting_down());
-                };
+                let Ok(answers) = receiver.await else { return FrameWriter::error(op, request_id, &shutting_down()) };
                 if let Some(failure) = first_failure(&answers) {
                     return FrameWriter::error(op, request_id, &failure.admin_error());
                 }
@@ -251,11 +249,6 @@ fn error_reply(op: u8, request_id: u32, error: &AdminError) -> PendingReply {
     PendingReply::Ready(FrameWriter::error(op, request_id, error))
 }
 
-/// Compares secrets in time independent of where they differ.
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
-}
-
 fn bad_argument(message: impl Into<String>) -> AdminError {
     AdminError::new(ErrorCode::BadArgument, message)
 }
@@ -272,7 +265,7 @@ fn dispatch(shard: &Rc<RefCell<Shard>>, frame: RawFrame<'_>, authorized: &mut bo
             reader.finish()?;
             let shard = shard.borrow();
             return match &shard.config.admin_key {
-                Some(expected) if !constant_time_eq(expected.as_bytes(), key.as_bytes()) => {
+                Some(expected) if !crate::util::constant_time_eq(expected.as_bytes(), key.as_bytes()) => {
                     Err(AdminError::new(ErrorCode::Unauthorized, "wrong admin key"))
                 }
                 _ => {

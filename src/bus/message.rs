@@ -176,6 +176,8 @@ pub struct ShardStats {
     pub outbox_bytes: u64,
     /// Users this shard owns that have a connection.
     pub users_online: u64,
+    /// HTTP sessions (SSE, long-poll) on this shard.
+    pub http_sessions: u64,
     /// Users this shard owns and tracks (online, last seen, inbox).
     pub users_tracked: u64,
     /// Connections with a verified user token.
@@ -231,6 +233,13 @@ pub enum Message {
     // Queries from the admin socket and clients, and their answers.
     Query(Box<QueryRequest>),
     Answer(Box<QueryAnswer>),
+
+    /// A connection handed to the shard that owns the HTTP session it asks
+    /// for, with the bytes already read from it (its request onward).
+    Adopt {
+        fd: std::os::fd::OwnedFd,
+        input: Box<[u8]>,
+    },
 }
 
 #[cfg(test)]

@@ -195,9 +195,7 @@ impl Endpoint {
     pub fn flush(&mut self) -> bool {
         let mut remaining = false;
         for destination in 0..self.overflow.len() {
-            let Some(sender) = &self.senders[destination] else {
-                continue;
-            };
+            let Some(sender) = &self.senders[destination] else { continue };
             while let Some(message) = self.overflow[destination].pop_front() {
                 match sender.try_send(message) {
                     Ok(()) => self.unwoken[destination] = true,
@@ -236,9 +234,7 @@ impl Endpoint {
     pub fn receive(&mut self, budget: usize, mut handle: impl FnMut(&mut Self, Message)) -> usize {
         let mut handled = 0;
         while handled < budget {
-            let Some(message) = self.local.pop_front() else {
-                break;
-            };
+            let Some(message) = self.local.pop_front() else { break };
             handle(self, message);
             handled += 1;
         }

@@ -93,9 +93,7 @@ impl LocalIndex {
 
     /// Removes a subscriber by its slot. Returns false if it was not there.
     pub fn remove(&mut self, id: LocalChannelId, slot: u32) -> bool {
-        let Some(channel) = self.channels.get_mut(id as usize) else {
-            return false;
-        };
+        let Some(channel) = self.channels.get_mut(id as usize) else { return false };
         if channel.subscribers.try_remove(slot as usize).is_none() {
             return false;
         }

@@ -153,6 +153,8 @@ pub enum Command<'a> {
     Ack {
         inbox: u64,
     },
+    /// End the connection or HTTP session now.
+    Disconnect,
 }
 
 /// A command with its optional id.
@@ -223,6 +225,7 @@ pub fn decode(message: &[u8]) -> Result<Request<'_>, CommandError> {
             limit: wire.limit,
         },
         "ack" => Command::Ack { inbox: wire.inbox.ok_or_else(|| missing("inbox"))? },
+        "disconnect" => Command::Disconnect,
         other => {
             let mut shown: String = other.chars().take(32).collect();
             if shown.len() < other.len() {

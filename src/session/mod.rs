@@ -5,6 +5,7 @@
 //! the shard's coarse clock, so every timer decision is tested with a fake
 //! clock. A connection at rest holds only this struct: no buffers.
 
+pub mod http;
 pub mod outbox;
 
 use std::sync::Arc;
@@ -25,6 +26,12 @@ pub enum Phase {
     /// We sent a close frame (or an HTTP response that ends the connection)
     /// and wait for the peer's close or for the outbox to drain.
     Closing,
+    /// An HTTP session (SSE or long-poll): a slot without a socket.
+    Session,
+    /// The socket streaming an HTTP session's events (SSE response body).
+    Stream,
+    /// The socket of a long-poll request waiting for a session's messages.
+    Polling,
 }
 
 /// Bit flags kept in one byte.
@@ -99,6 +106,12 @@ pub enum TimerAction {
     Close(u16, &'static str),
     /// The HTTP head did not arrive in time: answer 408 and close.
     HttpTimeout,
+    /// Write an SSE comment so proxies keep the stream open.
+    Heartbeat,
+    /// A long-poll waited its full time: answer with no messages.
+    PollTimeout,
+    /// An HTTP session outlived its grace period without a client: end it.
+    SessionExpired,
     /// Give up on the connection without further ceremony.
     Drop,
 }
@@ -123,6 +136,8 @@ pub struct Session {
     pub subscriptions: Vec<Subscription>,
     pub rx: Option<Box<RxState>>,
     pub outbox: Option<Box<Outbox>>,
+    /// For HTTP sessions and the sockets serving them.
+    pub http: Option<Box<http::HttpRole>>,
 }
 
 impl Session {
@@ -138,6 +153,7 @@ impl Session {
             subscriptions: Vec::new(),
             rx: None,
             outbox: None,
+            http: None,
         }
     }
 
@@ -180,6 +196,18 @@ impl Session {
             Phase::Http => TimerAction::Nothing,
             Phase::Closing if now_ms >= self.deadline_ms => TimerAction::Drop,
             Phase::Closing => TimerAction::Nothing,
+            Phase::Session if now_ms >= self.deadline_ms => TimerAction::SessionExpired,
+            Phase::Session => TimerAction::Nothing,
+            Phase::Polling if now_ms >= self.deadline_ms => TimerAction::PollTimeout,
+            Phase::Polling => TimerAction::Nothing,
+            Phase::Stream => {
+                if now_ms.saturating_sub(self.last_ping_ms) >= timeouts.sse_heartbeat_ms {
+                    self.last_ping_ms = now_ms;
+                    TimerAction::Heartbeat
+                } else {
+                    TimerAction::Nothing
+                }
+            }
             Phase::WebSocket => {
                 let silent_ms = now_ms.saturating_sub(self.last_input_ms);
                 if silent_ms >= timeouts.ping_interval_ms + timeouts.pong_timeout_ms {
@@ -227,6 +255,9 @@ mod tests {
             close_timeout_ms: 2_000,
             shutdown_timeout_ms: 1_000,
             sweep_interval_ms: 100,
+            session_grace_ms: 3_000,
+            poll_timeout_ms: 1_000,
+            sse_heartbeat_ms: 500,
         }
     }
 
@@ -292,6 +323,24 @@ mod tests {
         session.start_closing(100, &t);
         assert_eq!(session.on_timer(2_099, &t), TimerAction::Nothing);
         assert_eq!(session.on_timer(2_100, &t), TimerAction::Drop);
+    }
+
+    #[test]
+    fn http_session_timers() {
+        let t = timeouts();
+        let mut session = Session::new(0, 0, &t);
+        session.phase = Phase::Session;
+        session.deadline_ms = 3_000;
+        assert_eq!(session.on_timer(2_999, &t), TimerAction::Nothing);
+        assert_eq!(session.on_timer(3_000, &t), TimerAction::SessionExpired);
+        session.phase = Phase::Polling;
+        session.deadline_ms = 1_000;
+        assert_eq!(session.on_timer(1_000, &t), TimerAction::PollTimeout);
+        session.phase = Phase::Stream;
+        session.last_ping_ms = 0;
+        assert_eq!(session.on_timer(499, &t), TimerAction::Nothing);
+        assert_eq!(session.on_timer(500, &t), TimerAction::Heartbeat);
+        assert_eq!(session.on_timer(700, &t), TimerAction::Nothing);
     }
 
     #[test]

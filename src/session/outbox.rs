@@ -108,9 +108,7 @@ impl Outbox {
         debug_assert!(written <= self.pending_bytes);
         self.pending_bytes -= written.min(self.pending_bytes);
         while written > 0 {
-            let Some(front) = self.items.front() else {
-                break;
-            };
+            let Some(front) = self.items.front() else { break };
             let remaining = front.bytes().len() - self.front_written;
             if written >= remaining {
                 written -= remaining;

@@ -12,6 +12,7 @@ use crate::hub::index::ConnKey;
 use crate::hub::owner_of;
 use crate::hub::publication::Publication;
 use crate::proto::ws;
+use crate::session::http::BufItem;
 use crate::session::outbox::{Admission, OutItem, Outbox, Wire};
 use crate::session::{Flags, Phase, Session, PENDING_SLOT};
 
@@ -24,9 +25,7 @@ const REFUSED_RESPONSE: &[u8] =
 
 impl Shard {
     pub(crate) fn accept_connections(&mut self) {
-        let Some(listener) = &self.listener else {
-            return;
-        };
+        let Some(listener) = &self.listener else { return };
         let listener_fd = listener.as_raw_fd();
         for _ in 0..ACCEPTS_PER_TICK {
             match sys::accept(listener_fd) {
@@ -57,18 +56,50 @@ impl Shard {
             return;
         }
         let _ = sys::set_nodelay(fd.as_raw_fd());
+        if self.register_socket(fd).is_some() {
+            self.metrics.connections_accepted += 1;
+        }
+    }
+
+    /// The next connection generation (never 0).
+    pub(crate) fn take_generation(&mut self) -> u32 {
         let generation = self.next_generation;
         self.next_generation = self.next_generation.wrapping_add(1).max(1);
+        generation
+    }
+
+    /// Adds a socket to the slab and the epoll set; it starts reading an
+    /// HTTP request. On failure the socket is closed and uncounted.
+    fn register_socket(&mut self, fd: OwnedFd) -> Option<(ConnKey, u32)> {
+        let generation = self.take_generation();
         let entry = self.conns.vacant_entry();
-        let token = (u64::from(generation) << 32) | entry.key() as u64;
+        let key = entry.key() as ConnKey;
+        let token = (u64::from(generation) << 32) | u64::from(key);
         let interest = sys::EPOLLIN | sys::EPOLLOUT | sys::EPOLLRDHUP | sys::EPOLLET;
         if let Err(error) = self.epoll.add(fd.as_raw_fd(), interest, token) {
             tracing::warn!(shard = self.id, %error, "epoll registration failed");
             self.shared.connections.fetch_sub(1, Ordering::Relaxed);
-            return;
+            return None;
         }
-        entry.insert(Conn { fd, session: Session::new(generation, self.now_ms, &self.config.timeouts) });
-        self.metrics.connections_accepted += 1;
+        entry.insert(Conn { fd: Some(fd), session: Session::new(generation, self.now_ms, &self.config.timeouts) });
+        Some((key, generation))
+    }
+
+    /// A connection handed over by another shard (it asked for an HTTP
+    /// session that lives here): register it and replay what was read.
+    pub(crate) fn adopt(&mut self, fd: OwnedFd, mut input: Box<[u8]>) {
+        if let Some((key, generation)) = self.register_socket(fd) {
+            self.feed(key, generation, &mut input);
+        }
+    }
+
+    /// Hands this connection and its unread `input` to `shard`: removed from
+    /// this shard without closing the socket.
+    pub(crate) fn migrate(&mut self, key: ConnKey, shard: usize, input: &[u8]) {
+        let Some(mut conn) = self.conns.try_remove(key as usize) else { return };
+        let Some(fd) = conn.fd.take() else { return };
+        let _ = self.epoll.delete(fd.as_raw_fd());
+        self.bus.send(shard, crate::bus::Message::Adopt { fd, input: input.into() });
     }
 
     /// The connection at `key`, if it is still the one with `generation`.
@@ -95,10 +126,12 @@ impl Shard {
     /// Another turn for a connection: input left over from a pause, or
     /// unread socket data.
     pub(crate) fn resume_connection(&mut self, key: ConnKey, generation: u32) {
-        let Some(conn) = self.conn_mut(key, generation) else {
-            return;
-        };
+        let Some(conn) = self.conn_mut(key, generation) else { return };
         if conn.session.flags.contains(Flags::AWAITING_REPLY) {
+            return;
+        }
+        if conn.session.phase == Phase::Session {
+            self.run_session_commands(key, generation);
             return;
         }
         let has_remainder = conn.session.rx.as_ref().is_some_and(|rx| !rx.remainder.is_empty());
@@ -121,10 +154,9 @@ impl Shard {
         let overloaded = self.bus.overloaded();
         loop {
             let now_ms = self.now_ms;
-            let Some(conn) = self.conn_mut(key, generation) else {
-                break;
-            };
-            if conn.session.flags.contains(Flags::AWAITING_REPLY) {
+            let Some(conn) = self.conn_mut(key, generation) else { break };
+            if conn.session.flags.contains(Flags::AWAITING_REPLY) || conn.session.phase == Phase::Polling {
+                // Paused until the reply (or the poll's answer) goes out.
                 conn.session.flags.insert(Flags::READ_PENDING);
                 break;
             }
@@ -133,7 +165,7 @@ impl Shard {
                 self.mark_ready(key, generation);
                 break;
             }
-            let fd = conn.fd.as_raw_fd();
+            let fd = conn.raw_fd();
             match sys::recv(fd, &mut scratch) {
                 Ok(0) => {
                     self.peer_closed(key);
@@ -173,9 +205,7 @@ impl Shard {
     /// Hands fresh bytes (after any kept remainder) to the protocol layer
     /// and keeps what it could not use yet.
     pub(crate) fn feed(&mut self, key: ConnKey, generation: u32, fresh: &mut [u8]) {
-        let Some(conn) = self.conn_mut(key, generation) else {
-            return;
-        };
+        let Some(conn) = self.conn_mut(key, generation) else { return };
         let mut remainder = conn.session.rx.as_mut().map(|rx| std::mem::take(&mut rx.remainder)).unwrap_or_default();
         if remainder.is_empty() {
             // The common case: parse straight from the scratch buffer.
@@ -189,9 +219,7 @@ impl Shard {
             remainder.drain(..consumed);
         }
         let cap = self.remainder_cap();
-        let Some(conn) = self.conn_mut(key, generation) else {
-            return;
-        };
+        let Some(conn) = self.conn_mut(key, generation) else { return };
         if remainder.len() > cap {
             // The codecs check declared lengths before asking for more, so
             // this means a bug, not a hostile peer; end only this connection.
@@ -227,9 +255,7 @@ impl Shard {
     fn consume(&mut self, key: ConnKey, generation: u32, input: &mut [u8]) -> usize {
         let mut position = 0;
         while position < input.len() {
-            let Some(conn) = self.conn_mut(key, generation) else {
-                return input.len();
-            };
+            let Some(conn) = self.conn_mut(key, generation) else { return input.len() };
             let flags = conn.session.flags;
             if flags.contains(Flags::CLOSE_AFTER_FLUSH) {
                 // Ending: nothing more is read from this connection.
@@ -241,6 +267,10 @@ impl Shard {
             let used = match conn.session.phase {
                 Phase::Http => self.http_input(key, generation, &mut input[position..]),
                 Phase::WebSocket | Phase::Closing => self.ws_input(key, generation, &mut input[position..]),
+                // A waiting poll: keep what follows for after its answer.
+                Phase::Polling => break,
+                // An SSE stream: the client has nothing more to say on it.
+                Phase::Stream | Phase::Session => return input.len(),
             };
             match used {
                 Some(used) if used > 0 => position += used,
@@ -255,9 +285,16 @@ impl Shard {
     pub(crate) fn send_item(&mut self, key: ConnKey, item: OutItem) {
         debug_assert!(!item.bytes().is_empty());
         let (bytes_max, messages_max) = (self.config.limits.outbox_bytes_max, self.config.limits.outbox_messages_max);
-        let Some(conn) = self.conns.get_mut(key as usize) else {
+        let Some(conn) = self.conns.get_mut(key as usize) else { return };
+        if conn.session.phase == Phase::Session {
+            // An HTTP session buffers and forwards to its stream or poll.
+            let item = match item {
+                OutItem::Publication(publication, _) => BufItem::Publication(publication),
+                OutItem::Owned(json) => BufItem::Json(json),
+            };
+            self.session_push(key, item);
             return;
-        };
+        }
         self.metrics.messages_out += 1;
         if let Some(outbox) = conn.session.outbox.as_mut() {
             if outbox.push(item, bytes_max, messages_max) == Admission::OverLimit {
@@ -265,7 +302,7 @@ impl Shard {
             }
             return;
         }
-        let fd = conn.fd.as_raw_fd();
+        let fd = conn.raw_fd();
         loop {
             let bytes = item.bytes();
             match sys::send(fd, bytes) {
@@ -295,10 +332,8 @@ impl Shard {
 
     /// Writes a publication to a subscriber.
     pub(crate) fn deliver(&mut self, key: ConnKey, publication: &Arc<Publication>) {
-        let Some(conn) = self.conns.get(key as usize) else {
-            return;
-        };
-        if conn.session.phase != Phase::WebSocket {
+        let Some(conn) = self.conns.get(key as usize) else { return };
+        if !matches!(conn.session.phase, Phase::WebSocket | Phase::Session) {
             return;
         }
         self.send_item(key, OutItem::Publication(Arc::clone(publication), Wire::WebSocket));
@@ -307,13 +342,10 @@ impl Shard {
     /// Writes queued bytes as the socket accepts them.
     pub(crate) fn flush(&mut self, key: ConnKey) {
         loop {
-            let Some(conn) = self.conns.get_mut(key as usize) else {
-                return;
-            };
-            let Some(outbox) = conn.session.outbox.as_mut() else {
-                return;
-            };
-            match sys::send_vectored(conn.fd.as_raw_fd(), outbox.chunks(sys::IOVECS_MAX)) {
+            let Some(conn) = self.conns.get_mut(key as usize) else { return };
+            let fd = conn.raw_fd();
+            let Some(outbox) = conn.session.outbox.as_mut() else { return };
+            match sys::send_vectored(fd, outbox.chunks(sys::IOVECS_MAX)) {
                 Ok(written) => {
                     outbox.advance(written);
                     if outbox.is_empty() {
@@ -338,9 +370,7 @@ impl Shard {
     pub(crate) fn end_after_flush(&mut self, key: ConnKey) {
         let now_ms = self.now_ms;
         let close_timeout_ms = self.config.timeouts.close_timeout_ms;
-        let Some(conn) = self.conns.get_mut(key as usize) else {
-            return;
-        };
+        let Some(conn) = self.conns.get_mut(key as usize) else { return };
         if conn.session.outbox.is_none() {
             self.close_conn(key);
             return;
@@ -356,9 +386,11 @@ impl Shard {
     /// Starts the WebSocket closing handshake: sends our close frame and
     /// waits (up to `close_timeout_ms`) for the peer's.
     pub(crate) fn close_websocket(&mut self, key: ConnKey, code: u16, reason: &str) {
-        let Some(conn) = self.conns.get_mut(key as usize) else {
+        let Some(conn) = self.conns.get_mut(key as usize) else { return };
+        if conn.session.phase == Phase::Session {
+            self.end_session(key, code, reason);
             return;
-        };
+        }
         if conn.session.flags.contains(Flags::CLOSE_SENT) {
             return;
         }
@@ -373,9 +405,7 @@ impl Shard {
         self.metrics.slow_consumers_closed += 1;
         let now_ms = self.now_ms;
         let close_timeout_ms = self.config.timeouts.close_timeout_ms;
-        let Some(conn) = self.conns.get_mut(key as usize) else {
-            return;
-        };
+        let Some(conn) = self.conns.get_mut(key as usize) else { return };
         tracing::debug!(shard = self.id, key, "closing slow consumer");
         let close_frame = OutItem::Owned(
             ws::encode_close(ws::close::SLOW_CONSUMER, "slow consumer: outbox limit reached").into_boxed_slice(),
@@ -392,25 +422,28 @@ impl Shard {
 
     /// On shutdown: WebSockets get 1001, anything else is closed.
     pub(crate) fn close_for_shutdown(&mut self, key: ConnKey, generation: u32) {
-        let Some(conn) = self.conn_mut(key, generation) else {
-            return;
-        };
+        let Some(conn) = self.conn_mut(key, generation) else { return };
         match conn.session.phase {
             Phase::WebSocket => {
                 self.close_websocket(key, ws::close::GOING_AWAY, "server shutting down");
                 self.end_after_flush(key);
             }
-            Phase::Closing => {}
+            // Ending the session ends its stream or poll too.
+            Phase::Session => self.end_session(key, ws::close::GOING_AWAY, "server shutting down"),
+            Phase::Closing | Phase::Stream | Phase::Polling => {}
             Phase::Http => self.close_conn(key),
         }
     }
 
     /// Removes the connection: unsubscribes it everywhere and closes the socket.
     pub(crate) fn close_conn(&mut self, key: ConnKey) {
-        let Some(conn) = self.conns.try_remove(key as usize) else {
-            return;
-        };
-        self.shared.connections.fetch_sub(1, Ordering::Relaxed);
+        let Some(mut conn) = self.conns.try_remove(key as usize) else { return };
+        if let Some(role) = conn.session.http.take() {
+            self.release_http_role(key, *role);
+        }
+        if conn.fd.is_some() {
+            self.shared.connections.fetch_sub(1, Ordering::Relaxed);
+        }
         if conn.session.flags.contains(Flags::UPGRADED) {
             self.metrics.websockets -= 1;
         }
@@ -427,9 +460,7 @@ impl Shard {
             if subscription.slot == PENDING_SLOT {
                 continue;
             }
-            let Some(channel) = self.index.get(subscription.channel) else {
-                continue;
-            };
+            let Some(channel) = self.index.get(subscription.channel) else { continue };
             let name = Arc::clone(&channel.name);
             self.index.remove(subscription.channel, subscription.slot);
             let owner = owner_of(&name, self.shard_count());
@@ -439,7 +470,10 @@ impl Shard {
         // little of it away first (bounded: a peer that keeps sending gets the reset).
         let mut sink = [0u8; 4096];
         for _ in 0..4 {
-            match sys::recv(conn.fd.as_raw_fd(), &mut sink) {
+            if conn.fd.is_none() {
+                break;
+            }
+            match sys::recv(conn.raw_fd(), &mut sink) {
                 Ok(count) if count > 0 => continue,
                 _ => break,
             }

@@ -70,14 +70,25 @@ pub struct Shared {
     pub connections_max: usize,
     /// Set once by the signal handler thread.
     pub shutting_down: AtomicBool,
+    /// HTTP sessions over all shards (bounded by `limits.http_sessions_max`).
+    pub http_sessions: AtomicUsize,
     /// One per shard, to wake them (shutdown, bus).
     pub wakeups: Arc<[Wakeup]>,
 }
 
-/// An accepted socket and its session.
+/// An accepted socket and its session, or (`fd` None) an HTTP session
+/// that outlives the requests serving it.
 pub struct Conn {
-    pub fd: OwnedFd,
+    pub fd: Option<OwnedFd>,
     pub session: Session,
+}
+
+impl Conn {
+    /// The socket, or -1 for a socket-less HTTP session (any syscall on it
+    /// fails with EBADF, so a bug cannot touch another descriptor).
+    pub fn raw_fd(&self) -> std::os::fd::RawFd {
+        self.fd.as_ref().map_or(-1, AsRawFd::as_raw_fd)
+    }
 }
 
 /// A publication being written to this shard's subscribers of a channel,
@@ -113,6 +124,8 @@ pub struct Metrics {
     pub websockets: u64,
     /// Connections with a verified token (gauge).
     pub authenticated: u64,
+    /// HTTP sessions on this shard (gauge).
+    pub http_sessions: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -332,9 +345,7 @@ impl Shard {
     fn continue_ready(&mut self) -> usize {
         let turns = self.ready.len();
         for _ in 0..turns {
-            let Some((key, generation)) = self.ready.pop_front() else {
-                break;
-            };
+            let Some((key, generation)) = self.ready.pop_front() else { break };
             self.resume_connection(key, generation);
         }
         turns
@@ -353,9 +364,7 @@ impl Shard {
         let mut budget = DELIVERIES_PER_TICK;
         let mut delivered = 0;
         while budget > 0 {
-            let Some(fanout) = self.fanouts.front_mut() else {
-                break;
-            };
+            let Some(fanout) = self.fanouts.front_mut() else { break };
             let mut keys = std::mem::take(&mut self.fanout_keys);
             keys.clear();
             let finished = match self.index.get(fanout.channel) {
@@ -417,6 +426,7 @@ impl Shard {
             users_online: self.users.online() as u64,
             users_tracked: self.users.tracked() as u64,
             authenticated: self.metrics.authenticated,
+            http_sessions: self.metrics.http_sessions,
         }
     }
 

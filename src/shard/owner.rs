@@ -40,6 +40,7 @@ impl Shard {
                 self.send_answer(request.reply, answer);
             }
             Message::Answer(answer) => self.receive_answer(*answer),
+            Message::Adopt { fd, input } => self.adopt(fd, input),
         }
     }
 
@@ -182,7 +183,7 @@ impl Shard {
                     _ => &[],
                 };
                 self.reply_ok(key, request_id.as_ref(), |object| {
-                    object.str("epoch", &ok.epoch).u64("offset", ok.offset);
+                    object.str("channel", &channel).str("epoch", &ok.epoch).u64("offset", ok.offset);
                     match &ok.recovery {
                         Some(Ok(_)) => {
                             object.bool("recovered", true);

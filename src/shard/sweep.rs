@@ -27,16 +27,14 @@ impl Shard {
         let unix_s = unix_time_ms() / 1000;
         for index in start..end {
             let now_ms = self.now_ms;
-            let Some(conn) = self.conns.get_mut(index) else {
-                continue;
-            };
+            let Some(conn) = self.conns.get_mut(index) else { continue };
             let key = index as ConnKey;
             let token_expired = conn
                 .session
                 .identity
                 .as_ref()
                 .is_some_and(|identity| identity.expires_at_s.is_some_and(|exp| unix_s >= exp));
-            if token_expired && conn.session.phase == Phase::WebSocket {
+            if token_expired && matches!(conn.session.phase, Phase::WebSocket | Phase::Session) {
                 self.close_websocket(key, ws::close::TOKEN_EXPIRED, "token expired");
                 continue;
             }
@@ -46,6 +44,9 @@ impl Shard {
                 TimerAction::Nothing => {}
                 TimerAction::SendPing => self.send_owned(key, PING_FRAME.to_vec()),
                 TimerAction::Close(code, reason) => self.close_websocket(key, code, reason),
+                TimerAction::Heartbeat => self.sse_heartbeat(key),
+                TimerAction::PollTimeout => self.poll_timeout(key),
+                TimerAction::SessionExpired => self.close_conn(key),
                 TimerAction::HttpTimeout if has_partial_input => {
                     self.respond(key, 408, &[], "request head not received in time", false, true);
                     self.end_after_flush(key);

@@ -15,7 +15,8 @@ use crate::hub::owner_of;
 use crate::proto::client::{self, Command, CommandError, ErrorCode, Position, RequestId};
 use crate::proto::json;
 use crate::proto::ws::{self, FrameBuilder, OPCODE_TEXT};
-use crate::session::{Flags, Subscription, PENDING_SLOT};
+use crate::session::http::BufItem;
+use crate::session::{Flags, Phase, Subscription, PENDING_SLOT};
 use crate::shard::Shard;
 use crate::util::unix_time_ms;
 
@@ -59,6 +60,11 @@ impl Shard {
             }
             Command::History { channel, since, limit } => {
                 self.channel_query(key, generation, id.clone(), &channel, QueryKind::History { since, limit })
+            }
+            Command::Disconnect => {
+                self.reply_ok(key, id.as_ref(), |_| {});
+                self.close_websocket(key, ws::close::NORMAL, "disconnected by the client");
+                Ok(())
             }
         };
         if let Err((code, message)) = outcome {
@@ -299,6 +305,12 @@ impl Shard {
 
     /// Sends one JSON text message to a client.
     pub(crate) fn send_json(&mut self, key: ConnKey, build: impl FnOnce(&mut Vec<u8>)) {
+        if self.conns.get(key as usize).is_some_and(|conn| conn.session.phase == Phase::Session) {
+            let mut json = Vec::with_capacity(96);
+            build(&mut json);
+            self.session_push(key, BufItem::Json(json.into_boxed_slice()));
+            return;
+        }
         let mut builder = FrameBuilder::with_capacity(96);
         build(builder.payload());
         let (mut buffer, start) = builder.finish(OPCODE_TEXT);

@@ -6,6 +6,7 @@ use crate::proto::http::{self, HeadLimits, Method, Request};
 use crate::proto::ws;
 use crate::session::Flags;
 use crate::shard::Shard;
+use crate::transport::sessions::Handled;
 use crate::util::unix_time_ms;
 
 impl Shard {
@@ -45,8 +46,9 @@ impl Shard {
             return None;
         }
         let keep_alive = request.keep_alive();
-        let upgraded = self.route(key, &request);
-        if !upgraded && self.alive(key, generation) {
+        let body = &input[request.head_len..total];
+        let held = self.route(key, generation, &request, body, &input[..]);
+        if !held && self.alive(key, generation) {
             if keep_alive {
                 let now_ms = self.now_ms;
                 let timeouts = self.config.timeouts.clone();
@@ -60,11 +62,16 @@ impl Shard {
         Some(total)
     }
 
-    /// Answers a request; returns true if the connection became a WebSocket.
-    fn route(&mut self, key: ConnKey, request: &Request<'_>) -> bool {
+    /// Answers a request; returns true if the connection is now held by
+    /// something else (a WebSocket, an SSE stream, a poll, another shard).
+    fn route(&mut self, key: ConnKey, generation: u32, request: &Request<'_>, body: &[u8], input: &[u8]) -> bool {
         let keep_alive = request.keep_alive();
         let with_body = request.method != Method::Head;
         match request.path {
+            "/sse" | "/poll" | "/cmd" => {
+                return matches!(self.session_request(key, generation, request, body, input), Handled::Held);
+            }
+            _ if self.static_file(key, request) => {}
             "/health" => match request.method {
                 Method::Get | Method::Head => self.respond(key, 200, &[], "ok", keep_alive, with_body),
                 _ => self.respond(key, 405, &[("Allow", "GET, HEAD")], "use GET", keep_alive, with_body),
@@ -102,9 +109,7 @@ impl Shard {
         ws::write_upgrade_response(&mut response, &upgrade);
         self.send_owned(key, response);
         let now_ms = self.now_ms;
-        let Some(conn) = self.conns.get_mut(key as usize) else {
-            return false;
-        };
+        let Some(conn) = self.conns.get_mut(key as usize) else { return false };
         conn.session.open(now_ms);
         conn.session.flags.insert(Flags::UPGRADED);
         if echo {

@@ -8,4 +8,5 @@
 
 mod commands;
 mod http;
+mod sessions;
 mod ws;

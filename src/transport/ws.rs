@@ -55,9 +55,7 @@ impl Shard {
             // Any input already counts as liveness.
             Event::Pong(_) => {}
             Event::Close(code, _reason) => {
-                let Some(conn) = self.conn_mut(key, generation) else {
-                    return;
-                };
+                let Some(conn) = self.conn_mut(key, generation) else { return };
                 if conn.session.flags.contains(Flags::CLOSE_SENT) {
                     // The peer answered our close: the handshake is complete.
                     self.end_after_flush(key);

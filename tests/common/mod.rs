@@ -308,3 +308,124 @@ pub fn read_close_code(stream: &mut TcpStream) -> Option<u16> {
     }
     None
 }
+
+/// A parsed HTTP response.
+#[derive(Debug)]
+pub struct HttpResponse {
+    pub status: u16,
+    pub head: String,
+    pub body: Vec<u8>,
+}
+
+impl HttpResponse {
+    pub fn json(&self) -> Value {
+        serde_json::from_slice(&self.body)
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(&self.body)))
+    }
+
+    pub fn header(&self, name: &str) -> Option<String> {
+        self.head.lines().find_map(|line| {
+            let (key, value) = line.split_once(':')?;
+            key.trim().eq_ignore_ascii_case(name).then(|| value.trim().to_string())
+        })
+    }
+}
+
+/// One request on a fresh connection (`Connection: close`), whole response.
+pub fn http(server: &Server, method: &str, target: &str, headers: &[(&str, &str)], body: &[u8]) -> HttpResponse {
+    let mut stream = server.tcp();
+    let mut request = format!("{method} {target} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n");
+    for (name, value) in headers {
+        request.push_str(&format!("{name}: {value}\r\n"));
+    }
+    if !body.is_empty() || method == "POST" {
+        request.push_str(&format!("Content-Length: {}\r\n", body.len()));
+    }
+    request.push_str("\r\n");
+    stream.write_all(request.as_bytes()).expect("write request");
+    stream.write_all(body).expect("write body");
+    let mut response = Vec::new();
+    stream.read_to_end(&mut response).expect("read response");
+    let split = response.windows(4).position(|w| w == b"\r\n\r\n").expect("response head");
+    let head = String::from_utf8_lossy(&response[..split]).into_owned();
+    let status = head.split_whitespace().nth(1).and_then(|s| s.parse().ok()).expect("status");
+    HttpResponse { status, head, body: response[split + 4..].to_vec() }
+}
+
+/// An open SSE stream: the response head, then events as they come.
+pub struct SseStream {
+    pub head: String,
+    reader: BufReader<TcpStream>,
+}
+
+/// One SSE event (comments are returned as events with `comment` set).
+#[derive(Debug, Clone, PartialEq)]
+pub struct SseEvent {
+    pub id: Option<String>,
+    pub data: Option<Value>,
+    pub comment: bool,
+}
+
+impl SseStream {
+    pub fn open(server: &Server, target: &str, headers: &[(&str, &str)]) -> SseStream {
+        let mut stream = server.tcp();
+        let mut request = format!("GET {target} HTTP/1.1\r\nHost: 127.0.0.1\r\nAccept: text/event-stream\r\n");
+        for (name, value) in headers {
+            request.push_str(&format!("{name}: {value}\r\n"));
+        }
+        request.push_str("\r\n");
+        stream.write_all(request.as_bytes()).expect("write request");
+        let mut reader = BufReader::new(stream);
+        let mut head = String::new();
+        loop {
+            let mut line = String::new();
+            if reader.read_line(&mut line).expect("read head") == 0 || line == "\r\n" {
+                break;
+            }
+            head.push_str(&line);
+        }
+        SseStream { head, reader }
+    }
+
+    /// The next event or comment; `None` at end of stream.
+    pub fn next(&mut self) -> Option<SseEvent> {
+        let mut event = SseEvent { id: None, data: None, comment: false };
+        let mut seen = false;
+        loop {
+            let mut line = String::new();
+            match self.reader.read_line(&mut line) {
+                Ok(0) | Err(_) => return seen.then_some(event),
+                Ok(_) => {}
+            }
+            let line = line.trim_end_matches('\n');
+            if line.is_empty() {
+                if seen {
+                    return Some(event);
+                }
+                continue;
+            }
+            seen = true;
+            if line.starts_with(':') {
+                event.comment = true;
+            } else if let Some(id) = line.strip_prefix("id: ") {
+                event.id = Some(id.to_string());
+            } else if let Some(data) = line.strip_prefix("data: ") {
+                event.data = Some(serde_json::from_str(data).expect("SSE data is JSON"));
+            }
+        }
+    }
+
+    /// The next event with data (skipping comments and `retry`).
+    pub fn next_data(&mut self) -> (String, Value) {
+        loop {
+            let event = self.next().expect("stream ended");
+            if let (Some(id), Some(data)) = (event.id, event.data) {
+                return (id, data);
+            }
+        }
+    }
+
+    pub fn set_timeout(&mut self, timeout: Duration) {
+        self.reader.get_ref().set_read_timeout(Some(timeout)).expect("timeout");
+    }
+}
