@@ -2,7 +2,8 @@
 # Installs what the test suite needs beyond the Rust toolchain, idempotently:
 #   - python3 with venv (Debian: python3, python3-venv) when missing
 #   - a project-local virtualenv (.venv) with the Autobahn runner (kosoku)
-#     and the `websockets` client used by cross-implementation tests.
+#     and the `websockets` client used by cross-implementation tests
+#   - php-cli (scripts/install-php.sh) for the PHP admin client's tests.
 # Nothing is installed system-wide except missing Debian packages.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -38,4 +39,6 @@ if ! .venv/bin/python -c "import kosoku, websockets" >/dev/null 2>&1; then
     # shellcheck disable=SC2086
     .venv/bin/python -m pip install --quiet --disable-pip-version-check ${want}
 fi
+# PHP for the PHP admin client's tests.
+scripts/install-php.sh
 echo "install-test-deps: ready (.venv: $(.venv/bin/python --version))"

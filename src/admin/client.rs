@@ -131,7 +131,10 @@ impl AdminClient {
         Ok(client)
     }
 
-    /// Sends one request without waiting; returns its request id.
+    /// Sends one request without waiting; returns its request id. Read the
+    /// replies (`receive`) while sending more: the server answers a batch
+    /// before it reads on, so an unbounded run of sends can deadlock once
+    /// both socket buffers fill.
     pub fn send(&mut self, op: u8, payload: impl FnOnce(&mut FrameWriter)) -> io::Result<u32> {
         let request_id = self.next_request_id;
         self.next_request_id = self.next_request_id.wrapping_add(1);

@@ -37,7 +37,9 @@ pub const STATUS_ERROR: u8 = 1;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[repr(u16)]
 pub enum ErrorCode {
-    /// The frame could not be delimited; the server closes the connection after this reply.
+    /// The frame could not be delimited (length below 6 or over
+    /// `admin_frame_bytes_max`); the reply has opcode 0 and request id 0, and
+    /// the server closes the connection after it.
     BadFrame = 1,
     UnknownOpcode = 2,
     /// A payload field is missing, malformed, or out of range.
@@ -46,7 +48,8 @@ pub enum ErrorCode {
     Unauthorized = 4,
     /// The server is shedding load (a bus queue is over its high-water mark); retry.
     Overloaded = 5,
-    /// Data over `publication_data_bytes_max`, or a frame over `admin_frame_bytes_max`.
+    /// Data over `publication_data_bytes_max` (a frame over
+    /// `admin_frame_bytes_max` cannot be delimited: that is `BadFrame`).
     TooLarge = 6,
     NotFound = 7,
     /// A user's inbox is full; the message was not stored for that user.

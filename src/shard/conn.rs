@@ -407,6 +407,12 @@ impl Shard {
         let close_timeout_ms = self.config.timeouts.close_timeout_ms;
         let Some(conn) = self.conns.get_mut(key as usize) else { return };
         tracing::debug!(shard = self.id, key, "closing slow consumer");
+        if !matches!(conn.session.phase, Phase::WebSocket | Phase::Closing) {
+            // An SSE stream or an HTTP response: no close frame to send; the
+            // session (if any) detaches and its client resumes from its buffer.
+            self.close_conn(key);
+            return;
+        }
         let close_frame = OutItem::Owned(
             ws::encode_close(ws::close::SLOW_CONSUMER, "slow consumer: outbox limit reached").into_boxed_slice(),
         );
