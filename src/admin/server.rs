@@ -175,6 +175,7 @@ pub fn stats_json(shards: &[ShardStats]) -> Vec<u8> {
         "websockets": sum(|s| s.websockets),
         "users": sum(|s| s.users_online),
         "authenticated": sum(|s| s.authenticated),
+        "http_sessions": sum(|s| s.http_sessions),
         "channels": sum(|s| s.channels_owned),
         "subscriptions": sum(|s| s.subscriptions),
         "messages_in": sum(|s| s.messages_in),

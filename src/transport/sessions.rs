@@ -600,6 +600,11 @@ impl Shard {
             },
         };
         let pending_max = self.config.limits.session_commands_pending_max;
+        if commands.len() > pending_max {
+            let message = format!("at most {pending_max} commands per request (limits.session_commands_pending_max)");
+            self.respond_json_error(key, 413, cors, "too_large", &message);
+            return Handled::Held;
+        }
         let Some(HttpRole::Session(hs)) = self.session_role(session) else { return Handled::Held };
         if hs.commands.len() + commands.len() > pending_max {
             self.respond_json_error(key, 429, cors, "overloaded", "too many commands waiting in this session");
