@@ -99,7 +99,9 @@ impl RequestId {
             return None;
         }
         let valid = match text.as_bytes().first() {
-            Some(b'"') => true,
+            // A real string: RawValue does not reject lone surrogate escapes,
+            // which strict JSON parsers refuse in the echoed reply.
+            Some(b'"') => serde_json::from_str::<String>(text).is_ok(),
             Some(b'0'..=b'9') => text.bytes().all(|b| b.is_ascii_digit()),
             _ => false,
         };
@@ -188,6 +190,10 @@ struct Wire<'a> {
 
 /// Decodes one command from a text message.
 pub fn decode(message: &[u8]) -> Result<Request<'_>, CommandError> {
+    // serde would also take a JSON array as the struct's fields in order.
+    if message.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
+        return Err(CommandError::new(None, ErrorCode::BadRequest, "a command must be a JSON object"));
+    }
     let wire: Wire<'_> = serde_json::from_slice(message).map_err(|error| {
         CommandError::new(
             recover_id(message),
@@ -368,6 +374,8 @@ mod tests {
     fn errors_carry_codes_and_ids() {
         assert_eq!(decode(b"not json").unwrap_err().code, ErrorCode::BadRequest);
         assert_eq!(decode(b"[1,2]").unwrap_err().code, ErrorCode::BadRequest);
+        assert_eq!(decode(br#"["subscribe",1,"news"]"#).unwrap_err().code, ErrorCode::BadRequest);
+        assert_eq!(decode(br#"{"op":"ping","id":"\ud800"}"#).unwrap_err().code, ErrorCode::BadRequest);
         assert_eq!(decode(br#"{"channel":"x"}"#).unwrap_err().code, ErrorCode::BadRequest);
         let error = decode(br#"{"op":"dance","id":9}"#).unwrap_err();
         assert_eq!(error.code, ErrorCode::UnknownOp);
