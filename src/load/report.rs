@@ -1,0 +1,602 @@
+//! The final report: worker results merged, server figures, JSON and text.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+
+use serde::Serialize;
+
+use super::hist::{Latency, Percentiles};
+use super::publish::PublishOutcome;
+use super::track::{merge_last_arrivals, DeliveryCounts};
+use super::wire::{Scenario, WorkerResult};
+
+/// Server readings taken by the parent.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ServerReadings {
+    pub pid: u32,
+    pub rss_before_bytes: u64,
+    pub rss_after_ramp_bytes: u64,
+    pub rss_peak_bytes: u64,
+    pub rss_end_bytes: u64,
+    pub slab_before_bytes: u64,
+    pub slab_after_ramp_bytes: u64,
+    pub cpu_before_ns: u64,
+    pub cpu_mark_ns: u64,
+    pub cpu_end_ns: u64,
+}
+
+/// Everything the report is built from.
+pub struct Inputs<'a> {
+    pub scenario: Scenario,
+    pub parameters: serde_json::Value,
+    pub requested: u64,
+    pub workers: &'a [WorkerResult],
+    pub publish: Option<&'a PublishOutcome>,
+    pub server: Option<ServerReadings>,
+    /// Both ends of each connection live on this host (loopback target).
+    pub sockets_per_connection: u64,
+    pub generator_cpu_ns: u64,
+    pub generator_cpu_run_ns: u64,
+    pub wall_ns: u64,
+    pub interrupted: bool,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Report {
+    pub scenario: &'static str,
+    pub parameters: serde_json::Value,
+    pub interrupted: bool,
+    pub wall_s: f64,
+    pub connections: Connections,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub publications: Option<Publications>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub deliveries: Option<Deliveries>,
+    pub latency_ms: LatencyReport,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub churn: Option<Churn>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub server: Option<Server>,
+    pub generator: Generator,
+    pub warnings: Vec<String>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Connections {
+    pub requested: u64,
+    /// Connections that became established (upgraded, and subscribed for Kometa).
+    pub established: u64,
+    pub open_at_end: u64,
+    pub handshakes: u64,
+    pub connect_errors_total: u64,
+    pub connect_errors: BTreeMap<String, u64>,
+    pub disconnects_total: u64,
+    pub disconnects: BTreeMap<String, u64>,
+    pub ramp_s: f64,
+    pub connects_per_s: f64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Publications {
+    pub sent: u64,
+    pub accepted: u64,
+    pub rejected: BTreeMap<String, u64>,
+    pub error: Option<String>,
+    pub duration_s: f64,
+    pub rate_per_s: f64,
+    pub late: u64,
+    pub first_offset: Option<u64>,
+    pub final_offset: Option<u64>,
+    pub subscribers_reported_min: Option<u64>,
+    pub subscribers_reported_max: Option<u64>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Deliveries {
+    pub total: u64,
+    pub unique: u64,
+    pub expected: u64,
+    pub missing: u64,
+    pub duplicates: u64,
+    pub gaps: u64,
+    pub not_recovered: u64,
+    pub unexpected: u64,
+    pub before_reply: u64,
+    pub other_messages: u64,
+    /// From the first to the last delivery of the run.
+    pub per_s: f64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct LatencyReport {
+    pub handshake: Percentiles,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub delivery: Option<Percentiles>,
+    /// Per publication: until the last subscriber had it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub last_subscriber: Option<Percentiles>,
+    /// Per publication: until the server acknowledged it to the publisher.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub publish_ack: Option<Percentiles>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Churn {
+    pub churned: u64,
+    pub recovered: u64,
+    pub not_recovered: u64,
+    pub replayed: u64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Server {
+    pub pid: u32,
+    pub rss_before_bytes: u64,
+    pub rss_after_ramp_bytes: u64,
+    pub rss_peak_bytes: u64,
+    pub rss_end_bytes: u64,
+    /// (RSS after the ramp − before) / established connections.
+    pub rss_growth_per_connection_bytes: f64,
+    pub slab_before_bytes: u64,
+    pub slab_after_ramp_bytes: u64,
+    pub slab_growth_per_connection_bytes: f64,
+    /// Sockets each connection adds to this kernel: 2 when the server is on loopback (both ends).
+    pub sockets_per_connection: u64,
+    pub slab_per_socket_bytes: f64,
+    pub cpu_s: f64,
+    /// From the start of the measured phase to the end.
+    pub cpu_run_s: f64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Generator {
+    pub workers: usize,
+    pub cpu_s: f64,
+    pub cpu_run_s: f64,
+    /// The busiest worker's CPU time over its wall time in the measured phase (1.0 = one core saturated).
+    pub busiest_worker_cpu_share: f64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub server_to_generator_cpu_run_ratio: Option<f64>,
+}
+
+fn seconds(ns: u64) -> f64 {
+    ns as f64 / 1e9
+}
+
+fn per_second(count: u64, ns: u64) -> f64 {
+    if ns == 0 {
+        0.0
+    } else {
+        count as f64 / seconds(ns)
+    }
+}
+
+fn add_maps(into: &mut BTreeMap<String, u64>, from: &BTreeMap<String, u64>) {
+    for (kind, count) in from {
+        *into.entry(kind.clone()).or_default() += count;
+    }
+}
+
+/// Span from the earliest start to the latest end over (start, end) pairs; 0-starts are ignored.
+fn span_ns(pairs: impl Iterator<Item = (u64, u64)>) -> u64 {
+    let (mut first, mut last) = (u64::MAX, 0);
+    for (start, end) in pairs.filter(|(start, _)| *start > 0) {
+        first = first.min(start);
+        last = last.max(end);
+    }
+    last.saturating_sub(first)
+}
+
+pub fn build(inputs: &Inputs<'_>) -> Report {
+    let workers = inputs.workers;
+    let mut connect_errors = BTreeMap::new();
+    let mut disconnects = BTreeMap::new();
+    let mut deliveries = DeliveryCounts::default();
+    let (mut expected, mut missing) = (0, 0);
+    let mut latency = Latency::new();
+    let mut handshake = Latency::new();
+    let sum = |f: fn(&WorkerResult) -> u64| workers.iter().map(f).sum::<u64>();
+    for worker in workers {
+        add_maps(&mut connect_errors, &worker.connect_errors);
+        add_maps(&mut disconnects, &worker.disconnects);
+        deliveries.add(&worker.deliveries);
+        expected = worker.expected.saturating_add(expected);
+        missing = worker.missing.saturating_add(missing);
+        latency.merge_pairs(&worker.latency_us);
+        handshake.merge_pairs(&worker.handshake_us);
+    }
+    let established = sum(|w| w.progress.established);
+    let handshakes = sum(|w| w.progress.handshakes);
+    let connect = inputs.scenario == Scenario::Connect;
+    let ramp_ns = if connect {
+        span_ns(workers.iter().map(|w| (w.connect_started_ns, w.connect_done_ns)))
+    } else {
+        span_ns(workers.iter().map(|w| (w.ramp_started_ns, w.ramp_done_ns)))
+    };
+    let connections = Connections {
+        requested: inputs.requested,
+        established,
+        open_at_end: sum(|w| w.progress.open),
+        handshakes,
+        connect_errors_total: connect_errors.values().sum(),
+        connect_errors,
+        disconnects_total: disconnects.values().sum(),
+        disconnects,
+        ramp_s: seconds(ramp_ns),
+        connects_per_s: per_second(if connect { handshakes } else { established }, ramp_ns),
+    };
+
+    let publishing = matches!(inputs.scenario, Scenario::Broadcast | Scenario::Churn);
+    let publications = inputs.publish.filter(|_| publishing).map(|p| {
+        let duration_ns = p.ended_ns.saturating_sub(p.started_ns);
+        Publications {
+            sent: p.sent,
+            accepted: p.accepted,
+            rejected: p.rejected.clone(),
+            error: p.error.clone(),
+            duration_s: seconds(duration_ns),
+            rate_per_s: per_second(p.sent, duration_ns),
+            late: p.late,
+            first_offset: p.first_offset,
+            final_offset: p.final_offset,
+            subscribers_reported_min: p.subscribers_min,
+            subscribers_reported_max: p.subscribers_max,
+        }
+    });
+    let delivery_span_ns = span_ns(workers.iter().map(|w| (w.first_delivery_ns, w.last_delivery_ns)));
+    let deliveries = (publishing || deliveries.total > 0).then(|| Deliveries {
+        total: deliveries.total,
+        unique: deliveries.unique,
+        expected,
+        missing,
+        duplicates: deliveries.duplicates,
+        gaps: deliveries.gaps,
+        not_recovered: sum(|w| w.not_recovered),
+        unexpected: sum(|w| w.unexpected),
+        before_reply: sum(|w| w.before_reply),
+        other_messages: sum(|w| w.other_messages),
+        per_s: per_second(deliveries.total, delivery_span_ns),
+    });
+
+    let last_subscriber = (inputs.scenario == Scenario::Broadcast).then(|| {
+        let parts: Vec<Vec<(u64, u64)>> = workers.iter().map(|w| w.last_arrival_ns.clone()).collect();
+        let mut last = Latency::new();
+        for latency_ns in merge_last_arrivals(&parts).into_values() {
+            last.record_ns(latency_ns);
+        }
+        last.summary()
+    });
+    let latency_ms = LatencyReport {
+        handshake: handshake.summary(),
+        delivery: deliveries.as_ref().map(|_| latency.summary()),
+        last_subscriber,
+        publish_ack: inputs.publish.filter(|_| publishing).map(|p| p.ack),
+    };
+
+    let churn = (inputs.scenario == Scenario::Churn).then(|| Churn {
+        churned: sum(|w| w.churned),
+        recovered: sum(|w| w.recovered),
+        not_recovered: sum(|w| w.not_recovered),
+        replayed: sum(|w| w.replayed),
+    });
+
+    let per_connection = |delta: f64| if established == 0 { 0.0 } else { delta / established as f64 };
+    let server = inputs.server.map(|s| {
+        let slab_growth = per_connection(s.slab_after_ramp_bytes as f64 - s.slab_before_bytes as f64);
+        Server {
+            pid: s.pid,
+            rss_before_bytes: s.rss_before_bytes,
+            rss_after_ramp_bytes: s.rss_after_ramp_bytes,
+            rss_peak_bytes: s.rss_peak_bytes.max(s.rss_after_ramp_bytes).max(s.rss_end_bytes),
+            rss_end_bytes: s.rss_end_bytes,
+            rss_growth_per_connection_bytes: per_connection(s.rss_after_ramp_bytes as f64 - s.rss_before_bytes as f64),
+            slab_before_bytes: s.slab_before_bytes,
+            slab_after_ramp_bytes: s.slab_after_ramp_bytes,
+            slab_growth_per_connection_bytes: slab_growth,
+            sockets_per_connection: inputs.sockets_per_connection,
+            slab_per_socket_bytes: slab_growth / inputs.sockets_per_connection.max(1) as f64,
+            cpu_s: seconds(s.cpu_end_ns.saturating_sub(s.cpu_before_ns)),
+            cpu_run_s: seconds(s.cpu_end_ns.saturating_sub(s.cpu_mark_ns)),
+        }
+    });
+
+    let busiest = workers
+        .iter()
+        .filter(|w| w.wall_run_ns > 0)
+        .map(|w| w.cpu_run_ns as f64 / w.wall_run_ns as f64)
+        .fold(0.0, f64::max);
+    let generator = Generator {
+        workers: workers.len(),
+        cpu_s: seconds(inputs.generator_cpu_ns),
+        cpu_run_s: seconds(inputs.generator_cpu_run_ns),
+        busiest_worker_cpu_share: busiest,
+        server_to_generator_cpu_run_ratio: server
+            .as_ref()
+            .filter(|_| inputs.generator_cpu_run_ns > 0)
+            .map(|s| s.cpu_run_s / seconds(inputs.generator_cpu_run_ns)),
+    };
+
+    let mut warnings = Vec::new();
+    if inputs.interrupted {
+        warnings.push("interrupted: figures cover only part of the run".into());
+    }
+    if !connect && established < inputs.requested {
+        warnings.push(format!("only {established} of {} connections were established", inputs.requested));
+    }
+    if let Some(d) = &deliveries {
+        if d.missing > 0 || d.duplicates > 0 || d.gaps > 0 {
+            warnings.push(format!(
+                "delivery was not exactly once: {} missing, {} duplicates, {} gaps",
+                d.missing, d.duplicates, d.gaps
+            ));
+        }
+    }
+    if let Some(p) = &publications {
+        if let Some(error) = &p.error {
+            warnings.push(format!("publishing stopped early: {error}"));
+        }
+        if !p.rejected.is_empty() {
+            warnings.push(format!("the server rejected publications: {:?}", p.rejected));
+        }
+    }
+    if busiest > 0.9 {
+        warnings.push(format!(
+            "a worker was busy {:.0}% of the measured phase: the generator may be the bottleneck (add --workers, or cores)",
+            busiest * 100.0
+        ));
+    }
+
+    Report {
+        scenario: inputs.scenario.name(),
+        parameters: inputs.parameters.clone(),
+        interrupted: inputs.interrupted,
+        wall_s: seconds(inputs.wall_ns),
+        connections,
+        publications,
+        deliveries,
+        latency_ms,
+        churn,
+        server,
+        generator,
+        warnings,
+    }
+}
+
+fn bytes(value: u64) -> String {
+    const MIB: f64 = 1024.0 * 1024.0;
+    format!("{:.1} MiB", value as f64 / MIB)
+}
+
+fn percentiles(p: &Percentiles) -> String {
+    format!(
+        "p50 {:.3}  p90 {:.3}  p99 {:.3}  p99.9 {:.3}  max {:.3} ms  ({} values)",
+        p.p50_ms, p.p90_ms, p.p99_ms, p.p999_ms, p.max_ms, p.count
+    )
+}
+
+fn kinds(map: &BTreeMap<String, u64>) -> String {
+    if map.is_empty() {
+        return "none".into();
+    }
+    map.iter().map(|(kind, count)| format!("{kind} {count}")).collect::<Vec<_>>().join(", ")
+}
+
+impl Report {
+    /// The human-readable form printed to stdout.
+    pub fn text(&self) -> String {
+        let mut out = String::new();
+        let c = &self.connections;
+        let _ = writeln!(out, "scenario       {}  ({:.1} s wall)", self.scenario, self.wall_s);
+        let _ = writeln!(
+            out,
+            "connections    {}/{} established in {:.2} s ({:.0}/s), {} open at the end",
+            c.established, c.requested, c.ramp_s, c.connects_per_s, c.open_at_end
+        );
+        if self.scenario == "connect" {
+            let _ = writeln!(out, "handshakes     {} ({:.0}/s)", c.handshakes, c.connects_per_s);
+        }
+        let _ = writeln!(out, "connect errors {}", kinds(&c.connect_errors));
+        let _ = writeln!(out, "disconnects    {}", kinds(&c.disconnects));
+        let _ = writeln!(out, "handshake      {}", percentiles(&self.latency_ms.handshake));
+        if let Some(p) = &self.publications {
+            let _ = writeln!(
+                out,
+                "publications   {} sent, {} accepted in {:.2} s ({:.1}/s), {} late; rejected: {}",
+                p.sent,
+                p.accepted,
+                p.duration_s,
+                p.rate_per_s,
+                p.late,
+                kinds(&p.rejected)
+            );
+        }
+        if let Some(d) = &self.deliveries {
+            let _ = writeln!(
+                out,
+                "deliveries     {}/{} expected ({:.0}/s); missing {}, duplicates {}, gaps {}, unexpected {}",
+                d.total, d.expected, d.per_s, d.missing, d.duplicates, d.gaps, d.unexpected
+            );
+        }
+        if let Some(p) = &self.latency_ms.delivery {
+            let _ = writeln!(out, "latency        {}", percentiles(p));
+        }
+        if let Some(p) = &self.latency_ms.last_subscriber {
+            let _ = writeln!(out, "last subscriber {}", percentiles(p));
+        }
+        if let Some(p) = &self.latency_ms.publish_ack {
+            let _ = writeln!(out, "publish ack    {}", percentiles(p));
+        }
+        if let Some(churn) = &self.churn {
+            let _ = writeln!(
+                out,
+                "churn          {} disconnects, {} resumed, {} not recovered, {} replayed",
+                churn.churned, churn.recovered, churn.not_recovered, churn.replayed
+            );
+        }
+        if let Some(s) = self.server.as_ref().filter(|_| self.scenario != "connect") {
+            let _ = writeln!(
+                out,
+                "server RSS     {} before, {} after the ramp, {} peak, {} at the end: {:.0} B per connection",
+                bytes(s.rss_before_bytes),
+                bytes(s.rss_after_ramp_bytes),
+                bytes(s.rss_peak_bytes),
+                bytes(s.rss_end_bytes),
+                s.rss_growth_per_connection_bytes
+            );
+            let _ = writeln!(
+                out,
+                "kernel slab    +{:.0} B per connection ({} sockets each): {:.0} B per socket",
+                s.slab_growth_per_connection_bytes, s.sockets_per_connection, s.slab_per_socket_bytes
+            );
+        }
+        if let Some(s) = &self.server {
+            let _ = writeln!(out, "server CPU     {:.2} s total, {:.2} s in the measured phase", s.cpu_s, s.cpu_run_s);
+        }
+        let g = &self.generator;
+        let _ = writeln!(
+            out,
+            "generator CPU  {:.2} s total, {:.2} s in the measured phase, {} workers, busiest {:.0}%{}",
+            g.cpu_s,
+            g.cpu_run_s,
+            g.workers,
+            g.busiest_worker_cpu_share * 100.0,
+            g.server_to_generator_cpu_run_ratio.map(|r| format!(", server/generator {r:.2}")).unwrap_or_default()
+        );
+        for warning in &self.warnings {
+            let _ = writeln!(out, "warning: {warning}");
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::load::wire::Progress;
+
+    fn worker(id: u32, established: u64, deliveries: u64, latency_us: u64) -> WorkerResult {
+        let mut w = WorkerResult {
+            worker: id,
+            progress: Progress { established, open: established, handshakes: established, ..Default::default() },
+            ramp_started_ns: 1_000_000_000,
+            ramp_done_ns: 2_000_000_000 + u64::from(id) * 1_000_000_000,
+            deliveries: DeliveryCounts { total: deliveries, unique: deliveries, duplicates: 0, gaps: 0 },
+            expected: deliveries,
+            first_delivery_ns: 10_000_000_000,
+            last_delivery_ns: 12_000_000_000,
+            latency_us: vec![(latency_us, deliveries)],
+            handshake_us: vec![(100, established)],
+            last_arrival_ns: vec![(0, latency_us * 1000), (1, latency_us * 2000)],
+            cpu_run_ns: 500_000_000,
+            wall_run_ns: 1_000_000_000,
+            ..Default::default()
+        };
+        w.connect_errors.insert("refused".into(), u64::from(id));
+        w
+    }
+
+    fn inputs<'a>(workers: &'a [WorkerResult], publish: &'a PublishOutcome) -> Inputs<'a> {
+        Inputs {
+            scenario: Scenario::Broadcast,
+            parameters: serde_json::json!({"connections": 300}),
+            requested: 300,
+            workers,
+            publish: Some(publish),
+            server: Some(ServerReadings {
+                pid: 7,
+                rss_before_bytes: 10_000_000,
+                rss_after_ramp_bytes: 10_300_000,
+                slab_before_bytes: 1_000_000,
+                slab_after_ramp_bytes: 3_400_000,
+                cpu_before_ns: 0,
+                cpu_mark_ns: 1_000_000_000,
+                cpu_end_ns: 3_000_000_000,
+                ..Default::default()
+            }),
+            sockets_per_connection: 2,
+            generator_cpu_ns: 2_000_000_000,
+            generator_cpu_run_ns: 1_000_000_000,
+            wall_ns: 5_000_000_000,
+            interrupted: false,
+        }
+    }
+
+    #[test]
+    fn merges_workers_into_one_consistent_report() {
+        let workers = vec![worker(0, 150, 1500, 200), worker(1, 150, 1500, 800)];
+        let publish = PublishOutcome {
+            sent: 10,
+            accepted: 10,
+            started_ns: 10_000_000_000,
+            ended_ns: 11_000_000_000,
+            ..Default::default()
+        };
+        let report = build(&inputs(&workers, &publish));
+        assert_eq!(report.connections.established, 300);
+        assert_eq!(report.connections.connect_errors.get("refused"), Some(&1));
+        // Ramp from the first start (1 s) to the last done (3 s).
+        assert!((report.connections.ramp_s - 2.0).abs() < 1e-9);
+        assert!((report.connections.connects_per_s - 150.0).abs() < 1e-9);
+        let deliveries = report.deliveries.as_ref().unwrap();
+        assert_eq!((deliveries.total, deliveries.expected, deliveries.missing), (3000, 3000, 0));
+        assert!((deliveries.per_s - 1500.0).abs() < 1e-9);
+        let delivery = report.latency_ms.delivery.unwrap();
+        assert!((delivery.p50_ms - 0.2).abs() < 0.001 && (delivery.max_ms - 0.8).abs() < 0.001, "{delivery:?}");
+        // The last subscriber of each publication is on worker 1.
+        let last = report.latency_ms.last_subscriber.unwrap();
+        assert_eq!(last.count, 2);
+        assert!((last.max_ms - 1.6).abs() < 0.01, "{last:?}");
+        let server = report.server.as_ref().unwrap();
+        assert!((server.rss_growth_per_connection_bytes - 1000.0).abs() < 1e-9);
+        assert!((server.slab_per_socket_bytes - 4000.0).abs() < 1e-9);
+        assert!((server.cpu_run_s - 2.0).abs() < 1e-9);
+        assert_eq!(report.generator.server_to_generator_cpu_run_ratio, Some(2.0));
+        assert!(report.warnings.is_empty(), "{:?}", report.warnings);
+        assert!(report.text().contains("300/300 established"));
+    }
+
+    #[test]
+    fn json_has_the_documented_fields() {
+        let workers = vec![worker(0, 100, 100, 50)];
+        let publish = PublishOutcome::default();
+        let mut inputs = inputs(&workers, &publish);
+        inputs.requested = 200;
+        let json = serde_json::to_value(build(&inputs)).unwrap();
+        for pointer in [
+            "/scenario",
+            "/parameters/connections",
+            "/connections/established",
+            "/connections/connect_errors",
+            "/connections/connects_per_s",
+            "/publications/sent",
+            "/deliveries/missing",
+            "/deliveries/duplicates",
+            "/deliveries/per_s",
+            "/latency_ms/delivery/p50_ms",
+            "/latency_ms/delivery/p999_ms",
+            "/latency_ms/last_subscriber/max_ms",
+            "/server/rss_growth_per_connection_bytes",
+            "/server/slab_per_socket_bytes",
+            "/server/cpu_run_s",
+            "/generator/cpu_run_s",
+        ] {
+            assert!(json.pointer(pointer).is_some(), "{pointer} missing in {json}");
+        }
+        assert_eq!(json["scenario"], "broadcast");
+        assert!(json["warnings"][0].as_str().unwrap().contains("only 100 of 200"));
+    }
+
+    #[test]
+    fn idle_reports_have_no_publication_sections() {
+        let workers = vec![worker(0, 10, 0, 0)];
+        let publish = PublishOutcome::default();
+        let mut inputs = inputs(&workers, &publish);
+        inputs.scenario = Scenario::Idle;
+        inputs.requested = 10;
+        let report = build(&inputs);
+        assert!(report.publications.is_none() && report.deliveries.is_none());
+        assert!(report.latency_ms.last_subscriber.is_none());
+        let json = serde_json::to_value(&report).unwrap();
+        assert!(json.get("publications").is_none());
+    }
+}

@@ -1,0 +1,187 @@
+//! Thin wrappers over the Linux calls the load generator needs: the
+//! system-wide monotonic clock, epoll, signals and CPU accounting.
+
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::sync::atomic::{AtomicBool, Ordering};
+
+/// CLOCK_MONOTONIC in nanoseconds. It is one clock for every process on the
+/// host, so a worker can subtract a timestamp the parent wrote into a
+/// publication.
+pub fn monotonic_ns() -> u64 {
+    let mut time = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: `time` is a valid timespec to write into; CLOCK_MONOTONIC always exists on Linux.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut time) };
+    (time.tv_sec as u64).saturating_mul(1_000_000_000).saturating_add(time.tv_nsec as u64)
+}
+
+/// An epoll instance. Readiness is level-triggered: a connection that still
+/// has bytes after one read is reported again, which keeps the loop fair.
+pub struct Epoll {
+    fd: OwnedFd,
+}
+
+impl Epoll {
+    pub fn new() -> io::Result<Epoll> {
+        // SAFETY: plain syscall; the returned descriptor is checked before use.
+        let fd = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: `fd` is a fresh descriptor that nothing else owns.
+        Ok(Epoll { fd: unsafe { OwnedFd::from_raw_fd(fd) } })
+    }
+
+    fn control(&self, op: libc::c_int, fd: RawFd, events: u32, token: u64) -> io::Result<()> {
+        let mut event = libc::epoll_event { events, u64: token };
+        // SAFETY: both descriptors are open; `event` lives across the call.
+        if unsafe { libc::epoll_ctl(self.fd.as_raw_fd(), op, fd, &mut event) } < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
+    pub fn add(&self, fd: RawFd, events: u32, token: u64) -> io::Result<()> {
+        self.control(libc::EPOLL_CTL_ADD, fd, events, token)
+    }
+
+    pub fn modify(&self, fd: RawFd, events: u32, token: u64) -> io::Result<()> {
+        self.control(libc::EPOLL_CTL_MOD, fd, events, token)
+    }
+
+    /// Waits up to `timeout_ms` and fills `events`; an interrupted wait
+    /// returns no events (the caller checks its stop flag).
+    pub fn wait(&self, events: &mut [libc::epoll_event], timeout_ms: i32) -> io::Result<usize> {
+        let capacity = events.len().min(i32::MAX as usize) as i32;
+        // SAFETY: `events` has room for `capacity` entries.
+        let count = unsafe { libc::epoll_wait(self.fd.as_raw_fd(), events.as_mut_ptr(), capacity, timeout_ms) };
+        if count < 0 {
+            let error = io::Error::last_os_error();
+            if error.kind() == io::ErrorKind::Interrupted {
+                return Ok(0);
+            }
+            return Err(error);
+        }
+        Ok(count as usize)
+    }
+}
+
+pub const READABLE: u32 = libc::EPOLLIN as u32;
+pub const WRITABLE: u32 = libc::EPOLLOUT as u32;
+pub const HANGUP: u32 = (libc::EPOLLHUP | libc::EPOLLERR) as u32;
+
+static STOP: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_stop_signal(_signal: libc::c_int) {
+    STOP.store(true, Ordering::Relaxed);
+}
+
+/// Makes SIGINT and SIGTERM set a flag instead of killing the process, so a
+/// run that is interrupted still closes its sockets and prints a report.
+pub fn install_stop_handler() {
+    for signal in [libc::SIGINT, libc::SIGTERM] {
+        // SAFETY: the handler only stores to an atomic, which is async-signal-safe;
+        // `action` is fully initialised before sigaction reads it.
+        unsafe {
+            let mut action: libc::sigaction = std::mem::zeroed();
+            action.sa_sigaction = on_stop_signal as *const () as usize;
+            libc::sigemptyset(&mut action.sa_mask);
+            libc::sigaction(signal, &action, std::ptr::null_mut());
+        }
+    }
+}
+
+pub fn stop_requested() -> bool {
+    STOP.load(Ordering::Relaxed)
+}
+
+/// CPU time (user + system) of this process, or of its waited-for children.
+pub fn cpu_ns(children: bool) -> u64 {
+    let who = if children { libc::RUSAGE_CHILDREN } else { libc::RUSAGE_SELF };
+    // SAFETY: `usage` is a valid rusage to write into.
+    let usage = unsafe {
+        let mut usage: libc::rusage = std::mem::zeroed();
+        libc::getrusage(who, &mut usage);
+        usage
+    };
+    let micros = |t: libc::timeval| (t.tv_sec as u64).saturating_mul(1_000_000).saturating_add(t.tv_usec as u64);
+    micros(usage.ru_utime).saturating_add(micros(usage.ru_stime)).saturating_mul(1000)
+}
+
+pub fn stderr_is_tty() -> bool {
+    // SAFETY: isatty only inspects the descriptor.
+    unsafe { libc::isatty(libc::STDERR_FILENO) == 1 }
+}
+
+pub fn set_nonblocking(fd: RawFd) -> io::Result<()> {
+    // SAFETY: fcntl on a descriptor this process owns.
+    unsafe {
+        let flags = libc::fcntl(fd, libc::F_GETFL);
+        if flags < 0 || libc::fcntl(fd, libc::F_SETFL, flags | libc::O_NONBLOCK) < 0 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
+/// The soft limit on open files of this process.
+pub fn open_files_limit() -> u64 {
+    let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: `limit` is a valid rlimit to write into.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } < 0 {
+        return 1024;
+    }
+    limit.rlim_cur
+}
+
+/// Raises the soft open-files limit to the hard limit (workers need all of it).
+pub fn raise_open_files_limit() {
+    let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: valid rlimit pointers; failure leaves the limit as it was.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 && limit.rlim_cur < limit.rlim_max {
+            limit.rlim_cur = limit.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
+        }
+    }
+}
+
+/// A short stable name for a socket error, used as a key in the report.
+pub fn error_kind(error: &io::Error) -> String {
+    match error.raw_os_error() {
+        Some(libc::ECONNREFUSED) => "refused".into(),
+        Some(libc::ECONNRESET) | Some(libc::EPIPE) => "reset".into(),
+        Some(libc::ETIMEDOUT) => "timeout".into(),
+        Some(libc::EADDRNOTAVAIL) => "no_source_port".into(),
+        Some(libc::EADDRINUSE) => "address_in_use".into(),
+        Some(libc::EMFILE) | Some(libc::ENFILE) => "fd_limit".into(),
+        Some(libc::ENETUNREACH) | Some(libc::EHOSTUNREACH) => "unreachable".into(),
+        Some(libc::ENOBUFS) | Some(libc::ENOMEM) => "no_memory".into(),
+        Some(errno) => format!("errno_{errno}"),
+        None => match error.kind() {
+            io::ErrorKind::UnexpectedEof => "eof".into(),
+            io::ErrorKind::TimedOut | io::ErrorKind::WouldBlock => "timeout".into(),
+            _ => "io".into(),
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn monotonic_clock_advances() {
+        let a = monotonic_ns();
+        std::thread::sleep(std::time::Duration::from_millis(2));
+        let b = monotonic_ns();
+        assert!(b >= a + 1_000_000, "{a} {b}");
+    }
+
+    #[test]
+    fn error_kinds_are_stable_names() {
+        assert_eq!(error_kind(&io::Error::from_raw_os_error(libc::ECONNREFUSED)), "refused");
+        assert_eq!(error_kind(&io::Error::from_raw_os_error(libc::EADDRNOTAVAIL)), "no_source_port");
+        assert_eq!(error_kind(&io::Error::from_raw_os_error(libc::EPROTO)), format!("errno_{}", libc::EPROTO));
+    }
+}
