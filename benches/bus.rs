@@ -72,7 +72,7 @@ fn crossbeam_throughput(messages: u64) -> Duration {
     let publication = publication();
     let started = Instant::now();
     for n in 0..messages {
-        producer.send(1, Message::Deliver(Arc::clone(&publication)));
+        producer.send(1, Message::Deliver { publication: Arc::clone(&publication), accounted: 0 });
         if n % 256 == 0 {
             // A shard flushes (and wakes its peers) once per tick.
             producer.flush();
@@ -108,7 +108,7 @@ fn crossbeam_round_trips(round_trips: u64) -> Duration {
     let publication = publication();
     let started = Instant::now();
     for _ in 0..round_trips {
-        origin.send(1, Message::Deliver(Arc::clone(&publication)));
+        origin.send(1, Message::Deliver { publication: Arc::clone(&publication), accounted: 0 });
         origin.flush();
         loop {
             if origin.receive(1, |_, message| drop(message)) == 1 {
@@ -142,7 +142,10 @@ fn glommio_throughput(messages: u64) -> Duration {
             let publication = publication();
             let started = Instant::now();
             for _ in 0..messages {
-                senders.send_to(peer, Message::Deliver(Arc::clone(&publication))).await.unwrap();
+                senders
+                    .send_to(peer, Message::Deliver { publication: Arc::clone(&publication), accounted: 0 })
+                    .await
+                    .unwrap();
             }
             started
         })
@@ -171,7 +174,10 @@ fn glommio_round_trips(round_trips: u64) -> Duration {
             let publication = publication();
             let started = Instant::now();
             for _ in 0..round_trips {
-                senders.send_to(peer, Message::Deliver(Arc::clone(&publication))).await.unwrap();
+                senders
+                    .send_to(peer, Message::Deliver { publication: Arc::clone(&publication), accounted: 0 })
+                    .await
+                    .unwrap();
                 receivers.recv_from(peer).await.unwrap();
             }
             started.elapsed()

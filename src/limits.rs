@@ -52,6 +52,10 @@ pub struct Limits {
     /// USER_STATUS, members in a presence page, channels in a listing,
     /// publications in a history page.
     pub query_items_max: usize,
+    /// Deliveries (publication × subscriber) a shard may have queued before
+    /// owners refuse new publications to its channels with `overloaded`.
+    /// Bounds fan-out latency under overload instead of letting it grow.
+    pub fanout_backlog_max: usize,
     /// HTTP sessions (SSE, long-poll) that may exist at once; more get 503.
     pub http_sessions_max: usize,
     /// Messages an HTTP session keeps for its client (unacknowledged, or
@@ -85,6 +89,7 @@ impl Default for Limits {
             admin_requests_in_flight_max: 1024,
             bus_queue_capacity: 8192,
             bus_overflow_max: 65_536,
+            fanout_backlog_max: 262_144,
             http_sessions_max: 100_000,
             session_buffer_messages_max: 1024,
             session_buffer_bytes_max: 1024 * 1024,

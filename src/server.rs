@@ -82,6 +82,9 @@ fn public_listener(address: SocketAddr, backlog: u32) -> Result<Socket, ServeErr
     socket.set_reuse_address(true).map_err(|e| fail(format!("SO_REUSEADDR: {e}")))?;
     socket.set_reuse_port(true).map_err(|e| fail(format!("SO_REUSEPORT: {e}")))?;
     socket.set_nonblocking(true).map_err(|e| fail(format!("O_NONBLOCK: {e}")))?;
+    // Pushes are small and latency matters more than packet count; accepted
+    // sockets inherit this, which saves a setsockopt per connection.
+    socket.set_tcp_nodelay(true).map_err(|e| fail(format!("TCP_NODELAY: {e}")))?;
     socket.bind(&address.into()).map_err(|e| fail(format!("cannot listen on {address}: {e}")))?;
     let backlog = i32::try_from(backlog).unwrap_or(i32::MAX);
     socket.listen(backlog).map_err(|e| fail(format!("cannot listen on {address}: {e}")))?;
@@ -194,6 +197,7 @@ pub fn serve(config: Config) -> Result<(), ServeError> {
     let shared = Arc::new(Shared {
         connections: AtomicUsize::new(0),
         connections_max,
+        fanout_backlog: (0..shard_count).map(|_| AtomicUsize::new(0)).collect(),
         shutting_down: AtomicBool::new(false),
         http_sessions: AtomicUsize::new(0),
         wakeups: Arc::clone(&wakeups),
@@ -221,10 +225,11 @@ pub fn serve(config: Config) -> Result<(), ServeError> {
                     Ok(shard) => Rc::new(RefCell::new(shard)),
                     Err(error) => return Err(format!("shard {id}: {error}")),
                 };
+                let alone = admin.is_none();
                 if let Some((fd, transport)) = admin {
                     glommio::spawn_local(crate::admin::server::serve(Rc::clone(&shard), fd, transport)).detach();
                 }
-                shard::run(shard).await;
+                shard::run(shard, alone).await;
                 Ok(())
             })
             .map_err(|e| fail(format!("cannot start shard {id}: {e}")))?;

@@ -183,6 +183,7 @@ pub fn stats_json(shards: &[ShardStats]) -> Vec<u8> {
         "publications": sum(|s| s.publications),
         "slow_consumers_closed": sum(|s| s.slow_consumers_closed),
         "protocol_errors": sum(|s| s.protocol_errors),
+        "publications_refused": sum(|s| s.publications_refused),
         "shards": shards,
     });
     serde_json::to_vec(&document).unwrap_or_default()

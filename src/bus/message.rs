@@ -178,6 +178,10 @@ pub struct ShardStats {
     pub users_online: u64,
     /// HTTP sessions (SSE, long-poll) on this shard.
     pub http_sessions: u64,
+    /// Publications refused (`overloaded`) because a shard's fan-out backlog was too long.
+    pub publications_refused: u64,
+    /// Deliveries queued on this shard, not yet written.
+    pub fanout_backlog: u64,
     /// Users this shard owns and tracks (online, last seen, inbox).
     pub users_tracked: u64,
     /// Connections with a verified user token.
@@ -198,8 +202,13 @@ pub enum Message {
     Publish(Box<PublishRequest>),
 
     // From an owner.
-    /// Fan-out of one publication to a shard with subscribers.
-    Deliver(Arc<Publication>),
+    /// Fan-out of one publication to a shard with subscribers. `accounted`
+    /// is what the owner added to that shard's `fanout_backlog` for it (its
+    /// subscriber count there); the shard takes it off once written.
+    Deliver {
+        publication: Arc<Publication>,
+        accounted: u32,
+    },
     SubscribeReply(Box<SubscribeReply>),
     PublishReply(Box<(ReplyTo, Result<PublishOk, PublishRefusal>)>),
 

@@ -56,6 +56,9 @@ impl Flags {
     pub const UPGRADED: Flags = Flags(1 << 5);
     /// The user's owner counts this connection (so closing it must tell the owner).
     pub const REGISTERED: Flags = Flags(1 << 6);
+    /// The last read found the socket empty: closing it needs no draining
+    /// read first (unread input would make close() send a reset).
+    pub const INPUT_DRAINED: Flags = Flags(1 << 7);
 
     pub fn contains(self, other: Flags) -> bool {
         self.0 & other.0 == other.0

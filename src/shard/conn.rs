@@ -55,7 +55,7 @@ impl Shard {
             let _ = sys::send(fd.as_raw_fd(), REFUSED_RESPONSE);
             return;
         }
-        let _ = sys::set_nodelay(fd.as_raw_fd());
+        // TCP_NODELAY comes from the listener (Linux copies it to accepted sockets).
         if self.register_socket(fd).is_some() {
             self.metrics.connections_accepted += 1;
         }
@@ -119,6 +119,9 @@ impl Shard {
             self.flush(key);
         }
         if events & (sys::EPOLLIN | sys::EPOLLRDHUP | sys::EPOLLHUP | sys::EPOLLERR) != 0 {
+            if let Some(conn) = self.conn_mut(key, generation) {
+                conn.session.flags.remove(Flags::INPUT_DRAINED);
+            }
             self.read_connection(key, generation);
         }
     }
@@ -174,6 +177,11 @@ impl Shard {
                 Ok(count) => {
                     conn.session.on_input(now_ms);
                     conn.session.flags.remove(Flags::READ_PENDING);
+                    if count < scratch.len() {
+                        conn.session.flags.insert(Flags::INPUT_DRAINED);
+                    } else {
+                        conn.session.flags.remove(Flags::INPUT_DRAINED);
+                    }
                     budget = budget.saturating_sub(count);
                     self.feed(key, generation, &mut scratch[..count]);
                     // A short read drained the socket; edge-triggered epoll
@@ -184,6 +192,7 @@ impl Shard {
                 }
                 Err(error) if error.kind() == io::ErrorKind::WouldBlock => {
                     conn.session.flags.remove(Flags::READ_PENDING);
+                    conn.session.flags.insert(Flags::INPUT_DRAINED);
                     break;
                 }
                 Err(error) if error.kind() == io::ErrorKind::Interrupted => continue,
@@ -339,6 +348,56 @@ impl Shard {
         self.send_item(key, OutItem::Publication(Arc::clone(publication), Wire::WebSocket));
     }
 
+    /// Writes several publications to one subscriber: one gathered write
+    /// when the socket is idle, the rest queued if it pushes back.
+    pub(crate) fn deliver_all(&mut self, key: ConnKey, publications: &[Arc<Publication>]) {
+        let Some(conn) = self.conns.get(key as usize) else { return };
+        let direct = conn.session.phase == Phase::WebSocket && conn.session.outbox.is_none();
+        if publications.len() < 2 || !direct {
+            for publication in publications {
+                self.deliver(key, publication);
+            }
+            return;
+        }
+        let fd = conn.raw_fd();
+        self.metrics.messages_out += publications.len() as u64;
+        let written = loop {
+            match sys::send_vectored(fd, publications.iter().map(|p| p.ws_frame())) {
+                Ok(written) => break written,
+                Err(error) if error.kind() == io::ErrorKind::Interrupted => continue,
+                Err(error) if error.kind() == io::ErrorKind::WouldBlock => break 0,
+                Err(_) => {
+                    self.close_conn(key);
+                    return;
+                }
+            }
+        };
+        // Whatever the socket did not take waits in the outbox, in order.
+        let mut remaining = written;
+        let mut rest = publications.iter();
+        for publication in rest.by_ref() {
+            let len = publication.ws_frame().len();
+            if remaining >= len {
+                remaining -= len;
+                continue;
+            }
+            let item = OutItem::Publication(Arc::clone(publication), Wire::WebSocket);
+            if let Some(conn) = self.conns.get_mut(key as usize) {
+                conn.session.outbox = Some(Box::new(Outbox::with_partial(item, remaining)));
+            }
+            break;
+        }
+        let (bytes_max, messages_max) = (self.config.limits.outbox_bytes_max, self.config.limits.outbox_messages_max);
+        for publication in rest {
+            let Some(outbox) = self.conns.get_mut(key as usize).and_then(|c| c.session.outbox.as_mut()) else { return };
+            let item = OutItem::Publication(Arc::clone(publication), Wire::WebSocket);
+            if outbox.push(item, bytes_max, messages_max) == Admission::OverLimit {
+                self.slow_consumer(key);
+                return;
+            }
+        }
+    }
+
     /// Writes queued bytes as the socket accepts them.
     pub(crate) fn flush(&mut self, key: ConnKey) {
         loop {
@@ -476,7 +535,7 @@ impl Shard {
         // little of it away first (bounded: a peer that keeps sending gets the reset).
         let mut sink = [0u8; 4096];
         for _ in 0..4 {
-            if conn.fd.is_none() {
+            if conn.fd.is_none() || conn.session.flags.contains(Flags::INPUT_DRAINED) {
                 break;
             }
             match sys::recv(conn.raw_fd(), &mut sink) {

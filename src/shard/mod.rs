@@ -49,8 +49,15 @@ const BUS_MESSAGES_PER_TICK: usize = 4096;
 const ACCEPTS_PER_TICK: usize = 256;
 /// Bytes read from one connection per tick before others get a turn.
 const READ_BYTES_PER_CONN_PER_TICK: usize = 256 * 1024;
-/// Deliveries (one publication to one connection) per tick.
-const DELIVERIES_PER_TICK: usize = 16_384;
+/// A tick spends at most this long writing fan-outs, so accepts, pings,
+/// admin replies and other channels get their turn between chunks of a big
+/// broadcast (invariant 6).
+const FANOUT_TICK_BUDGET: Duration = Duration::from_micros(1000);
+/// Subscribers visited between checks of the tick budget.
+const FANOUT_CHUNK: usize = 256;
+/// Consecutive publications of one channel written together (one gathered
+/// write per subscriber) when they queue up behind a slow fan-out.
+const FANOUT_BATCH_MAX: usize = 16;
 /// Connections examined by the timer sweep per tick.
 const SWEEP_CONNS_PER_TICK: usize = 8192;
 /// Descriptors kept free for listeners, the admin socket and epoll wake-ups.
@@ -60,6 +67,14 @@ pub const DESCRIPTORS_RESERVED: usize = 64;
 /// use keys no slab ever reaches.
 const TOKEN_LISTENER: u64 = u32::MAX as u64;
 const TOKEN_WAKEUP: u64 = (u32::MAX - 1) as u64;
+const TOKEN_TICKER: u64 = (u32::MAX - 2) as u64;
+/// Ticks (each one non-blocking epoll_wait) a shard keeps polling after its
+/// last work before it sleeps: a burst (handshakes, publications) rarely
+/// pauses for longer, and a sleep and wake-up costs several syscalls and a
+/// context switch.
+const SPIN_TICKS_BEFORE_PARK: u32 = 64;
+/// A busy shard lets its executor run other tasks at least this often.
+const YIELD_INTERVAL: Duration = Duration::from_micros(250);
 
 /// State shared by all shards of the process.
 pub struct Shared {
@@ -68,6 +83,9 @@ pub struct Shared {
     /// Effective cap: `connections_max`, lowered to what the open-files
     /// limit allows.
     pub connections_max: usize,
+    /// Per shard: deliveries queued but not yet written. Owners refuse new
+    /// publications for a shard past `limits.fanout_backlog_max`.
+    pub fanout_backlog: Box<[AtomicUsize]>,
     /// Set once by the signal handler thread.
     pub shutting_down: AtomicBool,
     /// HTTP sessions over all shards (bounded by `limits.http_sessions_max`).
@@ -91,13 +109,15 @@ impl Conn {
     }
 }
 
-/// A publication being written to this shard's subscribers of a channel,
-/// possibly over several ticks.
+/// Publications of one channel (in offset order) being written to this
+/// shard's subscribers of it, possibly over several ticks.
 struct PendingFanout {
-    publication: Arc<Publication>,
+    publications: Vec<Arc<Publication>>,
     channel: LocalChannelId,
     /// Next subscriber slot to visit.
     next_slot: usize,
+    /// What the owners added to this shard's fan-out backlog for these.
+    accounted: usize,
 }
 
 /// What an admin request is waiting for.
@@ -126,6 +146,9 @@ pub struct Metrics {
     pub authenticated: u64,
     /// HTTP sessions on this shard (gauge).
     pub http_sessions: u64,
+    /// Publications this shard refused as owner because a subscriber shard
+    /// was past `limits.fanout_backlog_max`.
+    pub publications_refused: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -143,8 +166,8 @@ enum Lifecycle {
 pub enum TickOutcome {
     /// More work is ready; yield and tick again.
     Busy,
-    /// Nothing to do until an event or the next sweep, `Duration` from now.
-    Idle(Duration),
+    /// Nothing to do until an event (the sweep ticker is one).
+    Idle,
     /// Shutdown is complete.
     Finished,
 }
@@ -157,6 +180,9 @@ pub struct Shard {
     /// Milliseconds since the shard started; updated once per tick.
     pub now_ms: u64,
     pub(crate) epoll: Epoll,
+    /// Wakes the shard every `sweep_interval_ms` for the timer sweep (and to
+    /// resume accepting after an EMFILE pause).
+    pub(crate) ticker: sys::Ticker,
     pub(crate) listener: Option<OwnedFd>,
     /// After EMFILE, accepting resumes at this time.
     pub(crate) accept_paused_until_ms: Option<u64>,
@@ -176,8 +202,6 @@ pub struct Shard {
     pub(crate) ready: VecDeque<(ConnKey, u32)>,
     /// Reads land here; only a partial frame is copied to the connection.
     pub(crate) scratch: Vec<u8>,
-    /// Reusable list of connection keys for fan-out chunks.
-    pub(crate) fanout_keys: Vec<ConnKey>,
     pub(crate) events: Vec<libc::epoll_event>,
     pub metrics: Metrics,
     pub admin_waits: HashMap<u64, AdminWait>,
@@ -199,6 +223,8 @@ impl Shard {
         let epoll = Epoll::new()?;
         epoll.add(listener.as_raw_fd(), sys::EPOLLIN, TOKEN_LISTENER)?;
         epoll.add(bus.wakeup().fd(), sys::EPOLLIN, TOKEN_WAKEUP)?;
+        let ticker = sys::Ticker::new(Duration::from_millis(config.timeouts.sweep_interval_ms))?;
+        epoll.add(ticker.fd(), sys::EPOLLIN, TOKEN_TICKER)?;
         let shard_count = bus.shard_count();
         let channels_max = config.limits.channels_max.div_ceil(shard_count);
         let user_limits = UserLimits {
@@ -215,6 +241,7 @@ impl Shard {
             started: Instant::now(),
             now_ms: 0,
             epoll,
+            ticker,
             listener: Some(listener),
             accept_paused_until_ms: None,
             conns: Slab::new(),
@@ -228,7 +255,6 @@ impl Shard {
             fanouts: VecDeque::new(),
             ready: VecDeque::new(),
             scratch: vec![0; SCRATCH_BYTES],
-            fanout_keys: Vec::with_capacity(1024),
             events: vec![libc::epoll_event { events: 0, u64: 0 }; EVENTS_PER_TICK],
             metrics: Metrics::default(),
             admin_waits: HashMap::new(),
@@ -273,6 +299,8 @@ impl Shard {
         let mut work = self.receive_bus();
         work += self.poll_events();
         work += self.continue_ready();
+        // Other shards start their part of a fan-out now, not after ours.
+        self.bus.flush();
         work += self.run_fanouts();
         if self.now_ms >= self.next_sweep_ms {
             work += self.sweep();
@@ -293,11 +321,7 @@ impl Shard {
         if work > 0 || pending {
             return TickOutcome::Busy;
         }
-        let mut wait_ms = self.next_sweep_ms.saturating_sub(self.now_ms).max(1);
-        if let Some(until) = self.accept_paused_until_ms {
-            wait_ms = wait_ms.min(until.saturating_sub(self.now_ms).max(1));
-        }
-        TickOutcome::Idle(Duration::from_millis(wait_ms))
+        TickOutcome::Idle
     }
 
     /// `receive` holds the endpoint mutably, while handling a message needs
@@ -326,6 +350,7 @@ impl Shard {
             match token {
                 TOKEN_LISTENER => self.accept_connections(),
                 TOKEN_WAKEUP => self.bus.wakeup().drain(),
+                TOKEN_TICKER => self.ticker.drain(),
                 _ => {
                     let key = (token & 0xFFFF_FFFF) as ConnKey;
                     let generation = (token >> 32) as u32;
@@ -351,33 +376,53 @@ impl Shard {
         turns
     }
 
-    /// Queues a publication for this shard's subscribers of its channel.
-    pub(crate) fn queue_fanout(&mut self, publication: Arc<Publication>) {
-        if let Some(channel) = self.index.lookup(&publication.channel) {
-            self.fanouts.push_back(PendingFanout { publication, channel, next_slot: 0 });
+    /// Queues a publication for this shard's subscribers of its channel,
+    /// joining the previous one of the same channel when that has not
+    /// started. `accounted` is its share of this shard's fan-out backlog.
+    pub(crate) fn queue_fanout(&mut self, publication: Arc<Publication>, accounted: usize) {
+        let Some(channel) = self.index.lookup(&publication.channel) else {
+            self.settle_backlog(accounted);
+            return;
+        };
+        if let Some(last) = self.fanouts.back_mut() {
+            if last.channel == channel && last.next_slot == 0 && last.publications.len() < FANOUT_BATCH_MAX {
+                last.publications.push(publication);
+                last.accounted += accounted;
+                return;
+            }
+        }
+        self.fanouts.push_back(PendingFanout { publications: vec![publication], channel, next_slot: 0, accounted });
+    }
+
+    /// Deliveries written (or dropped): off this shard's backlog.
+    fn settle_backlog(&self, accounted: usize) {
+        if accounted > 0 {
+            let backlog = &self.shared.fanout_backlog[self.id];
+            let _ = backlog.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |v| Some(v.saturating_sub(accounted)));
         }
     }
 
-    /// Writes pending publications to subscribers, at most
-    /// `DELIVERIES_PER_TICK` per tick; a big channel continues next tick.
+    /// Writes pending publications to subscribers for at most
+    /// `FANOUT_TICK_BUDGET`; a big channel continues next tick. Each
+    /// subscriber gets every publication of a batch in one gathered write.
     fn run_fanouts(&mut self) -> usize {
-        let mut budget = DELIVERIES_PER_TICK;
+        if self.fanouts.is_empty() {
+            return 0;
+        }
+        let started = Instant::now();
         let mut delivered = 0;
-        while budget > 0 {
-            let Some(fanout) = self.fanouts.front_mut() else { break };
-            let mut keys = std::mem::take(&mut self.fanout_keys);
-            keys.clear();
+        let mut targets: Vec<(ConnKey, u64)> = Vec::with_capacity(FANOUT_CHUNK);
+        let mut frames: Vec<Arc<Publication>> = Vec::with_capacity(FANOUT_BATCH_MAX);
+        while let Some(fanout) = self.fanouts.front_mut() {
+            targets.clear();
+            let batch = fanout.publications.len();
             let finished = match self.index.get(fanout.channel) {
                 // The channel entry may have been dropped and its id reused.
-                Some(channel) if channel.name == fanout.publication.channel => {
+                Some(channel) if channel.name == fanout.publications[0].channel => {
                     let slots = channel.subscribers.capacity();
-                    let offset = fanout.publication.offset;
-                    while fanout.next_slot < slots && keys.len() < budget {
+                    while fanout.next_slot < slots && targets.len() < FANOUT_CHUNK {
                         if let Some(subscriber) = channel.subscribers.get(fanout.next_slot) {
-                            // Offset 0: an event outside the sequence (presence).
-                            if offset == 0 || offset > subscriber.after_offset {
-                                keys.push(subscriber.conn);
-                            }
+                            targets.push((subscriber.conn, subscriber.after_offset));
                         }
                         fanout.next_slot += 1;
                     }
@@ -385,16 +430,24 @@ impl Shard {
                 }
                 _ => true,
             };
-            let publication = Arc::clone(&fanout.publication);
-            if finished {
-                self.fanouts.pop_front();
+            let publications = if finished {
+                let done = self.fanouts.pop_front();
+                self.settle_backlog(done.as_ref().map_or(0, |f| f.accounted));
+                done.map(|f| f.publications).unwrap_or_default()
+            } else {
+                fanout.publications.clone()
+            };
+            for &(key, after_offset) in &targets {
+                frames.clear();
+                // Offset 0: an event outside the sequence (presence). The
+                // rest only if newer than the subscription (exactly once).
+                frames.extend(publications.iter().filter(|p| p.offset == 0 || p.offset > after_offset).cloned());
+                self.deliver_all(key, &frames);
             }
-            budget = budget.saturating_sub(keys.len().max(1));
-            for &key in &keys {
-                self.deliver(key, &publication);
+            delivered += targets.len() * batch;
+            if started.elapsed() >= FANOUT_TICK_BUDGET {
+                break;
             }
-            delivered += keys.len();
-            self.fanout_keys = keys;
         }
         delivered
     }
@@ -427,6 +480,8 @@ impl Shard {
             users_tracked: self.users.tracked() as u64,
             authenticated: self.metrics.authenticated,
             http_sessions: self.metrics.http_sessions,
+            publications_refused: self.metrics.publications_refused,
+            fanout_backlog: self.shared.fanout_backlog[self.id].load(Ordering::Relaxed) as u64,
         }
     }
 
@@ -476,26 +531,60 @@ impl Shard {
 }
 
 /// Runs a shard's event loop until shutdown completes.
-pub async fn run(shard: Rc<RefCell<Shard>>) {
-    let (epoll_fd, wakeup_index, shared) = {
+/// `alone`: the shard's executor runs no other task, so when idle the loop
+/// may block its thread in `epoll_wait` (cheap) instead of sleeping in
+/// glommio's reactor (a poll request per sleep, a descriptor dup, io_uring
+/// submissions and a task switch). Shard 0 also serves the admin socket
+/// through glommio and sleeps there.
+pub async fn run(shard: Rc<RefCell<Shard>>, alone: bool) {
+    let (epoll_fd, wakeup_index, shared, sweep_ms) = {
         let shard = shard.borrow();
-        (shard.epoll_fd(), shard.id, Arc::clone(&shard.shared))
+        (shard.epoll_fd(), shard.id, Arc::clone(&shard.shared), shard.config.timeouts.sweep_interval_ms)
+    };
+    let sleeper = if alone {
+        match sys::Sleeper::new(&shard.borrow().epoll) {
+            Ok(sleeper) => Some(sleeper),
+            Err(error) => {
+                tracing::warn!(%error, "cannot create the shard's sleeper; sleeping through glommio");
+                None
+            }
+        }
+    } else {
+        None
     };
     let wakeup = &shared.wakeups[wakeup_index];
+    let mut idle_ticks = 0u32;
+    let mut last_yield = Instant::now();
     loop {
         let outcome = shard.borrow_mut().tick();
         match outcome {
-            TickOutcome::Busy => futures_lite::future::yield_now().await,
             TickOutcome::Finished => break,
-            TickOutcome::Idle(wait) => {
+            TickOutcome::Busy => idle_ticks = 0,
+            // Sleeping through glommio is dear: poll a while first.
+            TickOutcome::Idle if sleeper.is_none() && idle_ticks < SPIN_TICKS_BEFORE_PARK => idle_ticks += 1,
+            TickOutcome::Idle => {
+                idle_ticks = 0;
                 wakeup.prepare_park();
                 if shard.borrow().bus.has_inbound() {
                     wakeup.cancel_park();
                     continue;
                 }
-                futures_lite::future::or(sys::readable(epoll_fd), glommio::timer::sleep(wait)).await;
+                match &sleeper {
+                    // The ticker fires every sweep interval, so the timeout is a backstop.
+                    Some(sleeper) => sleeper.sleep(i32::try_from(sweep_ms * 2).unwrap_or(i32::MAX)),
+                    None => sys::readable(epoll_fd).await,
+                }
                 wakeup.cancel_park();
+                last_yield = Instant::now();
+                continue;
             }
+        }
+        // Yielding runs glommio's reactor (a syscall) and the shard's other
+        // tasks (the admin socket on shard 0): often enough for them, not
+        // after every tick.
+        if last_yield.elapsed() >= YIELD_INTERVAL {
+            futures_lite::future::yield_now().await;
+            last_yield = Instant::now();
         }
     }
 }

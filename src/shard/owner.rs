@@ -2,6 +2,7 @@
 //! publish, presence events) and the replies that come back to a
 //! connection's shard or an admin request.
 
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use super::{AdminWait, Shard};
@@ -22,7 +23,7 @@ impl Shard {
             Message::Subscribe(request) => self.owner_subscribe(*request),
             Message::Unsubscribe { channel, shard, user } => self.owner_unsubscribe(&channel, usize::from(shard), user),
             Message::Publish(request) => self.owner_publish(*request),
-            Message::Deliver(publication) => self.queue_fanout(publication),
+            Message::Deliver { publication, accounted } => self.queue_fanout(publication, accounted as usize),
             Message::SubscribeReply(reply) => self.subscribe_reply(*reply),
             Message::PublishReply(reply) => {
                 let (reply_to, result) = *reply;
@@ -49,10 +50,10 @@ impl Shard {
     fn presence_event(&mut self, channel: &Arc<str>, event: &str, user: &str) {
         let data = serde_json::json!({ "user": user }).to_string();
         let publication = Arc::new(Publication::channel_event(Arc::clone(channel), event, data.as_bytes()));
-        let shards: Vec<usize> = self.owned.get(channel).map(|c| c.subscriber_shards().collect()).unwrap_or_default();
-        for shard in shards {
-            self.bus.send(shard, Message::Deliver(Arc::clone(&publication)));
-        }
+        let Some(state) = self.owned.get(channel) else { return };
+        let targets: Vec<(usize, u32)> =
+            state.subscriber_shards().map(|s| (s, state.subscribers_by_shard[s])).collect();
+        self.send_deliveries(&publication, &targets);
     }
 
     fn owner_subscribe(&mut self, request: SubscribeRequest) {
@@ -126,8 +127,16 @@ impl Shard {
             let config = Arc::clone(&self.config);
             let namespace: &Namespace = config.namespace_for(&channel);
             let now_ms = self.now_ms;
+            let backlog_max = config.limits.fanout_backlog_max;
+            let backlogs = &self.shared.fanout_backlog;
             match self.owned.get_or_create(&channel, now_ms) {
                 Err(_) => Err(PublishRefusal::ChannelLimit),
+                // A shard with subscribers is this far behind: shed load at
+                // the publisher rather than let latency grow without bound.
+                Ok(state) if state.subscriber_shards().any(|s| backlogs[s].load(Ordering::Relaxed) > backlog_max) => {
+                    self.metrics.publications_refused += 1;
+                    Err(PublishRefusal::Overloaded)
+                }
                 Ok(state) => {
                     let fields = PushFields { channel: &channel, event: &event, data: &data, user: user.as_deref() };
                     let publication = state.publish(fields, namespace, now_ms);
@@ -136,10 +145,9 @@ impl Shard {
                         subscribers: state.subscribers,
                         epoch: Arc::clone(&state.epoch),
                     };
-                    let shards: Vec<usize> = state.subscriber_shards().collect();
-                    for shard in shards {
-                        self.bus.send(shard, Message::Deliver(Arc::clone(&publication)));
-                    }
+                    let targets: Vec<(usize, u32)> =
+                        state.subscriber_shards().map(|s| (s, state.subscribers_by_shard[s])).collect();
+                    self.send_deliveries(&publication, &targets);
                     self.metrics.publications += 1;
                     Ok(ok)
                 }
@@ -244,6 +252,16 @@ impl Shard {
                 self.unpause(key, generation);
             }
             ReplyTo::Nobody => {}
+        }
+    }
+
+    /// Sends a publication to each shard with subscribers, adding their
+    /// count there to that shard's fan-out backlog until it is written.
+    fn send_deliveries(&mut self, publication: &Arc<Publication>, targets: &[(usize, u32)]) {
+        for &(shard, subscribers) in targets {
+            self.shared.fanout_backlog[shard].fetch_add(subscribers as usize, Ordering::Relaxed);
+            let message = Message::Deliver { publication: Arc::clone(publication), accounted: subscribers };
+            self.bus.send(shard, message);
         }
     }
 

@@ -63,28 +63,6 @@ pub fn accept(listener: RawFd) -> io::Result<OwnedFd> {
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
-/// Disables Nagle: pushes are small and latency matters more than packets.
-pub fn set_nodelay(fd: RawFd) -> io::Result<()> {
-    let one: libc::c_int = 1;
-    // SAFETY: passes a valid c_int of the right size.
-    check(unsafe {
-        libc::setsockopt(
-            fd,
-            libc::IPPROTO_TCP,
-            libc::TCP_NODELAY,
-            (&one as *const libc::c_int).cast(),
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    })
-    .map(|_| ())
-}
-
-/// Half-closes the sending side (FIN) once everything is written.
-pub fn shutdown_write(fd: RawFd) {
-    // SAFETY: shutdown on any fd is safe; errors (ENOTCONN) are irrelevant here.
-    unsafe { libc::shutdown(fd, libc::SHUT_WR) };
-}
-
 pub const EPOLLIN: u32 = libc::EPOLLIN as u32;
 pub const EPOLLOUT: u32 = libc::EPOLLOUT as u32;
 pub const EPOLLRDHUP: u32 = libc::EPOLLRDHUP as u32;
@@ -140,6 +118,61 @@ impl Epoll {
             return Err(error);
         }
         Ok(count as usize)
+    }
+}
+
+/// Sleeps until `epoll` has events, without taking them: an outer epoll set
+/// that holds only `epoll` (level-triggered) tells when it is readable.
+pub struct Sleeper {
+    outer: Epoll,
+}
+
+impl Sleeper {
+    pub fn new(epoll: &Epoll) -> io::Result<Sleeper> {
+        let outer = Epoll::new()?;
+        outer.add(epoll.fd(), EPOLLIN, 0)?;
+        Ok(Sleeper { outer })
+    }
+
+    /// Blocks the thread until the inner set is readable or `timeout_ms` passes.
+    pub fn sleep(&self, timeout_ms: i32) {
+        let mut event = libc::epoll_event { events: 0, u64: 0 };
+        // SAFETY: one valid epoll_event.
+        unsafe { libc::epoll_wait(self.outer.fd(), &mut event, 1, timeout_ms) };
+    }
+}
+
+/// A periodic timer in the epoll set: the shard's sweep tick, without a
+/// timer to arm and cancel on every sleep.
+pub struct Ticker {
+    fd: OwnedFd,
+}
+
+impl Ticker {
+    pub fn new(interval: std::time::Duration) -> io::Result<Ticker> {
+        // SAFETY: returns a new descriptor or -1.
+        let fd = check(unsafe { libc::timerfd_create(libc::CLOCK_MONOTONIC, libc::TFD_NONBLOCK | libc::TFD_CLOEXEC) })?;
+        // SAFETY: a fresh descriptor we own.
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        let spec = libc::timespec {
+            tv_sec: interval.as_secs() as libc::time_t,
+            tv_nsec: interval.subsec_nanos() as libc::c_long,
+        };
+        let value = libc::itimerspec { it_interval: spec, it_value: spec };
+        // SAFETY: a valid itimerspec for our timerfd; the old value is not wanted.
+        check(unsafe { libc::timerfd_settime(fd.as_raw_fd(), 0, &value, std::ptr::null_mut()) })?;
+        Ok(Ticker { fd })
+    }
+
+    pub fn fd(&self) -> RawFd {
+        self.fd.as_raw_fd()
+    }
+
+    /// Consumes the expirations so the descriptor reads as idle again.
+    pub fn drain(&self) {
+        let mut expirations: u64 = 0;
+        // SAFETY: reads 8 bytes into a u64 from our timerfd (EAGAIN when none).
+        unsafe { libc::read(self.fd(), (&mut expirations as *mut u64).cast(), 8) };
     }
 }
 
