@@ -16,6 +16,7 @@ use std::sync::Arc;
 
 use socket2::{Domain, Socket, Type};
 
+use crate::admin::gateway::Gateway;
 use crate::admin::server::Transport;
 use crate::bus;
 use crate::config::{AdminAddress, Config};
@@ -192,13 +193,17 @@ pub fn serve(config: Config) -> Result<(), ServeError> {
         AdminAddress::Tcp(_) => None,
     });
 
-    let (endpoints, wakeups) = bus::mesh(shard_count, config.limits.bus_queue_capacity, config.limits.bus_overflow_max)
-        .map_err(|e| fail(format!("cannot create the bus: {e}")))?;
+    // One endpoint per shard, and a last one for the admin gateway.
+    let (mut endpoints, wakeups) =
+        bus::mesh(shard_count + 1, config.limits.bus_queue_capacity, config.limits.bus_overflow_max)
+            .map_err(|e| fail(format!("cannot create the bus: {e}")))?;
+    let gateway_endpoint = endpoints.pop().ok_or_else(|| fail("the bus has no gateway endpoint"))?;
     let shared = Arc::new(Shared {
         connections: AtomicUsize::new(0),
         connections_max,
         fanout_backlog: (0..shard_count).map(|_| AtomicUsize::new(0)).collect(),
         shutting_down: AtomicBool::new(false),
+        gateway_stop: AtomicBool::new(false),
         http_sessions: AtomicUsize::new(0),
         wakeups: Arc::clone(&wakeups),
     });
@@ -209,12 +214,10 @@ pub fn serve(config: Config) -> Result<(), ServeError> {
         tracing::warn!(shards = shard_count, cpus = cpus.len(), "more shards than CPUs: shards will share cores");
     }
 
-    let mut admin = Some((admin_fd, admin_transport));
     let mut handles = Vec::with_capacity(shard_count);
     for (id, (listener, endpoint)) in listeners.into_iter().zip(endpoints).enumerate() {
         let config = Arc::clone(&config);
         let shared = Arc::clone(&shared);
-        let admin = if id == 0 { admin.take() } else { None };
         let listener: OwnedFd = listener.into();
         let cpu = cpus[id % cpus.len()];
         let handle = glommio::LocalExecutorBuilder::new(glommio::Placement::Fixed(cpu))
@@ -225,16 +228,28 @@ pub fn serve(config: Config) -> Result<(), ServeError> {
                     Ok(shard) => Rc::new(RefCell::new(shard)),
                     Err(error) => return Err(format!("shard {id}: {error}")),
                 };
-                let alone = admin.is_none();
-                if let Some((fd, transport)) = admin {
-                    glommio::spawn_local(crate::admin::server::serve(Rc::clone(&shard), fd, transport)).detach();
-                }
-                shard::run(shard, alone).await;
+                shard::run(shard).await;
                 Ok(())
             })
             .map_err(|e| fail(format!("cannot start shard {id}: {e}")))?;
         handles.push(handle);
     }
+
+    // The admin gateway: its own (mostly idle) thread, not pinned.
+    let gateway_config = Arc::clone(&config);
+    let gateway_shared = Arc::clone(&shared);
+    let gateway = glommio::LocalExecutorBuilder::new(glommio::Placement::Unbound)
+        .name("kometa-admin")
+        .io_memory(EXECUTOR_IO_MEMORY_BYTES)
+        .spawn(move || async move {
+            let gateway =
+                Rc::new(RefCell::new(Gateway::new(gateway_config, gateway_shared, gateway_endpoint, shard_count)));
+            let accept =
+                glommio::spawn_local(crate::admin::server::serve(Rc::clone(&gateway), admin_fd, admin_transport));
+            crate::admin::gateway::run(gateway).await;
+            drop(accept);
+        })
+        .map_err(|e| fail(format!("cannot start the admin gateway: {e}")))?;
 
     println!("kometa ready listen={bound} admin={} shards={shard_count}", config.admin);
     let _ = std::io::stdout().flush();
@@ -258,6 +273,11 @@ pub fn serve(config: Config) -> Result<(), ServeError> {
             shared.shutting_down.store(true, Ordering::Release);
             shared.wakeups.iter().for_each(bus::Wakeup::signal);
         }
+    }
+    shared.gateway_stop.store(true, Ordering::Release);
+    shared.wakeups[shard_count].signal();
+    if gateway.join().is_err() {
+        tracing::warn!("the admin gateway did not stop cleanly");
     }
     match failure {
         Some(message) => Err(fail(message)),

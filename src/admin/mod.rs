@@ -2,5 +2,6 @@
 //! 0600), TCP with a shared key as an option. Never on the public port.
 
 pub mod client;
+pub mod gateway;
 pub mod query;
 pub mod server;

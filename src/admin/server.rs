@@ -1,4 +1,4 @@
-//! The admin listener: runs on shard 0 as glommio tasks. Each connection
+//! The admin listener: runs on the admin gateway's thread as glommio tasks. Each connection
 //! reads pipelined request frames, dispatches each to the shard that owns
 //! its channel (through the bus), and writes the replies in request order.
 //! Every request gets a reply; a frame whose length is impossible gets a
@@ -13,13 +13,14 @@ use std::time::Duration;
 use futures_channel::oneshot;
 use futures_lite::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
+use crate::admin::gateway::{AdminWait, Gateway};
 use crate::admin::query::{first_failure, merge_channels, merge_rows, merge_stats, Answer, Query};
 use crate::bus::message::{PublishOk, PublishRefusal, PublishRequest, QueryRequest, ReplyTo, ShardStats};
 use crate::bus::Message;
 use crate::hub::owner_of;
 use crate::proto::admin::{opcode, split_frame, AdminError, ErrorCode, FrameWriter, RawFrame, Reader};
 use crate::proto::{client, json, ws};
-use crate::shard::{sys, AdminWait, Shard};
+use crate::shard::sys;
 
 /// Bytes read from an admin socket at a time.
 const READ_CHUNK_BYTES: usize = 64 * 1024;
@@ -32,7 +33,7 @@ pub enum Transport {
 }
 
 /// Accepts admin connections until the shard's executor ends.
-pub async fn serve(shard: Rc<RefCell<Shard>>, listener: OwnedFd, transport: Transport) {
+pub async fn serve(shard: Rc<RefCell<Gateway>>, listener: OwnedFd, transport: Transport) {
     let open = Rc::new(Cell::new(0usize));
     let listener_fd = listener.as_raw_fd();
     loop {
@@ -189,7 +190,7 @@ pub fn stats_json(shards: &[ShardStats]) -> Vec<u8> {
     serde_json::to_vec(&document).unwrap_or_default()
 }
 
-async fn connection<S: AsyncRead + AsyncWrite + Unpin>(shard: Rc<RefCell<Shard>>, mut stream: S, needs_auth: bool) {
+async fn connection<S: AsyncRead + AsyncWrite + Unpin>(shard: Rc<RefCell<Gateway>>, mut stream: S, needs_auth: bool) {
     let (frame_bytes_max, in_flight_max) = {
         let shard = shard.borrow();
         (shard.config.limits.admin_frame_bytes_max, shard.config.limits.admin_requests_in_flight_max)
@@ -255,7 +256,7 @@ fn bad_argument(message: impl Into<String>) -> AdminError {
     AdminError::new(ErrorCode::BadArgument, message)
 }
 
-fn dispatch(shard: &Rc<RefCell<Shard>>, frame: RawFrame<'_>, authorized: &mut bool) -> PendingReply {
+fn dispatch(shard: &Rc<RefCell<Gateway>>, frame: RawFrame<'_>, authorized: &mut bool) -> PendingReply {
     let (op, request_id) = (frame.first, frame.request_id);
     let result = (|| -> Result<PendingReply, AdminError> {
         if frame.second != 0 {
@@ -397,7 +398,7 @@ fn check_event(event: &str) -> Result<(), AdminError> {
 }
 
 /// Checks size and JSON validity; returns the data with raw newlines flattened.
-fn check_data(shard: &Rc<RefCell<Shard>>, data: &[u8]) -> Result<Arc<[u8]>, AdminError> {
+fn check_data(shard: &Rc<RefCell<Gateway>>, data: &[u8]) -> Result<Arc<[u8]>, AdminError> {
     let limit = shard.borrow().config.limits.publication_data_bytes_max;
     if data.len() > limit {
         return Err(AdminError::new(
@@ -409,7 +410,7 @@ fn check_data(shard: &Rc<RefCell<Shard>>, data: &[u8]) -> Result<Arc<[u8]>, Admi
     Ok(json::single_line(data).into_owned().into())
 }
 
-fn read_channel(reader: &mut Reader<'_>, shard: &Rc<RefCell<Shard>>) -> Result<Arc<str>, AdminError> {
+fn read_channel(reader: &mut Reader<'_>, shard: &Rc<RefCell<Gateway>>) -> Result<Arc<str>, AdminError> {
     let channel = reader.str16("channel")?;
     let limit = shard.borrow().config.limits.channel_name_bytes_max;
     client::check_channel_name(channel, limit).map_err(bad_argument)?;
@@ -417,14 +418,14 @@ fn read_channel(reader: &mut Reader<'_>, shard: &Rc<RefCell<Shard>>) -> Result<A
 }
 
 /// A `u32` limit: 0 means the maximum, larger values are capped to it.
-fn read_limit(reader: &mut Reader<'_>, shard: &Rc<RefCell<Shard>>) -> Result<usize, AdminError> {
+fn read_limit(reader: &mut Reader<'_>, shard: &Rc<RefCell<Gateway>>) -> Result<usize, AdminError> {
     let limit = reader.u32("limit")? as usize;
     let max = shard.borrow().config.limits.query_items_max;
     Ok(if limit == 0 { max } else { limit.min(max) })
 }
 
 /// `count:u16` then that many `str16` user ids.
-fn read_users(reader: &mut Reader<'_>, shard: &Rc<RefCell<Shard>>) -> Result<Vec<Arc<str>>, AdminError> {
+fn read_users(reader: &mut Reader<'_>, shard: &Rc<RefCell<Gateway>>) -> Result<Vec<Arc<str>>, AdminError> {
     let count = usize::from(reader.u16("user count")?);
     let max = shard.borrow().config.limits.query_items_max;
     if count == 0 || count > max {
@@ -441,7 +442,7 @@ fn read_users(reader: &mut Reader<'_>, shard: &Rc<RefCell<Shard>>) -> Result<Vec
 
 /// Groups users by owner shard, keeping each user's index in the request.
 fn by_owner(
-    shard: &Rc<RefCell<Shard>>,
+    shard: &Rc<RefCell<Gateway>>,
     users: Vec<Arc<str>>,
     make: impl Fn(Vec<(u32, Arc<str>)>) -> Query,
 ) -> Vec<(usize, Query)> {
@@ -453,14 +454,14 @@ fn by_owner(
     groups.into_iter().enumerate().filter(|(_, items)| !items.is_empty()).map(|(s, items)| (s, make(items))).collect()
 }
 
-fn to_owner(shard: &Rc<RefCell<Shard>>, op: u8, request_id: u32, channel: Arc<str>, query: Query) -> PendingReply {
+fn to_owner(shard: &Rc<RefCell<Gateway>>, op: u8, request_id: u32, channel: Arc<str>, query: Query) -> PendingReply {
     let owner = owner_of(&channel, shard.borrow().shard_count());
     gather(shard, op, request_id, vec![(owner, query)], Finish::Single)
 }
 
 /// Sends each query to its shard and waits for all their answers.
 fn gather(
-    shard: &Rc<RefCell<Shard>>,
+    shard: &Rc<RefCell<Gateway>>,
     op: u8,
     request_id: u32,
     queries: Vec<(usize, Query)>,
@@ -480,7 +481,7 @@ fn gather(
     PendingReply::Gather { op, request_id, receiver, finish }
 }
 
-fn publish(shard: &Rc<RefCell<Shard>>, request_id: u32, mut reader: Reader<'_>) -> Result<PendingReply, AdminError> {
+fn publish(shard: &Rc<RefCell<Gateway>>, request_id: u32, mut reader: Reader<'_>) -> Result<PendingReply, AdminError> {
     let channel = read_channel(&mut reader, shard)?;
     let event = reader.str16("event")?;
     let data = reader.bytes32("data")?;

@@ -5,7 +5,7 @@
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use super::{AdminWait, Shard};
+use super::Shard;
 use crate::bus::message::{
     PublishOk, PublishRefusal, PublishRequest, QueryAnswer, ReplyTo, SubscribeOk, SubscribeReply, SubscribeRequest,
 };
@@ -223,11 +223,8 @@ impl Shard {
 
     fn publish_reply(&mut self, reply_to: ReplyTo, result: Result<PublishOk, PublishRefusal>) {
         match reply_to {
-            ReplyTo::Admin { token, .. } => {
-                if let Some(AdminWait::Publish(sender)) = self.admin_waits.remove(&token) {
-                    let _ = sender.send(result);
-                }
-            }
+            // Admin replies go to the admin gateway's endpoint, never to a shard.
+            ReplyTo::Admin { .. } => debug_assert!(false, "a shard got an admin reply"),
             ReplyTo::Client { conn, request_id } => {
                 let (key, generation) = (conn.key, conn.generation);
                 if !self.alive(key, generation) {

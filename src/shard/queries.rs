@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use serde_json::{json, Map, Value};
 
-use super::{AdminWait, Shard};
+use super::Shard;
 use crate::admin::query::{Answer, Failure, FailureKind, Query};
 use crate::bus::message::{QueryAnswer, ReplyTo};
 use crate::bus::Message;
@@ -192,18 +192,8 @@ impl Shard {
     pub(crate) fn receive_answer(&mut self, answer: QueryAnswer) {
         let QueryAnswer { reply, answer } = answer;
         match reply {
-            ReplyTo::Admin { token, .. } => {
-                let Some(AdminWait::Gather { remaining, answers, .. }) = self.admin_waits.get_mut(&token) else {
-                    return;
-                };
-                answers.push(answer);
-                *remaining -= 1;
-                if *remaining == 0 {
-                    if let Some(AdminWait::Gather { answers, reply, .. }) = self.admin_waits.remove(&token) {
-                        let _ = reply.send(answers);
-                    }
-                }
-            }
+            // Admin answers go to the admin gateway's endpoint, never to a shard.
+            ReplyTo::Admin { .. } => debug_assert!(false, "a shard got an admin answer"),
             ReplyTo::Client { conn, request_id } => {
                 let (key, generation) = (conn.key, conn.generation);
                 if !self.alive(key, generation) {
