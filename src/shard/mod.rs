@@ -66,13 +66,15 @@ pub const DESCRIPTORS_RESERVED: usize = 64;
 const TOKEN_LISTENER: u64 = u32::MAX as u64;
 const TOKEN_WAKEUP: u64 = (u32::MAX - 1) as u64;
 const TOKEN_TICKER: u64 = (u32::MAX - 2) as u64;
-/// Ticks (each one non-blocking epoll_wait) a shard keeps polling after its
-/// last work before it sleeps: a burst (handshakes, publications) rarely
-/// pauses for longer, and a sleep and wake-up costs several syscalls and a
-/// context switch.
+/// Without a sleeper (the fallback, sleeping through glommio's reactor, which
+/// is dear): ticks (each one non-blocking epoll_wait) a shard keeps polling
+/// after its last work before it sleeps, as a burst rarely pauses longer.
 const SPIN_TICKS_BEFORE_PARK: u32 = 64;
-/// A busy shard lets its executor run other tasks at least this often.
+/// A busy shard lets its executor's reactor run at least this often.
 const YIELD_INTERVAL: Duration = Duration::from_micros(250);
+/// A shard about to sleep returns freed memory to the OS at most this often
+/// (see `sys::return_freed_memory`).
+const RETURN_MEMORY_INTERVAL: Duration = Duration::from_millis(1000);
 
 /// State shared by all shards of the process.
 pub struct Shared {
@@ -532,6 +534,7 @@ pub async fn run(shard: Rc<RefCell<Shard>>) {
     let wakeup = &shared.wakeups[wakeup_index];
     let mut idle_ticks = 0u32;
     let mut last_yield = Instant::now();
+    let mut last_memory_return = Instant::now();
     loop {
         let outcome = shard.borrow_mut().tick();
         match outcome {
@@ -546,6 +549,10 @@ pub async fn run(shard: Rc<RefCell<Shard>>) {
                     wakeup.cancel_park();
                     continue;
                 }
+                if last_memory_return.elapsed() >= RETURN_MEMORY_INTERVAL {
+                    sys::return_freed_memory();
+                    last_memory_return = Instant::now();
+                }
                 match &sleeper {
                     // The ticker fires every sweep interval, so the timeout is a backstop.
                     Some(sleeper) => sleeper.sleep(i32::try_from(sweep_ms * 2).unwrap_or(i32::MAX)),
@@ -556,9 +563,8 @@ pub async fn run(shard: Rc<RefCell<Shard>>) {
                 continue;
             }
         }
-        // Yielding runs glommio's reactor (a syscall) and the shard's other
-        // tasks (the admin socket on shard 0): often enough for them, not
-        // after every tick.
+        // Yielding runs glommio's reactor (a syscall): often enough for its
+        // housekeeping, not after every tick.
         if last_yield.elapsed() >= YIELD_INTERVAL {
             futures_lite::future::yield_now().await;
             last_yield = Instant::now();

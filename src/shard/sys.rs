@@ -200,3 +200,15 @@ pub async fn readable(fd: RawFd) {
     let mut stream = unsafe { <glommio::net::UnixStream as FromRawFd>::from_raw_fd(duplicate) };
     let _ = std::future::poll_fn(|cx| Pin::new(&mut stream).poll_read(cx, &mut [])).await;
 }
+
+/// Makes the calling thread's allocator (mimalloc, the binary's global
+/// allocator) return the memory it freed to the OS now. mimalloc purges
+/// freed pages lazily, on a later allocation or free of the same thread;
+/// a shard that sleeps right after a burst (15,000 handshakes) makes no
+/// such call, and kept ~10 MiB of buffers from the burst resident (measured:
+/// 1,078 B per idle connection at 15,000 instead of 415 B). A few tens of
+/// microseconds; harmless when mimalloc is not the allocator (unit tests).
+pub fn return_freed_memory() {
+    // SAFETY: mi_collect only walks and purges the calling thread's heap.
+    unsafe { libmimalloc_sys::mi_collect(false) }
+}
