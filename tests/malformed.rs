@@ -94,6 +94,36 @@ fn keep_alive_and_pipelined_requests() {
     assert!(response.starts_with("HTTP/1.1 200"), "{response}");
 }
 
+/// A request refused before its body is read (413) still gets its response
+/// when the client goes on sending the body: the server shuts its write side
+/// and discards input instead of closing, which would answer the late body
+/// with a reset that destroys the response in the client's buffer.
+#[test]
+fn a_refused_request_body_does_not_reset_the_response() {
+    let server = Server::start(1, "[limits]\nhttp_body_bytes_max = 1024\n[timeouts]\nclose_timeout_ms = 60000\n");
+    // The body sent at once (more than a close-time drain would read), and
+    // sent only after the server has answered.
+    for (body_bytes, pause_ms) in [(1 << 20, 0), (1 << 20, 0), (65_536, 100)] {
+        let mut stream = server.tcp();
+        let head = format!("POST /cmd?session=x HTTP/1.1\r\nHost: x\r\nContent-Length: {body_bytes}\r\n\r\n");
+        stream.write_all(head.as_bytes()).unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(pause_ms));
+        stream.write_all(&vec![b'x'; body_bytes]).expect("the server still reads the body it refused");
+        let mut response = Vec::new();
+        stream.read_to_end(&mut response).expect("the response arrives whole, with no reset");
+        let response = String::from_utf8_lossy(&response);
+        assert!(response.starts_with("HTTP/1.1 413 "), "{response}");
+        assert!(response.contains("Connection: close"), "{response}");
+    }
+    // The lingering connections end once the clients close, well before
+    // the close deadline (which is long here so the check can fail).
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while server.stats()["connections"] != 0 {
+        assert!(std::time::Instant::now() < deadline, "lingering connections were not closed: {}", server.stats());
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
 #[test]
 fn websocket_violations_close_with_rfc_codes() {
     let server = Server::start(2, "[limits]\nclient_message_bytes_max = 1024\n");

@@ -32,11 +32,17 @@ pub enum Phase {
     Stream,
     /// The socket of a long-poll request waiting for a session's messages.
     Polling,
+    /// An HTTP error answered before the whole request was read: once the
+    /// response is flushed our write side is shut and input is discarded
+    /// until the peer's FIN (or the close deadline). Closing at once would
+    /// make the kernel answer the rest of the request with a reset, which
+    /// can destroy the response before the client reads it.
+    Lingering,
 }
 
-/// Bit flags kept in one byte.
+/// Bit flags kept in two bytes (free: they fill padding before `generation`).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct Flags(u8);
+pub struct Flags(u16);
 
 impl Flags {
     /// A command is waiting for its owner's reply: input is not processed
@@ -59,6 +65,10 @@ impl Flags {
     /// The last read found the socket empty: closing it needs no draining
     /// read first (unread input would make close() send a reset).
     pub const INPUT_DRAINED: Flags = Flags(1 << 7);
+    /// The peer sent its FIN (epoll reported RDHUP). Reads go on to the end
+    /// of stream: with edge-triggered epoll a short read no longer means a
+    /// later edge will come, because the FIN may already sit behind the data.
+    pub const PEER_SHUT_WRITE: Flags = Flags(1 << 8);
 
     pub fn contains(self, other: Flags) -> bool {
         self.0 & other.0 == other.0
@@ -197,8 +207,8 @@ impl Session {
         match self.phase {
             Phase::Http if now_ms >= self.deadline_ms => TimerAction::HttpTimeout,
             Phase::Http => TimerAction::Nothing,
-            Phase::Closing if now_ms >= self.deadline_ms => TimerAction::Drop,
-            Phase::Closing => TimerAction::Nothing,
+            Phase::Closing | Phase::Lingering if now_ms >= self.deadline_ms => TimerAction::Drop,
+            Phase::Closing | Phase::Lingering => TimerAction::Nothing,
             Phase::Session if now_ms >= self.deadline_ms => TimerAction::SessionExpired,
             Phase::Session => TimerAction::Nothing,
             Phase::Polling if now_ms >= self.deadline_ms => TimerAction::PollTimeout,

@@ -121,6 +121,9 @@ impl Shard {
         if events & (sys::EPOLLIN | sys::EPOLLRDHUP | sys::EPOLLHUP | sys::EPOLLERR) != 0 {
             if let Some(conn) = self.conn_mut(key, generation) {
                 conn.session.flags.remove(Flags::INPUT_DRAINED);
+                if events & (sys::EPOLLRDHUP | sys::EPOLLHUP) != 0 {
+                    conn.session.flags.insert(Flags::PEER_SHUT_WRITE);
+                }
             }
             self.read_connection(key, generation);
         }
@@ -182,11 +185,13 @@ impl Shard {
                     } else {
                         conn.session.flags.remove(Flags::INPUT_DRAINED);
                     }
+                    let peer_shut_write = conn.session.flags.contains(Flags::PEER_SHUT_WRITE);
                     budget = budget.saturating_sub(count);
                     self.feed(key, generation, &mut scratch[..count]);
                     // A short read drained the socket; edge-triggered epoll
-                    // reports any data that arrives after it.
-                    if count < scratch.len() {
+                    // reports any data that arrives after it. Not so for a
+                    // FIN already queued: read on until the end of stream.
+                    if count < scratch.len() && !peer_shut_write {
                         break;
                     }
                 }
@@ -279,7 +284,8 @@ impl Shard {
                 // A waiting poll: keep what follows for after its answer.
                 Phase::Polling => break,
                 // An SSE stream: the client has nothing more to say on it.
-                Phase::Stream | Phase::Session => return input.len(),
+                // Lingering: the rest of a refused request is discarded.
+                Phase::Stream | Phase::Session | Phase::Lingering => return input.len(),
             };
             match used {
                 Some(used) if used > 0 => position += used,
@@ -410,7 +416,7 @@ impl Shard {
                     if outbox.is_empty() {
                         conn.session.outbox = None;
                         if conn.session.flags.contains(Flags::CLOSE_AFTER_FLUSH) {
-                            self.close_conn(key);
+                            self.finish_after_flush(key);
                         }
                         return;
                     }
@@ -426,6 +432,34 @@ impl Shard {
     }
 
     /// Closes the connection once everything queued has been written.
+    /// The outbox of an ending connection is empty: close it, or for a
+    /// lingering one send our FIN and wait for the peer's.
+    fn finish_after_flush(&mut self, key: ConnKey) {
+        let Some(conn) = self.conns.get_mut(key as usize) else { return };
+        if conn.session.phase != Phase::Lingering || conn.fd.is_none() {
+            self.close_conn(key);
+            return;
+        }
+        if sys::shutdown_write(conn.raw_fd()).is_err() {
+            self.close_conn(key);
+        }
+    }
+
+    /// Like `end_after_flush` for a response sent before the whole request
+    /// was read (the client may still be sending): see `Phase::Lingering`.
+    /// Bounded by `close_timeout_ms` like any other ending connection.
+    pub(crate) fn end_after_flush_lingering(&mut self, key: ConnKey) {
+        let now_ms = self.now_ms;
+        let close_timeout_ms = self.config.timeouts.close_timeout_ms;
+        let Some(conn) = self.conns.get_mut(key as usize) else { return };
+        conn.session.flags.insert(Flags::CLOSE_AFTER_FLUSH);
+        conn.session.phase = Phase::Lingering;
+        conn.session.deadline_ms = now_ms + close_timeout_ms;
+        if conn.session.outbox.is_none() {
+            self.finish_after_flush(key);
+        }
+    }
+
     pub(crate) fn end_after_flush(&mut self, key: ConnKey) {
         let now_ms = self.now_ms;
         let close_timeout_ms = self.config.timeouts.close_timeout_ms;
@@ -495,7 +529,7 @@ impl Shard {
             }
             // Ending the session ends its stream or poll too.
             Phase::Session => self.end_session(key, ws::close::GOING_AWAY, "server shutting down"),
-            Phase::Closing | Phase::Stream | Phase::Polling => {}
+            Phase::Closing | Phase::Stream | Phase::Polling | Phase::Lingering => {}
             Phase::Http => self.close_conn(key),
         }
     }

@@ -26,6 +26,12 @@ pub fn recv(fd: RawFd, buffer: &mut [u8]) -> io::Result<usize> {
     check_size(unsafe { libc::recv(fd, buffer.as_mut_ptr().cast(), buffer.len(), libc::MSG_DONTWAIT) })
 }
 
+/// Sends our FIN; the socket can still be read.
+pub fn shutdown_write(fd: RawFd) -> io::Result<()> {
+    // SAFETY: plain syscall on a descriptor we own.
+    check_size(unsafe { libc::shutdown(fd, libc::SHUT_WR) } as isize).map(drop)
+}
+
 /// Non-blocking send; never raises SIGPIPE.
 pub fn send(fd: RawFd, bytes: &[u8]) -> io::Result<usize> {
     // SAFETY: bytes is valid for reads of its length.

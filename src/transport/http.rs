@@ -23,21 +23,21 @@ impl Shard {
             Err(error) => {
                 self.metrics.protocol_errors += 1;
                 self.respond(key, error.status(), &[], error.reason(), false, true);
-                self.end_after_flush(key);
+                self.end_after_flush_lingering(key);
                 return Some(input.len());
             }
         };
         if request.transfer_encoding {
             self.metrics.protocol_errors += 1;
             self.respond(key, 501, &[], "chunked request bodies are not supported; send Content-Length", false, true);
-            self.end_after_flush(key);
+            self.end_after_flush_lingering(key);
             return Some(input.len());
         }
         let body_bytes = request.content_length.unwrap_or(0);
         if body_bytes > self.config.limits.http_body_bytes_max as u64 {
             self.metrics.protocol_errors += 1;
             self.respond(key, 413, &[], "request body too large", false, true);
-            self.end_after_flush(key);
+            self.end_after_flush_lingering(key);
             return Some(input.len());
         }
         // Within http_body_bytes_max, so it fits in usize.
