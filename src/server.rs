@@ -42,6 +42,16 @@ fn fail(what: impl fmt::Display) -> ServeError {
 }
 
 /// Raises the soft open-files limit to the hard limit; returns (soft, hard).
+/// Opts the whole process out of transparent huge pages, existing mappings
+/// included (see `Config::transparent_huge_pages`). Best effort: a kernel
+/// without THP has nothing to disable.
+fn disable_transparent_huge_pages() {
+    // SAFETY: PR_SET_THP_DISABLE takes plain integers and changes only a flag of this process.
+    if unsafe { libc::prctl(libc::PR_SET_THP_DISABLE, 1, 0, 0, 0) } != 0 {
+        tracing::debug!(error = %std::io::Error::last_os_error(), "PR_SET_THP_DISABLE failed");
+    }
+}
+
 pub fn raise_open_files_limit() -> (u64, u64) {
     let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
     // SAFETY: getrlimit writes into a valid rlimit.
@@ -162,6 +172,9 @@ pub fn serve(config: Config) -> Result<(), ServeError> {
     let config = Arc::new(config);
     let shard_count = config.shard_count();
 
+    if !config.transparent_huge_pages {
+        disable_transparent_huge_pages();
+    }
     let (soft, hard) = raise_open_files_limit();
     let descriptors_for_clients = (soft as usize).saturating_sub(DESCRIPTORS_RESERVED * shard_count.max(1));
     let connections_max = config.connections_max.min(descriptors_for_clients.max(1));

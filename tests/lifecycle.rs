@@ -236,3 +236,21 @@ fn echo_endpoint_only_when_configured() {
     client.send(json!({"any": "thing"}));
     assert_eq!(client.recv(), json!({"any": "thing"}));
 }
+
+/// Transparent huge pages are off unless configured (khugepaged would refill
+/// the memory idle connections gave back); the kernel reports the flag.
+#[test]
+fn transparent_huge_pages_are_off_unless_configured() {
+    let thp_enabled = |server: &Server| {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", server.pid())).expect("status");
+        status.lines().find_map(|line| line.strip_prefix("THP_enabled:").map(|value| value.trim().to_string()))
+    };
+    let default = Server::start(1, "");
+    let Some(flag) = thp_enabled(&default) else {
+        eprintln!("kernel does not report THP_enabled; nothing to check");
+        return;
+    };
+    assert_eq!(flag, "0", "THP is disabled by default");
+    let opted_in = Server::start(1, "transparent_huge_pages = true\n");
+    assert_eq!(thp_enabled(&opted_in).as_deref(), Some("1"), "transparent_huge_pages = true leaves THP on");
+}
