@@ -53,6 +53,10 @@ impl Shard {
             self.shared.connections.fetch_sub(1, Ordering::Relaxed);
             self.metrics.connections_refused += 1;
             let _ = sys::send(fd.as_raw_fd(), REFUSED_RESPONSE);
+            // The request usually arrived with the connection: read it away
+            // so closing sends a FIN after the 503, not a reset that could
+            // destroy it. No lingering: we are at the cap.
+            sys::discard_unread_input(fd.as_raw_fd());
             return;
         }
         // TCP_NODELAY comes from the listener (Linux copies it to accepted sockets).
@@ -565,17 +569,8 @@ impl Shard {
             let owner = owner_of(&name, self.shard_count());
             self.bus.send(owner, Message::Unsubscribe { channel: name, shard: self.id as u16, user: user.clone() });
         }
-        // Unread input makes close() send a reset instead of a FIN; read a
-        // little of it away first (bounded: a peer that keeps sending gets the reset).
-        let mut sink = [0u8; 4096];
-        for _ in 0..4 {
-            if conn.fd.is_none() || conn.session.flags.contains(Flags::INPUT_DRAINED) {
-                break;
-            }
-            match sys::recv(conn.raw_fd(), &mut sink) {
-                Ok(count) if count > 0 => continue,
-                _ => break,
-            }
+        if conn.fd.is_some() && !conn.session.flags.contains(Flags::INPUT_DRAINED) {
+            sys::discard_unread_input(conn.raw_fd());
         }
         // Dropping the descriptor closes it and removes it from the epoll set.
         drop(conn);

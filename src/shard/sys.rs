@@ -26,6 +26,21 @@ pub fn recv(fd: RawFd, buffer: &mut [u8]) -> io::Result<usize> {
     check_size(unsafe { libc::recv(fd, buffer.as_mut_ptr().cast(), buffer.len(), libc::MSG_DONTWAIT) })
 }
 
+/// Reads away (a bounded amount of) input nobody will use, before a close:
+/// unread input makes close() send a reset instead of a FIN, and a reset can
+/// destroy a response the peer has not read yet. A peer that keeps sending
+/// past the bound gets the reset.
+pub fn discard_unread_input(fd: RawFd) {
+    const READS_MAX: usize = 4;
+    let mut sink = [0u8; 4096];
+    for _ in 0..READS_MAX {
+        match recv(fd, &mut sink) {
+            Ok(count) if count > 0 => continue,
+            _ => break,
+        }
+    }
+}
+
 /// Sends our FIN; the socket can still be read.
 pub fn shutdown_write(fd: RawFd) -> io::Result<()> {
     // SAFETY: plain syscall on a descriptor we own.
