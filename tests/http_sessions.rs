@@ -5,6 +5,7 @@
 
 mod common;
 
+use std::io::Write;
 use std::time::Duration;
 
 use common::{http, Server, SseStream};
@@ -350,4 +351,42 @@ fn many_sessions_across_shards_keep_their_subscriptions() {
             *cursor -= 1;
         }
     }
+}
+
+/// A client that abandons its waiting poll frees the server's socket at once
+/// (not at the poll timeout), and its session loses nothing: a later poll
+/// gets what was published meanwhile.
+#[test]
+fn an_abandoned_poll_frees_its_socket_and_the_session_keeps_its_messages() {
+    let server = Server::start(1, "[timeouts]\npoll_timeout_ms = 60000\n");
+    let created = http(&server, "GET", "/poll?channel=news", &[], b"").json();
+    let session = session_of(&created["messages"][0]);
+    let mut cursor = created["cursor"].as_u64().unwrap();
+    poll_messages(&server, &session, &mut cursor, 1);
+    let sockets = || {
+        std::fs::read_dir(format!("/proc/{}/fd", server.pid()))
+            .expect("fd dir")
+            .filter_map(|entry| std::fs::read_link(entry.ok()?.path()).ok())
+            .filter(|target| target.to_string_lossy().starts_with("socket:"))
+            .count()
+    };
+    let before = sockets();
+
+    let mut waiting = server.tcp();
+    let request = format!("GET /poll?session={session}&cursor={cursor} HTTP/1.1\r\nHost: x\r\n\r\n");
+    waiting.write_all(request.as_bytes()).unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while sockets() != before + 1 {
+        assert!(std::time::Instant::now() < deadline, "the poll never arrived");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    drop(waiting);
+    while sockets() != before {
+        assert!(std::time::Instant::now() < deadline, "the abandoned poll still holds its socket");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+
+    server.publish("news", "e", r#""after""#);
+    let messages = poll_messages(&server, &session, &mut cursor, 1);
+    assert_eq!(messages[0]["data"], "after");
 }

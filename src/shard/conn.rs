@@ -165,6 +165,14 @@ impl Shard {
         loop {
             let now_ms = self.now_ms;
             let Some(conn) = self.conn_mut(key, generation) else { break };
+            if conn.session.phase == Phase::Polling && conn.session.flags.contains(Flags::PEER_SHUT_WRITE) {
+                // The client gave up on its waiting poll (browsers never
+                // half-close a request): free the socket now rather than at
+                // the poll timeout. Its session keeps every message until
+                // a later poll acknowledges it.
+                self.close_conn(key);
+                break;
+            }
             if conn.session.flags.contains(Flags::AWAITING_REPLY) || conn.session.phase == Phase::Polling {
                 // Paused until the reply (or the poll's answer) goes out.
                 conn.session.flags.insert(Flags::READ_PENDING);
