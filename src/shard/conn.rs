@@ -53,9 +53,11 @@ impl Shard {
             self.shared.connections.fetch_sub(1, Ordering::Relaxed);
             self.metrics.connections_refused += 1;
             let _ = sys::send(fd.as_raw_fd(), REFUSED_RESPONSE);
-            // The request usually arrived with the connection: read it away
-            // so closing sends a FIN after the 503, not a reset that could
-            // destroy it. No lingering: we are at the cap.
+            // Our FIN goes out right behind the 503, and the request (usually
+            // there already) is read away, so the close is not a reset that
+            // could destroy the 503; a request arriving later draws a reset
+            // only after the client has the FIN. No lingering: we are at the cap.
+            let _ = sys::shutdown_write(fd.as_raw_fd());
             sys::discard_unread_input(fd.as_raw_fd());
             return;
         }
