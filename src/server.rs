@@ -41,7 +41,6 @@ fn fail(what: impl fmt::Display) -> ServeError {
     ServeError(what.to_string())
 }
 
-/// Raises the soft open-files limit to the hard limit; returns (soft, hard).
 /// Opts the whole process out of transparent huge pages, existing mappings
 /// included (see `Config::transparent_huge_pages`). Best effort: a kernel
 /// without THP has nothing to disable.
@@ -52,6 +51,7 @@ fn disable_transparent_huge_pages() {
     }
 }
 
+/// Raises the soft open-files limit to the hard limit; returns (soft, hard).
 pub fn raise_open_files_limit() -> (u64, u64) {
     let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
     // SAFETY: getrlimit writes into a valid rlimit.

@@ -382,6 +382,13 @@ fn an_abandoned_poll_frees_its_socket_and_the_session_keeps_its_messages() {
         assert!(std::time::Instant::now() < deadline, "the poll never arrived");
         std::thread::sleep(Duration::from_millis(10));
     }
+    // It is waiting (not answered), so the test is about a waiting poll.
+    waiting.set_read_timeout(Some(Duration::from_millis(200))).unwrap();
+    let waited = std::io::Read::read(&mut waiting, &mut [0u8; 64]);
+    assert!(
+        matches!(&waited, Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut)),
+        "the poll should be waiting: {waited:?}"
+    );
     drop(waiting);
     while sockets() != before {
         assert!(std::time::Instant::now() < deadline, "the abandoned poll still holds its socket");

@@ -124,6 +124,58 @@ fn a_refused_request_body_does_not_reset_the_response() {
     }
 }
 
+/// A client that half-closes after its request (HTTP/1.0 tools, health
+/// checkers, some proxies) still gets the whole response, even when the
+/// response is larger than the socket takes at once.
+#[test]
+fn a_half_closed_client_gets_the_whole_response() {
+    let server = Server::start(1, "");
+    // A small receive window and segment size keep most of the 70 KB
+    // client library queued in the server's outbox when the FIN arrives.
+    let mut stream = small_window_connection(server.port);
+    stream.write_all(b"GET /kometa.js HTTP/1.0\r\nHost: x\r\n\r\n").unwrap();
+    stream.shutdown(std::net::Shutdown::Write).unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    let mut response = Vec::new();
+    stream.read_to_end(&mut response).expect("read the response");
+    let split = response.windows(4).position(|w| w == b"\r\n\r\n").expect("a response head") + 4;
+    let head = String::from_utf8_lossy(&response[..split]).to_string();
+    let declared: usize = head
+        .lines()
+        .find_map(|line| line.strip_prefix("Content-Length: "))
+        .and_then(|value| value.trim().parse().ok())
+        .expect("Content-Length");
+    assert!(declared > 60_000, "the test needs a large response: {head}");
+    assert_eq!(response.len() - split, declared, "body cut short after the client's FIN");
+}
+
+/// A loopback connection with a 4 KiB receive buffer and 536-byte segments.
+fn small_window_connection(port: u16) -> std::net::TcpStream {
+    use std::os::fd::FromRawFd;
+    // SAFETY: plain socket calls on a descriptor created here and handed to
+    // TcpStream, which owns and closes it.
+    unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
+        assert!(fd >= 0, "socket");
+        let set = |level, name, value: libc::c_int| {
+            let size = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+            libc::setsockopt(fd, level, name, (&value as *const libc::c_int).cast(), size);
+        };
+        set(libc::SOL_SOCKET, libc::SO_RCVBUF, 4096);
+        set(libc::IPPROTO_TCP, libc::TCP_MAXSEG, 536);
+        let address = libc::sockaddr_in {
+            sin_family: libc::AF_INET as libc::sa_family_t,
+            sin_port: port.to_be(),
+            sin_addr: libc::in_addr { s_addr: u32::from_be_bytes([127, 0, 0, 1]).to_be() },
+            sin_zero: [0; 8],
+        };
+        let size = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
+        let connected = libc::connect(fd, (&address as *const libc::sockaddr_in).cast(), size);
+        assert_eq!(connected, 0, "connect: {}", std::io::Error::last_os_error());
+        std::net::TcpStream::from_raw_fd(fd)
+    }
+}
+
 #[test]
 fn websocket_violations_close_with_rfc_codes() {
     let server = Server::start(2, "[limits]\nclient_message_bytes_max = 1024\n");

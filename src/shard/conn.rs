@@ -172,7 +172,7 @@ impl Shard {
                 // half-close a request): free the socket now rather than at
                 // the poll timeout. Its session keeps every message until
                 // a later poll acknowledges it.
-                self.close_conn(key);
+                self.peer_closed(key);
                 break;
             }
             if conn.session.flags.contains(Flags::AWAITING_REPLY) || conn.session.phase == Phase::Polling {
@@ -224,10 +224,27 @@ impl Shard {
         self.scratch = scratch;
     }
 
-    /// The peer closed its side. A WebSocket without a close frame is an
-    /// abnormal closure; either way the connection ends.
+    /// The peer closed its side (end of stream). A WebSocket without a close
+    /// frame is an abnormal closure; either way the connection ends, but
+    /// only once what is already queued for the peer has been written: a
+    /// client that half-closes after its request (HTTP/1.0 tools, health
+    /// checkers, proxies) still reads the whole response.
     fn peer_closed(&mut self, key: ConnKey) {
-        self.close_conn(key);
+        let Some(conn) = self.conns.get_mut(key as usize) else { return };
+        if conn.session.outbox.is_none() {
+            self.close_conn(key);
+            return;
+        }
+        if conn.session.flags.contains(Flags::CLOSE_AFTER_FLUSH) {
+            // Already ending, with its own deadline.
+            return;
+        }
+        // A poll or stream leaves its session now, so nothing more is
+        // written into a connection that only finishes its output.
+        if let Some(role) = conn.session.http.take() {
+            self.release_http_role(key, *role);
+        }
+        self.end_after_flush(key);
     }
 
     /// Hands fresh bytes (after any kept remainder) to the protocol layer

@@ -49,7 +49,8 @@ impl Shard {
                 TimerAction::SessionExpired => self.close_conn(key),
                 TimerAction::HttpTimeout if has_partial_input => {
                     self.respond(key, 408, &[], "request head not received in time", false, true);
-                    self.end_after_flush(key);
+                    // The client may still be sending: see Phase::Lingering.
+                    self.end_after_flush_lingering(key);
                 }
                 // An idle keep-alive connection: close quietly.
                 TimerAction::HttpTimeout | TimerAction::Drop => self.close_conn(key),
