@@ -355,6 +355,12 @@ fi
 
 row "CPUs online / usable here" "-" "$CPUS_ONLINE / $CPUS_USABLE" INFO "(one shard per usable core by default)"
 row "memory" "-" "$MEM_GIB GiB" INFO
+# Kometa opts itself out of transparent huge pages (transparent_huge_pages =
+# false, the default), so the host mode is only for reference.
+if [[ -r /sys/kernel/mm/transparent_hugepage/enabled ]]; then
+    thp_mode=$(sed -n 's/.*\[\(.*\)\].*/\1/p' /sys/kernel/mm/transparent_hugepage/enabled)
+    row "transparent huge pages" "-" "${thp_mode:-?}" INFO "(kometa disables them for itself: see docs/tuning.md)"
+fi
 
 # Current usage, for reading alongside docs/tuning.md.
 if [[ -r /proc/sys/fs/file-nr ]]; then
