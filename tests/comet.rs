@@ -181,6 +181,18 @@ fn presence_lists_members_across_shards_with_join_and_leave_events() {
     assert_eq!(leaves, HashSet::from(["u1".to_string(), "u3".to_string()]));
     drop(last_u2);
     assert_eq!(watcher.recv(), json!({"channel": "track_room", "event": "leave", "data": {"user": "u2"}}));
+
+    // An anonymous subscriber cannot become a user afterwards (its presence
+    // was counted anonymously): refused, and it leaves as what it joined as.
+    anonymous.send(json!({"op": "connect", "token": token("u1"), "id": 8}));
+    // Skip the join/leave events it got as a subscriber of the channel.
+    let reply = std::iter::repeat_with(|| anonymous.recv()).find(|m| m.get("id").is_some()).unwrap();
+    assert_eq!(reply["error"]["code"], "bad_request", "{reply}");
+    drop(anonymous);
+    let stats = server.wait_stats("the anonymous subscriber gone", |s| s["connections"] == 1);
+    let presence = server.admin().presence_stats("track_room").unwrap();
+    assert_eq!((presence["users"].clone(), presence["anonymous"].clone()), (json!(1), json!(0)), "{stats}");
+    assert_eq!(watcher.request(json!({"op": "ping", "id": 9})), json!({"id": 9, "ok": true}), "no false leave");
 }
 
 #[test]
@@ -397,7 +409,7 @@ fn client_publications_carry_the_senders_user_id() {
 
 #[test]
 fn disconnect_closes_every_connection_and_revokes_older_tokens() {
-    let server = Server::start(2, &config(""));
+    let server = Server::start(2, &config("[timeouts]\nclose_timeout_ms = 30000\n"));
     let old_token = sign(SECRET, &json!({"sub": "jack", "iat": now_s() - 100}));
     let mut clients: Vec<Client> = (0..6).map(|_| server.client_at(&format!("/ws?token={old_token}"))).collect();
     let mut bystander = user_client(&server, "kate");
@@ -407,9 +419,13 @@ fn disconnect_closes_every_connection_and_revokes_older_tokens() {
     for client in &mut clients {
         assert_eq!(client.close_code(), Some(4003));
     }
-    // A token issued before the revocation is refused after the upgrade.
+    // A token issued before the revocation is refused after the upgrade, and
+    // the close handshake completes at once (close_timeout_ms is long here).
     let mut retry = server.client_at(&format!("/ws?token={old_token}"));
     assert_eq!(retry.close_code(), Some(4001));
+    let closing_started = std::time::Instant::now();
+    assert_eq!(retry.close_code(), None, "the server ends the connection after the close handshake");
+    assert!(closing_started.elapsed() < std::time::Duration::from_secs(10), "closed only at the close timeout");
     // A fresh one works; bystanders are untouched.
     let mut fresh = user_client(&server, "jack");
     assert_eq!(fresh.request(json!({"op": "ping", "id": 1})), json!({"id": 1, "ok": true}));

@@ -399,3 +399,38 @@ fn an_abandoned_poll_frees_its_socket_and_the_session_keeps_its_messages() {
     let messages = poll_messages(&server, &session, &mut cursor, 1);
     assert_eq!(messages[0]["data"], "after");
 }
+
+/// The browser client falls back from SSE to long-polling with the same
+/// session: a poll on a session created by SSE gets ordinary poll answers
+/// (and a stream on a poll session gets ordinary events).
+#[test]
+fn a_session_can_switch_between_sse_and_long_polling() {
+    let server = Server::start(1, "");
+    let mut stream = SseStream::open(&server, "/sse?channel=news", &[]);
+    let session = session_of(&stream.next_data().1);
+    let (id, _subscribed) = stream.next_data();
+    let mut cursor = seq_of(&id);
+    drop(stream);
+
+    // A waiting poll on the SSE session, answered by a publication.
+    let waiting = {
+        let (port, admin, session) = (server.port, server.admin.clone(), session.clone());
+        std::thread::spawn(move || {
+            let view = Server::view(port, admin);
+            http(&view, "GET", &format!("/poll?session={session}&cursor={cursor}"), &[], b"")
+        })
+    };
+    std::thread::sleep(Duration::from_millis(100));
+    server.publish("news", "e", "1");
+    let answer = waiting.join().unwrap();
+    assert_eq!(answer.status, 200);
+    let batch = answer.json();
+    assert_eq!(batch["messages"][0]["data"], 1, "{batch}");
+    cursor = batch["cursor"].as_u64().unwrap();
+
+    // And back to SSE: the stream resumes after the cursor.
+    let mut stream = SseStream::open(&server, &format!("/sse?last_event_id={session}:{cursor}"), &[]);
+    server.publish("news", "e", "2");
+    let (_, push) = std::iter::repeat_with(|| stream.next_data()).find(|(_, m)| m.get("offset").is_some()).unwrap();
+    assert_eq!(push["data"], 2);
+}

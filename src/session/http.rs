@@ -86,7 +86,13 @@ impl SessionBuffer {
         if self.lost_through > seq {
             return Err(Lost);
         }
-        Ok(self.entries.iter().filter(move |(s, _)| *s > seq))
+        // Sequences in the buffer are consecutive (pushed at the back, dropped
+        // at the front), so the first one after `seq` is found by arithmetic,
+        // not a scan: SSE asks this for every message it forwards.
+        let first = self.entries.front().map_or(self.next_seq, |(first, _)| *first);
+        let skip = (seq + 1).saturating_sub(first).min(self.entries.len() as u64) as usize;
+        debug_assert!(self.entries.get(skip).is_none_or(|(next, _)| *next > seq));
+        Ok(self.entries.range(skip..))
     }
 
     /// Sequence of the newest message (0 before the first).

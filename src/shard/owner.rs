@@ -117,9 +117,13 @@ impl Shard {
 
     fn owner_publish(&mut self, request: PublishRequest) {
         let PublishRequest { channel, event, data, user, reply, only_if_exists } = request;
+        // The server's own events (user status) have no publisher to retry
+        // them, and a lost "offline" would show a user online forever; they
+        // are bounded by connection churn, so they skip load shedding.
+        let sheddable = !matches!(reply, ReplyTo::Nobody);
         let result = if self.is_draining() {
             Err(PublishRefusal::ShuttingDown)
-        } else if self.bus.overloaded() {
+        } else if sheddable && self.bus.overloaded() {
             Err(PublishRefusal::Overloaded)
         } else if only_if_exists && self.owned.get(&channel).is_none() {
             Err(PublishRefusal::NoChannel)
@@ -133,7 +137,10 @@ impl Shard {
                 Err(_) => Err(PublishRefusal::ChannelLimit),
                 // A shard with subscribers is this far behind: shed load at
                 // the publisher rather than let latency grow without bound.
-                Ok(state) if state.subscriber_shards().any(|s| backlogs[s].load(Ordering::Relaxed) > backlog_max) => {
+                Ok(state)
+                    if sheddable
+                        && state.subscriber_shards().any(|s| backlogs[s].load(Ordering::Relaxed) > backlog_max) =>
+                {
                     self.metrics.publications_refused += 1;
                     Err(PublishRefusal::Overloaded)
                 }

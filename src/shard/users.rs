@@ -126,7 +126,12 @@ impl Shard {
                 }
                 self.unpause(key, generation);
             }
-            Err(()) => self.close_websocket(key, ws::close::INVALID_TOKEN, "token revoked"),
+            Err(()) => {
+                self.close_websocket(key, ws::close::INVALID_TOKEN, "token revoked");
+                // Read on, so the client's close reply completes the handshake
+                // (paused, the connection would wait out close_timeout_ms).
+                self.unpause(key, generation);
+            }
         }
     }
 

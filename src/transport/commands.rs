@@ -240,6 +240,13 @@ impl Shard {
                 Ok(())
             }
             Some(_) => Err(refuse(ErrorCode::Forbidden, "this connection is authenticated as another user")),
+            // Its subscriptions joined presence anonymously; counting their
+            // leave against a user would corrupt presence (the owner has no
+            // join to match). Authenticate first.
+            None if !conn.session.subscriptions.is_empty() => Err(refuse(
+                ErrorCode::BadRequest,
+                "connect before subscribing (or pass ?token=): this connection already subscribed anonymously",
+            )),
             None => {
                 self.register_user(key, generation, identity, id, true);
                 Ok(())

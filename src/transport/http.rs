@@ -53,7 +53,11 @@ impl Shard {
                 let now_ms = self.now_ms;
                 let timeouts = self.config.timeouts.clone();
                 if let Some(conn) = self.conn_mut(key, generation) {
-                    conn.session.keep_alive(now_ms, &timeouts);
+                    // Unless the route already decided to end it (a refused
+                    // upgrade): its close deadline stands.
+                    if !conn.session.flags.contains(Flags::CLOSE_AFTER_FLUSH) {
+                        conn.session.keep_alive(now_ms, &timeouts);
+                    }
                 }
             } else {
                 self.end_after_flush(key);

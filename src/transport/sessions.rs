@@ -345,6 +345,10 @@ impl Shard {
         if hs.buffer.after(seq).is_err() {
             return false;
         }
+        // A session may change transport (the client falls back between SSE
+        // and long-polling with the same session): it is served as what
+        // asks for it now.
+        hs.kind = SessionKind::Sse;
         hs.buffer.ack(seq);
         let id = hs.id.to_string();
         let replay: Vec<(u64, Vec<u8>)> = match hs.buffer.after(seq) {
@@ -422,6 +426,8 @@ impl Shard {
             Located::Here(session, session_generation) => (session, session_generation),
         };
         let Some(HttpRole::Session(hs)) = self.session_role(session) else { return Handled::Held };
+        // Served as long-polling from now on, whatever it was created as.
+        hs.kind = SessionKind::LongPoll;
         if hs.buffer.after(cursor).is_err() {
             self.respond_json_error(
                 key,
