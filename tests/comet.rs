@@ -60,12 +60,13 @@ fn a_message_to_a_user_reaches_all_their_connections_and_no_one_else() {
     let mut bob = user_client(&server, "bob");
     let mut anonymous = server.client();
     let reply = server.admin().send_user(&["alice"], "notice", br#"{"text":"hi"}"#).unwrap();
+    let seq = reply["results"][0]["inbox"].as_u64().expect("stored with a sequence");
     assert_eq!(
         reply["results"][0],
-        json!({"user": "alice", "delivered": 8, "stored": true, "inbox_full": false, "inbox": 1})
+        json!({"user": "alice", "delivered": 8, "stored": true, "inbox_full": false, "inbox": seq})
     );
     for client in &mut alice {
-        assert_eq!(client.recv(), json!({"inbox": 1, "event": "notice", "data": {"text": "hi"}}));
+        assert_eq!(client.recv(), json!({"inbox": seq, "event": "notice", "data": {"text": "hi"}}));
     }
     // The others got nothing: their next message is the reply to a ping.
     for client in [&mut bob, &mut anonymous] {
@@ -84,24 +85,30 @@ fn an_offline_user_gets_the_inbox_in_order_acked_ones_not_again_expired_ones_gon
     let server =
         Server::start(2, &config("[inbox]\nmessages_max = 3\nttl_ms = 1500\n[timeouts]\nsweep_interval_ms = 50\n"));
     let mut admin = server.admin();
+    let mut stored = Vec::new();
     for n in 1..=3 {
         let reply = admin.send_user(&["carol"], "m", n.to_string().as_bytes()).unwrap();
         assert_eq!(reply["results"][0]["stored"], true);
         assert_eq!(reply["results"][0]["delivered"], 0);
+        stored.push(reply["results"][0]["inbox"].as_u64().expect("a sequence"));
     }
+    // Consecutive, and far from 1: numbering starts from the clock, so a
+    // client never mistakes new messages for ones it acknowledged before.
+    assert_eq!(stored, vec![stored[0], stored[0] + 1, stored[0] + 2]);
+    assert!(stored[0] > 1_000_000_000_000_000 && stored[0] < 1 << 53, "{stored:?}");
     // The fourth does not fit: the publisher is told, nothing is dropped silently.
     let reply = admin.send_user(&["carol"], "m", b"4").unwrap();
     assert_eq!(reply["results"][0], json!({"user": "carol", "delivered": 0, "stored": false, "inbox_full": true}));
 
     let mut carol = user_client(&server, "carol");
     let seqs: Vec<Value> = (0..3).map(|_| carol.recv()).collect();
-    assert_eq!(seqs.iter().map(|m| m["inbox"].clone()).collect::<Vec<_>>(), vec![json!(1), json!(2), json!(3)]);
+    assert_eq!(seqs.iter().map(|m| m["inbox"].as_u64().unwrap()).collect::<Vec<_>>(), stored);
     assert_eq!(seqs.iter().map(|m| m["data"].clone()).collect::<Vec<_>>(), vec![json!(1), json!(2), json!(3)]);
-    assert_eq!(carol.request(json!({"op": "ack", "inbox": 2, "id": 9})), json!({"id": 9, "ok": true}));
+    assert_eq!(carol.request(json!({"op": "ack", "inbox": stored[1], "id": 9})), json!({"id": 9, "ok": true}));
     drop(carol);
 
     let mut again = user_client(&server, "carol");
-    assert_eq!(again.recv()["inbox"], 3, "acked messages are not re-sent");
+    assert_eq!(again.recv()["inbox"], stored[2], "acked messages are not re-sent");
     assert_eq!(again.request(json!({"op": "ping", "id": 1})), json!({"id": 1, "ok": true}));
     drop(again);
 

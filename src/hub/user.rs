@@ -46,13 +46,25 @@ pub struct UserState {
     touched_ms: u64,
 }
 
+/// Where a user's inbox numbering starts: the clock in microsecond-sized
+/// steps, so numbers keep increasing when the state is recreated (a server
+/// restart, an offline user forgotten and seen again). Starting at 1 again
+/// would make a client that remembers "acknowledged up to 57" drop and ack
+/// the first 57 new messages. Stays below 2^53 (exact in JavaScript) until
+/// the year 2255; a user would need more than 1,000 messages a millisecond
+/// over its whole life to overtake a later start.
+fn first_inbox_seq(unix_ms: u64) -> u64 {
+    const SEQS_PER_MS: u64 = 1_000;
+    unix_ms.saturating_mul(SEQS_PER_MS).max(1)
+}
+
 impl UserState {
-    fn new(shard_count: usize) -> UserState {
+    fn new(shard_count: usize, first_seq: u64) -> UserState {
         UserState {
             connections_by_shard: vec![0; shard_count].into_boxed_slice(),
             connections: 0,
             last_seen_ms: 0,
-            next_seq: 1,
+            next_seq: first_seq,
             inbox: VecDeque::new(),
             revoked_before_s: 0,
             touched_ms: 0,
@@ -117,11 +129,15 @@ pub struct OwnedUsers {
     limits: UserLimits,
     /// Users whose inbox is not empty.
     inbox_users: usize,
+    /// The highest inbox sequence handed out here: a user's state created
+    /// again (after being forgotten) numbers on above it, even within the
+    /// same millisecond.
+    highest_seq: u64,
 }
 
 impl OwnedUsers {
     pub fn new(shard_count: usize, limits: UserLimits) -> OwnedUsers {
-        OwnedUsers { users: HashMap::new(), shard_count, limits, inbox_users: 0 }
+        OwnedUsers { users: HashMap::new(), shard_count, limits, inbox_users: 0, highest_seq: 0 }
     }
 
     pub fn limits(&self) -> UserLimits {
@@ -140,7 +156,8 @@ impl OwnedUsers {
     fn entry(&mut self, user: &Arc<str>) -> &mut UserState {
         if !self.users.contains_key(&**user) {
             self.make_room();
-            self.users.insert(Arc::clone(user), UserState::new(self.shard_count));
+            let first_seq = first_inbox_seq(crate::util::unix_time_ms()).max(self.highest_seq + 1);
+            self.users.insert(Arc::clone(user), UserState::new(self.shard_count, first_seq));
         }
         self.users.get_mut(&**user).expect("inserted above")
     }
@@ -244,6 +261,7 @@ impl OwnedUsers {
             (false, true) => self.inbox_users += 1,
             _ => {}
         }
+        self.highest_seq = self.highest_seq.max(seq.unwrap_or(0));
         (outcome, push)
     }
 
@@ -350,12 +368,13 @@ mod tests {
         let mut users = OwnedUsers::new(1, limits());
         let bob: Arc<str> = "bob".into();
         let seqs: Vec<Option<u64>> = (0..4).map(|_| users.send(&bob, 0, push).0.stored).collect();
-        assert_eq!(seqs, vec![Some(1), Some(2), Some(3), None]);
+        let first = seqs[0].expect("stored");
+        assert_eq!(seqs, vec![Some(first), Some(first + 1), Some(first + 2), None]);
         let (outcome, _) = users.send(&bob, 0, push);
         assert!(outcome.inbox_full && outcome.stored.is_none());
-        users.ack("bob", 2);
+        users.ack("bob", first + 1);
         let (_, inbox) = users.connect(&bob, 0, 0, 10).unwrap();
-        assert_eq!(inbox.iter().map(|p| p.offset).collect::<Vec<_>>(), vec![3]);
+        assert_eq!(inbox.iter().map(|p| p.offset).collect::<Vec<_>>(), vec![first + 2]);
         // Expired by the time the next connection registers.
         let (_, inbox) = users.connect(&bob, 0, 0, 2_000).unwrap();
         assert!(inbox.is_empty());
@@ -364,13 +383,28 @@ mod tests {
     #[test]
     fn inbox_user_limit_is_reported_as_full() {
         let mut users = OwnedUsers::new(1, limits());
-        for user in ["a", "b"] {
-            assert!(users.send(&user.into(), 0, push).0.stored.is_some());
-        }
+        let stored: Vec<u64> =
+            ["a", "b"].iter().map(|user| users.send(&(*user).into(), 0, push).0.stored.unwrap()).collect();
         let (outcome, _) = users.send(&"c".into(), 0, push);
         assert!(outcome.inbox_full);
-        users.ack("a", 10);
+        users.ack("a", stored[0]);
         assert!(users.send(&"c".into(), 0, push).0.stored.is_some());
+    }
+
+    /// A user forgotten and seen again numbers on above everything before,
+    /// so a client that remembers its last acknowledged number loses nothing.
+    #[test]
+    fn inbox_numbers_keep_increasing_when_a_user_is_forgotten() {
+        let mut users = OwnedUsers::new(1, UserLimits { tracked_max: 1, ..limits() });
+        let dan: Arc<str> = "dan".into();
+        let before = users.send(&dan, 0, push).0.stored.unwrap();
+        users.ack("dan", before);
+        // Another user takes dan's place (tracked_max = 1, dan has nothing pending).
+        users.send(&"eve".into(), 0, push);
+        assert_eq!(users.status("dan"), Status::Unknown, "dan was forgotten");
+        let after = users.send(&dan, 0, push).0.stored.unwrap();
+        assert!(after > before, "{after} after {before}");
+        assert!(after < 1 << 53, "exact in JavaScript");
     }
 
     #[test]

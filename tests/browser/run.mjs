@@ -482,7 +482,8 @@ for (const kind of ["websocket", "longpoll"]) {
     assert.equal(r1.results[0].delivered, 1);
     await srv.sendUser(["42"], "notice", { n: 2 });
     await until(page, () => T.inbox.length === 2);
-    assert.deepEqual(await page.evaluate(() => T.inbox.map((m) => [m.inbox, m.event, m.data.n])), [[1, "notice", 1], [2, "notice", 2]]);
+    const seq = r1.results[0].inbox;
+    assert.deepEqual(await page.evaluate(() => T.inbox.map((m) => [m.inbox, m.event, m.data.n])), [[seq, "notice", 1], [seq + 1, "notice", 2]]);
     await sleep(400); // the acks reach the server
     await page.reload();
     await connect(page, srv.url, opts);
