@@ -69,6 +69,10 @@ impl Flags {
     /// of stream: with edge-triggered epoll a short read no longer means a
     /// later edge will come, because the FIN may already sit behind the data.
     pub const PEER_SHUT_WRITE: Flags = Flags(1 << 8);
+    /// The connection has an entry in the shard's ready queue: at most one,
+    /// so a peer that keeps its socket full cannot collect several read
+    /// budgets per tick (one per edge) at the expense of the others.
+    pub const QUEUED: Flags = Flags(1 << 9);
 
     pub fn contains(self, other: Flags) -> bool {
         self.0 & other.0 == other.0

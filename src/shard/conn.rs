@@ -125,13 +125,18 @@ impl Shard {
             self.flush(key);
         }
         if events & (sys::EPOLLIN | sys::EPOLLRDHUP | sys::EPOLLHUP | sys::EPOLLERR) != 0 {
-            if let Some(conn) = self.conn_mut(key, generation) {
-                conn.session.flags.remove(Flags::INPUT_DRAINED);
-                if events & (sys::EPOLLRDHUP | sys::EPOLLHUP) != 0 {
-                    conn.session.flags.insert(Flags::PEER_SHUT_WRITE);
-                }
+            let Some(conn) = self.conn_mut(key, generation) else { return };
+            conn.session.flags.remove(Flags::INPUT_DRAINED);
+            if events & (sys::EPOLLRDHUP | sys::EPOLLHUP) != 0 {
+                conn.session.flags.insert(Flags::PEER_SHUT_WRITE);
             }
-            self.read_connection(key, generation);
+            // Already waiting for its turn to read (its budget ran out): the
+            // new data is read then, not now with a fresh budget.
+            let waiting_turn =
+                conn.session.flags.contains(Flags::QUEUED) && conn.session.flags.contains(Flags::READ_PENDING);
+            if !waiting_turn {
+                self.read_connection(key, generation);
+            }
         }
     }
 

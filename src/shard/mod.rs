@@ -34,7 +34,7 @@ use crate::hub::channel::OwnedChannels;
 use crate::hub::index::{ConnKey, LocalChannelId, LocalIndex};
 use crate::hub::publication::Publication;
 use crate::hub::user::{OwnedUsers, UserLimits};
-use crate::session::Session;
+use crate::session::{Flags, Session};
 use sys::Epoll;
 
 /// Bytes read per `recv` into the shard's scratch buffer.
@@ -348,6 +348,11 @@ impl Shard {
 
     /// Puts a connection on the ready list for another turn.
     pub(crate) fn mark_ready(&mut self, key: ConnKey, generation: u32) {
+        let Some(conn) = self.conn_mut(key, generation) else { return };
+        if conn.session.flags.contains(Flags::QUEUED) {
+            return;
+        }
+        conn.session.flags.insert(Flags::QUEUED);
         self.ready.push_back((key, generation));
     }
 
@@ -355,6 +360,11 @@ impl Shard {
         let turns = self.ready.len();
         for _ in 0..turns {
             let Some((key, generation)) = self.ready.pop_front() else { break };
+            // A stale entry (the connection closed, its slot maybe reused)
+            // finds no connection of its generation and does nothing.
+            if let Some(conn) = self.conn_mut(key, generation) {
+                conn.session.flags.remove(Flags::QUEUED);
+            }
             self.resume_connection(key, generation);
         }
         turns
