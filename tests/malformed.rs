@@ -176,6 +176,28 @@ fn small_window_connection(port: u16) -> std::net::TcpStream {
     }
 }
 
+/// A protocol violation fails the connection: the client gets the close
+/// code and then a clean end of stream, even while it goes on sending (what
+/// follows the violation is not decoded as frames, and no reset destroys
+/// the close frame).
+#[test]
+fn a_violation_ends_with_the_close_code_and_a_clean_end_of_stream() {
+    let server = Server::start(1, "");
+    let mut stream = raw_websocket(&server);
+    // A masked text frame declaring 1 MiB (over client_message_bytes_max),
+    // then its payload.
+    const PAYLOAD_BYTES: u64 = 1 << 20;
+    let mut frame = vec![0x81, 0x80 | 127];
+    frame.extend_from_slice(&PAYLOAD_BYTES.to_be_bytes());
+    frame.extend_from_slice(&[1, 2, 3, 4]);
+    stream.write_all(&frame).unwrap();
+    stream.write_all(&vec![b'x'; PAYLOAD_BYTES as usize]).expect("the server reads the rest away");
+    assert_eq!(read_close_code(&mut stream), Some(1009));
+    let mut rest = Vec::new();
+    stream.read_to_end(&mut rest).expect("a clean end of stream, no reset");
+    assert!(rest.is_empty(), "nothing after the close frame: {} bytes", rest.len());
+}
+
 #[test]
 fn websocket_violations_close_with_rfc_codes() {
     let server = Server::start(2, "[limits]\nclient_message_bytes_max = 1024\n");

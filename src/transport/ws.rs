@@ -21,9 +21,12 @@ impl Shard {
         match decoded {
             Ok(None) => None,
             Err(violation) => {
-                if closing {
-                    self.close_conn(key);
-                } else {
+                // Fail the connection (RFC 6455 §7.1.7): our close frame (if
+                // not sent yet), then our FIN, and what follows is not decoded
+                // any more (it would be read as frames: more violations, and
+                // a reset that could destroy the close frame). Input is read
+                // away until the peer's FIN, bounded by close_timeout_ms.
+                if !closing {
                     self.metrics.protocol_errors += 1;
                     tracing::debug!(
                         shard = self.id,
@@ -34,6 +37,7 @@ impl Shard {
                     );
                     self.close_websocket(key, violation.code, violation.reason);
                 }
+                self.end_after_flush_lingering(key);
                 Some(input.len())
             }
             Ok(Some(decoded)) => {
