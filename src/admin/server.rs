@@ -190,6 +190,10 @@ pub fn stats_json(shards: &[ShardStats]) -> Vec<u8> {
     serde_json::to_vec(&document).unwrap_or_default()
 }
 
+/// Replies gathered before a write: many small replies share one write,
+/// and a connection holds at most this plus one reply.
+const OUTPUT_FLUSH_BYTES: usize = 64 * 1024;
+
 async fn connection<S: AsyncRead + AsyncWrite + Unpin>(shard: Rc<RefCell<Gateway>>, mut stream: S, needs_auth: bool) {
     let (frame_bytes_max, in_flight_max) = {
         let shard = shard.borrow();
@@ -222,10 +226,19 @@ async fn connection<S: AsyncRead + AsyncWrite + Unpin>(shard: Rc<RefCell<Gateway
         input.drain(..consumed);
         let more_buffered = pending.len() >= in_flight_max;
 
-        // Replies go out in request order.
+        // Replies go out in request order, gathered into few writes but
+        // never more than OUTPUT_FLUSH_BYTES held at once (a batch of large
+        // HISTORY replies would otherwise sit in memory together).
         let mut output = Vec::new();
         for reply in pending {
             output.extend_from_slice(&reply.into_bytes().await);
+            if output.len() >= OUTPUT_FLUSH_BYTES {
+                if stream.write_all(&output).await.is_err() {
+                    return;
+                }
+                output.clear();
+                output.shrink_to(OUTPUT_FLUSH_BYTES);
+            }
         }
         if !output.is_empty() && stream.write_all(&output).await.is_err() {
             return;
