@@ -366,32 +366,36 @@ fn an_abandoned_poll_frees_its_socket_and_the_session_keeps_its_messages() {
     let session = session_of(&created["messages"][0]);
     let mut cursor = created["cursor"].as_u64().unwrap();
     poll_messages(&server, &session, &mut cursor, 1);
-    let sockets = || {
-        std::fs::read_dir(format!("/proc/{}/fd", server.pid()))
-            .expect("fd dir")
-            .filter_map(|entry| std::fs::read_link(entry.ok()?.path()).ok())
-            .filter(|target| target.to_string_lossy().starts_with("socket:"))
-            .count()
+    // Whether the server still has its end of the connection from
+    // `client_port` open: a row of /proc/net/tcp with a socket inode (0 once
+    // the server has closed it, or before it accepted it).
+    let server_holds = |client_port: u16| {
+        let table = std::fs::read_to_string("/proc/net/tcp").expect("/proc/net/tcp");
+        let port = |address: &str| address.rsplit(':').next().and_then(|hex| u16::from_str_radix(hex, 16).ok());
+        table.lines().skip(1).any(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            fields.len() > 9
+                && port(fields[1]) == Some(server.port)
+                && port(fields[2]) == Some(client_port)
+                && fields[9] != "0"
+        })
     };
-    let before = sockets();
 
     let mut waiting = server.tcp();
+    let client_port = waiting.local_addr().unwrap().port();
     let request = format!("GET /poll?session={session}&cursor={cursor} HTTP/1.1\r\nHost: x\r\n\r\n");
     waiting.write_all(request.as_bytes()).unwrap();
-    let deadline = std::time::Instant::now() + Duration::from_secs(5);
-    while sockets() != before + 1 {
-        assert!(std::time::Instant::now() < deadline, "the poll never arrived");
-        std::thread::sleep(Duration::from_millis(10));
-    }
     // It is waiting (not answered), so the test is about a waiting poll.
-    waiting.set_read_timeout(Some(Duration::from_millis(200))).unwrap();
+    waiting.set_read_timeout(Some(Duration::from_millis(300))).unwrap();
     let waited = std::io::Read::read(&mut waiting, &mut [0u8; 64]);
     assert!(
         matches!(&waited, Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut)),
         "the poll should be waiting: {waited:?}"
     );
+    assert!(server_holds(client_port), "the server holds the waiting poll's socket");
     drop(waiting);
-    while sockets() != before {
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while server_holds(client_port) {
         assert!(std::time::Instant::now() < deadline, "the abandoned poll still holds its socket");
         std::thread::sleep(Duration::from_millis(10));
     }
