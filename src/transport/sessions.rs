@@ -411,19 +411,8 @@ impl Shard {
                 return Handled::Held;
             }
         };
-        let (session, session_generation) = match self.locate_session(key, &id, input) {
-            Located::Migrated => return Handled::Held,
-            Located::Unknown => {
-                self.respond_json_error(
-                    key,
-                    410,
-                    cors,
-                    "session_expired",
-                    "no such session (expired or never existed)",
-                );
-                return Handled::Held;
-            }
-            Located::Here(session, session_generation) => (session, session_generation),
+        let Some((session, session_generation)) = self.existing_session(key, &id, input, cors) else {
+            return Handled::Held;
         };
         let Some(HttpRole::Session(hs)) = self.session_role(session) else { return Handled::Held };
         // Served as long-polling from now on, whatever it was created as.
@@ -550,6 +539,20 @@ impl Shard {
         }
     }
 
+    /// The session `id` names, here; or `None` once the request has been
+    /// handed to the session's shard or answered 410 (no such session).
+    fn existing_session(&mut self, key: ConnKey, id: &str, input: &[u8], cors: Option<&str>) -> Option<(ConnKey, u32)> {
+        match self.locate_session(key, id, input) {
+            Located::Migrated => None,
+            Located::Unknown => {
+                let message = "no such session (expired or never existed)";
+                self.respond_json_error(key, 410, cors, "session_expired", message);
+                None
+            }
+            Located::Here(session, session_generation) => Some((session, session_generation)),
+        }
+    }
+
     fn command_request(
         &mut self,
         key: ConnKey,
@@ -563,19 +566,8 @@ impl Shard {
             self.respond_json_error(key, 404, cors, "session_expired", "missing ?session=");
             return Handled::Held;
         };
-        let (session, session_generation) = match self.locate_session(key, &id, input) {
-            Located::Migrated => return Handled::Held,
-            Located::Unknown => {
-                self.respond_json_error(
-                    key,
-                    410,
-                    cors,
-                    "session_expired",
-                    "no such session (expired or never existed)",
-                );
-                return Handled::Held;
-            }
-            Located::Here(session, session_generation) => (session, session_generation),
+        let Some((session, session_generation)) = self.existing_session(key, &id, input, cors) else {
+            return Handled::Held;
         };
         let commands: Vec<&RawValue> = match body.iter().find(|b| !b.is_ascii_whitespace()) {
             Some(b'[') => match serde_json::from_slice(body) {
