@@ -2,7 +2,7 @@
 //! system-wide monotonic clock, epoll, signals and CPU accounting.
 
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::RawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 /// CLOCK_MONOTONIC in nanoseconds. It is one clock for every process on the
@@ -15,56 +15,10 @@ pub fn monotonic_ns() -> u64 {
     (time.tv_sec as u64).saturating_mul(1_000_000_000).saturating_add(time.tv_nsec as u64)
 }
 
-/// An epoll instance. Readiness is level-triggered: a connection that still
-/// has bytes after one read is reported again, which keeps the loop fair.
-pub struct Epoll {
-    fd: OwnedFd,
-}
-
-impl Epoll {
-    pub fn new() -> io::Result<Epoll> {
-        // SAFETY: plain syscall; the returned descriptor is checked before use.
-        let fd = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
-        if fd < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        // SAFETY: `fd` is a fresh descriptor that nothing else owns.
-        Ok(Epoll { fd: unsafe { OwnedFd::from_raw_fd(fd) } })
-    }
-
-    fn control(&self, op: libc::c_int, fd: RawFd, events: u32, token: u64) -> io::Result<()> {
-        let mut event = libc::epoll_event { events, u64: token };
-        // SAFETY: both descriptors are open; `event` lives across the call.
-        if unsafe { libc::epoll_ctl(self.fd.as_raw_fd(), op, fd, &mut event) } < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        Ok(())
-    }
-
-    pub fn add(&self, fd: RawFd, events: u32, token: u64) -> io::Result<()> {
-        self.control(libc::EPOLL_CTL_ADD, fd, events, token)
-    }
-
-    pub fn modify(&self, fd: RawFd, events: u32, token: u64) -> io::Result<()> {
-        self.control(libc::EPOLL_CTL_MOD, fd, events, token)
-    }
-
-    /// Waits up to `timeout_ms` and fills `events`; an interrupted wait
-    /// returns no events (the caller checks its stop flag).
-    pub fn wait(&self, events: &mut [libc::epoll_event], timeout_ms: i32) -> io::Result<usize> {
-        let capacity = events.len().min(i32::MAX as usize) as i32;
-        // SAFETY: `events` has room for `capacity` entries.
-        let count = unsafe { libc::epoll_wait(self.fd.as_raw_fd(), events.as_mut_ptr(), capacity, timeout_ms) };
-        if count < 0 {
-            let error = io::Error::last_os_error();
-            if error.kind() == io::ErrorKind::Interrupted {
-                return Ok(0);
-            }
-            return Err(error);
-        }
-        Ok(count as usize)
-    }
-}
+/// The server's epoll wrapper; the load generator registers level-triggered
+/// (a connection that still has bytes after one read is reported again,
+/// which keeps the loop fair).
+pub use crate::shard::sys::Epoll;
 
 pub const READABLE: u32 = libc::EPOLLIN as u32;
 pub const WRITABLE: u32 = libc::EPOLLOUT as u32;

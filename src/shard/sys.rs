@@ -91,8 +91,9 @@ pub const EPOLLHUP: u32 = libc::EPOLLHUP as u32;
 pub const EPOLLERR: u32 = libc::EPOLLERR as u32;
 pub const EPOLLET: u32 = libc::EPOLLET as u32;
 
-/// A shard's epoll set. Connections are registered once, edge-triggered for
-/// input and output, so an idle connection costs no syscalls at all.
+/// An epoll set. A shard registers its connections once, edge-triggered for
+/// input and output, so an idle connection costs no syscalls at all; the
+/// load generator uses it level-triggered.
 pub struct Epoll {
     fd: OwnedFd,
 }
@@ -129,8 +130,15 @@ impl Epoll {
 
     /// Collects ready events without blocking.
     pub fn poll(&self, events: &mut [libc::epoll_event]) -> io::Result<usize> {
-        // SAFETY: events is a valid buffer of its length.
-        let count = unsafe { libc::epoll_wait(self.fd(), events.as_mut_ptr(), events.len() as libc::c_int, 0) };
+        self.wait(events, 0)
+    }
+
+    /// Waits up to `timeout_ms` (-1: no limit) and fills `events`; an
+    /// interrupted wait returns no events (the caller checks its own state).
+    pub fn wait(&self, events: &mut [libc::epoll_event], timeout_ms: i32) -> io::Result<usize> {
+        let capacity = events.len().min(i32::MAX as usize) as libc::c_int;
+        // SAFETY: events has room for `capacity` entries.
+        let count = unsafe { libc::epoll_wait(self.fd(), events.as_mut_ptr(), capacity, timeout_ms) };
         if count < 0 {
             let error = io::Error::last_os_error();
             if error.kind() == io::ErrorKind::Interrupted {
