@@ -376,6 +376,7 @@ impl Config {
         check_range("timeouts.session_grace_ms", t.session_grace_ms, 100, 3_600_000)?;
         check_range("timeouts.poll_timeout_ms", t.poll_timeout_ms, 100, 600_000)?;
         check_range("timeouts.sse_heartbeat_ms", t.sse_heartbeat_ms, 100, 600_000)?;
+        check_range("timeouts.admin_write_timeout_ms", t.admin_write_timeout_ms, 100, 3_600_000)?;
         check_range("limits.fanout_backlog_max", self.limits.fanout_backlog_max, 1024, 1 << 32)?;
         check_range("limits.http_sessions_max", self.limits.http_sessions_max, 1, 100_000_000)?;
         check_range("limits.session_buffer_messages_max", self.limits.session_buffer_messages_max, 1, 1 << 20)?;

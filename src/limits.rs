@@ -126,6 +126,10 @@ pub struct Timeouts {
     pub poll_timeout_ms: u64,
     /// An SSE stream gets a comment line this often, so proxies keep it open.
     pub sse_heartbeat_ms: u64,
+    /// An admin connection whose backend does not take its replies for this
+    /// long is closed (it would hold one of `admin_connections_max` and the
+    /// replies in memory forever).
+    pub admin_write_timeout_ms: u64,
 }
 
 impl Default for Timeouts {
@@ -140,6 +144,7 @@ impl Default for Timeouts {
             session_grace_ms: 30_000,
             poll_timeout_ms: 25_000,
             sse_heartbeat_ms: 15_000,
+            admin_write_timeout_ms: 30_000,
         }
     }
 }

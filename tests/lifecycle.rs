@@ -269,3 +269,31 @@ fn transparent_huge_pages_are_off_unless_configured() {
     let opted_in = Server::start(1, "transparent_huge_pages = true\n");
     assert_eq!(thp_enabled(&opted_in), inherited, "transparent_huge_pages = true leaves THP as inherited");
 }
+
+/// A backend that sends requests and never reads the replies is dropped
+/// after `timeouts.admin_write_timeout_ms` instead of holding its admin slot
+/// (and its replies) forever.
+#[test]
+fn an_admin_connection_that_never_reads_is_closed_at_its_write_timeout() {
+    let server = Server::start(1, "[timeouts]\nadmin_write_timeout_ms = 300\n");
+    let AdminAddress::Unix(path) = &server.admin else { panic!("the test server's admin socket is a Unix socket") };
+    let mut stream = std::os::unix::net::UnixStream::connect(path).expect("admin connect");
+    // 4,000 STATS requests (~50 KB): their replies (~700 B each) far exceed
+    // the socket buffers, and nobody reads them for a while.
+    let requests: Vec<u8> =
+        (0..4000u32).flat_map(|id| kometa::proto::admin::FrameWriter::request(opcode::STATS, id).finish()).collect();
+    stream.write_all(&requests).expect("write requests");
+    std::thread::sleep(Duration::from_millis(1500));
+    // The server gave up: what it wrote can be read, then the stream ends.
+    stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut sink = vec![0u8; 1 << 16];
+    loop {
+        match stream.read(&mut sink) {
+            Ok(0) => break,
+            Ok(_) => continue,
+            Err(error) => panic!("the server kept serving a backend that did not read: {error}"),
+        }
+    }
+    // And it still serves everyone else.
+    assert!(server.stats()["connections"].as_u64().is_some());
+}

@@ -190,14 +190,29 @@ pub fn stats_json(shards: &[ShardStats]) -> Vec<u8> {
     serde_json::to_vec(&document).unwrap_or_default()
 }
 
+/// Writes `bytes`; false if the write failed or the backend did not take
+/// them within `timeout` (the connection is then dropped).
+async fn write_within<S: AsyncWrite + Unpin>(stream: &mut S, bytes: &[u8], timeout: Duration) -> bool {
+    let write = async { stream.write_all(bytes).await.map_err(glommio::GlommioError::from) };
+    match glommio::timer::timeout(timeout, write).await {
+        Ok(()) => true,
+        Err(error) => {
+            tracing::debug!(%error, "admin connection dropped: its replies could not be written");
+            false
+        }
+    }
+}
+
 /// Replies gathered before a write: many small replies share one write,
 /// and a connection holds at most this plus one reply.
 const OUTPUT_FLUSH_BYTES: usize = 64 * 1024;
 
 async fn connection<S: AsyncRead + AsyncWrite + Unpin>(shard: Rc<RefCell<Gateway>>, mut stream: S, needs_auth: bool) {
-    let (frame_bytes_max, in_flight_max) = {
+    let (frame_bytes_max, in_flight_max, write_timeout) = {
         let shard = shard.borrow();
-        (shard.config.limits.admin_frame_bytes_max, shard.config.limits.admin_requests_in_flight_max)
+        let config = &shard.config;
+        let write_timeout = Duration::from_millis(config.timeouts.admin_write_timeout_ms);
+        (config.limits.admin_frame_bytes_max, config.limits.admin_requests_in_flight_max, write_timeout)
     };
     let mut authorized = !needs_auth;
     let mut input: Vec<u8> = Vec::new();
@@ -233,14 +248,14 @@ async fn connection<S: AsyncRead + AsyncWrite + Unpin>(shard: Rc<RefCell<Gateway
         for reply in pending {
             output.extend_from_slice(&reply.into_bytes().await);
             if output.len() >= OUTPUT_FLUSH_BYTES {
-                if stream.write_all(&output).await.is_err() {
+                if !write_within(&mut stream, &output, write_timeout).await {
                     return;
                 }
                 output.clear();
                 output.shrink_to(OUTPUT_FLUSH_BYTES);
             }
         }
-        if !output.is_empty() && stream.write_all(&output).await.is_err() {
+        if !output.is_empty() && !write_within(&mut stream, &output, write_timeout).await {
             return;
         }
         if broken {

@@ -275,6 +275,7 @@ mod tests {
             session_grace_ms: 3_000,
             poll_timeout_ms: 1_000,
             sse_heartbeat_ms: 500,
+            admin_write_timeout_ms: 1_000,
         }
     }
 
