@@ -278,6 +278,22 @@ impl PublishOutcome {
     }
 }
 
+/// Takes the oldest outstanding reply: its acknowledgement latency and
+/// what it said.
+fn take_reply(
+    publisher: &mut dyn Publisher,
+    in_flight: &mut VecDeque<u64>,
+    ack: &mut Latency,
+    outcome: &mut PublishOutcome,
+) -> Result<(), String> {
+    let reply = publisher.receive()?;
+    if let Some(sent_ns) = in_flight.pop_front() {
+        ack.record_ns(sys::monotonic_ns().saturating_sub(sent_ns));
+    }
+    outcome.account(reply);
+    Ok(())
+}
+
 /// Publishes until the duration, the count or a stop signal, then collects
 /// every outstanding reply. `stop` is polled between publications.
 pub fn publish(publisher: &mut dyn Publisher, plan: &PublishPlan, stop: &dyn Fn() -> bool) -> PublishOutcome {
@@ -318,18 +334,10 @@ pub fn publish(publisher: &mut dyn Publisher, plan: &PublishPlan, stop: &dyn Fn(
             continue;
         }
         if !in_flight.is_empty() {
-            match publisher.receive() {
-                Ok(reply) => {
-                    if let Some(sent_ns) = in_flight.pop_front() {
-                        ack.record_ns(sys::monotonic_ns().saturating_sub(sent_ns));
-                    }
-                    outcome.account(reply);
-                }
-                Err(error) => {
-                    outcome.error = Some(error);
-                    in_flight.clear();
-                    break;
-                }
+            if let Err(error) = take_reply(publisher, &mut in_flight, &mut ack, &mut outcome) {
+                outcome.error = Some(error);
+                in_flight.clear();
+                break;
             }
             continue;
         }
@@ -344,17 +352,9 @@ pub fn publish(publisher: &mut dyn Publisher, plan: &PublishPlan, stop: &dyn Fn(
         }
     }
     while !in_flight.is_empty() {
-        match publisher.receive() {
-            Ok(reply) => {
-                if let Some(sent_ns) = in_flight.pop_front() {
-                    ack.record_ns(sys::monotonic_ns().saturating_sub(sent_ns));
-                }
-                outcome.account(reply);
-            }
-            Err(error) => {
-                outcome.error.get_or_insert(error);
-                break;
-            }
+        if let Err(error) = take_reply(publisher, &mut in_flight, &mut ack, &mut outcome) {
+            outcome.error.get_or_insert(error);
+            break;
         }
     }
     outcome.ended_ns = sys::monotonic_ns();

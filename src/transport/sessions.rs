@@ -569,33 +569,15 @@ impl Shard {
         let Some((session, session_generation)) = self.existing_session(key, &id, input, cors) else {
             return Handled::Held;
         };
-        let commands: Vec<&RawValue> = match body.iter().find(|b| !b.is_ascii_whitespace()) {
-            Some(b'[') => match serde_json::from_slice(body) {
-                Ok(commands) => commands,
-                Err(_) => {
-                    self.respond_json_error(
-                        key,
-                        400,
-                        cors,
-                        "bad_request",
-                        "body must be a JSON command or an array of them",
-                    );
-                    return Handled::Held;
-                }
-            },
-            _ => match serde_json::from_slice::<&RawValue>(body) {
-                Ok(command) => vec![command],
-                Err(_) => {
-                    self.respond_json_error(
-                        key,
-                        400,
-                        cors,
-                        "bad_request",
-                        "body must be a JSON command or an array of them",
-                    );
-                    return Handled::Held;
-                }
-            },
+        // One command, or an array of them.
+        let parsed = match body.iter().find(|b| !b.is_ascii_whitespace()) {
+            Some(b'[') => serde_json::from_slice::<Vec<&RawValue>>(body),
+            _ => serde_json::from_slice::<&RawValue>(body).map(|command| vec![command]),
+        };
+        let Ok(commands) = parsed else {
+            let message = "body must be a JSON command or an array of them";
+            self.respond_json_error(key, 400, cors, "bad_request", message);
+            return Handled::Held;
         };
         let pending_max = self.config.limits.session_commands_pending_max;
         if commands.len() > pending_max {
