@@ -154,3 +154,96 @@ fn churn_resumes_without_gaps_or_duplicates() {
     assert_eq!(u64_at(&report, "/deliveries/unique"), accepted * 200);
     assert!(report.get("server").is_none());
 }
+
+/// The multi-node path on one node: the same URL twice is two targets, so
+/// connections are split round-robin between them and counted per URL, while
+/// delivery stays exactly once. A second `--server-pid` (this test process)
+/// stands in for a second node's process.
+#[test]
+fn broadcast_over_the_same_url_twice_splits_connections_per_url() {
+    let server = Server::start(2, "");
+    let url = server.url("/ws");
+    let pids = format!("{},{}", server.pid(), std::process::id());
+    let subscribers = 301;
+    // run_load adds the second --url.
+    let report = run_load(
+        &server,
+        &[
+            "broadcast",
+            "--url",
+            &url,
+            "--connections",
+            "301",
+            "--workers",
+            "2",
+            "--rate",
+            "20",
+            "--duration",
+            "1s",
+            "--settle",
+            "100ms",
+            "--channel",
+            "load-test-two-urls",
+            "--server-pid",
+            &pids,
+            "--check",
+        ],
+    );
+    assert_eq!(report["parameters"]["url"], serde_json::json!([url, url]));
+    let targets = report["targets"].as_array().unwrap_or_else(|| panic!("no targets: {report:#}"));
+    assert_eq!(targets.len(), 2);
+    for (target, share) in targets.iter().zip([151, 150]) {
+        assert_eq!(target["url"], url.as_str());
+        assert_eq!(u64_at(target, "/connections"), share);
+        assert_eq!(u64_at(target, "/established"), share);
+        assert_eq!(u64_at(target, "/connect_errors") + u64_at(target, "/disconnects"), 0);
+    }
+    assert_eq!(u64_at(&report, "/connections/established"), subscribers);
+    let accepted = u64_at(&report, "/publications/accepted");
+    assert!(accepted > 0, "{report:#}");
+    assert_eq!(u64_at(&report, "/deliveries/total"), accepted * subscribers);
+    assert_eq!(u64_at(&report, "/deliveries/expected"), accepted * subscribers);
+    assert_eq!(u64_at(&report, "/latency_ms/last_subscriber/count"), accepted);
+    assert_ordered(&report, "delivery");
+
+    assert!(report.pointer("/server/pid").is_none(), "{report:#}");
+    let processes = report["server"]["processes"].as_array().unwrap_or_else(|| panic!("no processes: {report:#}"));
+    assert_eq!(u64_at(&processes[0], "/pid"), u64::from(server.pid() as u32));
+    assert_eq!(u64_at(&processes[1], "/pid"), u64::from(std::process::id()));
+    let summed: u64 = processes.iter().map(|p| u64_at(p, "/rss_before_bytes")).sum();
+    assert_eq!(u64_at(&report, "/server/rss_before_bytes"), summed);
+}
+
+/// With two URLs every resume moves to the other one: resumes land on both.
+#[test]
+fn churn_over_two_urls_resumes_on_the_next_one() {
+    let server = Server::start(2, "");
+    let url = server.url("/ws");
+    let report = run_load(
+        &server,
+        &[
+            "churn",
+            "--url",
+            &url,
+            "--connections",
+            "100",
+            "--rate",
+            "50",
+            "--churn-rate",
+            "60",
+            "--duration",
+            "1500ms",
+            "--settle",
+            "100ms",
+            "--channel",
+            "load-test-churn-two-urls",
+            "--check",
+        ],
+    );
+    let targets = report["targets"].as_array().unwrap_or_else(|| panic!("no targets: {report:#}"));
+    let resumed: Vec<u64> = targets.iter().map(|t| u64_at(t, "/resumed")).collect();
+    assert!(resumed.iter().all(|&r| r > 0), "resumes did not reach both URLs: {report:#}");
+    let resumes = u64_at(&report, "/churn/recovered") + u64_at(&report, "/churn/not_recovered");
+    assert_eq!(resumed.iter().sum::<u64>(), resumes);
+    assert_eq!(u64_at(&report, "/deliveries/unique"), u64_at(&report, "/publications/accepted") * 100);
+}

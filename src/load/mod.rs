@@ -17,7 +17,11 @@
 //! and a config line on stdin, and reads progress and results as JSON lines
 //! from their stdout. Spreading sockets over processes beats the per-process
 //! open-files limit; spreading them over source addresses (127.0.0.N, bound
-//! with IP_BIND_ADDRESS_NO_PORT) beats the ephemeral port range.
+//! with IP_BIND_ADDRESS_NO_PORT) beats the ephemeral port range. Several
+//! `--url`s (nodes of a cluster) share the connections round-robin, and a
+//! churned subscriber resumes on the next URL, so resume crosses nodes; the
+//! publisher may go through any node's admin socket, since exactly-once is
+//! judged by the offsets the publications got.
 //!
 //! Timeline: ramp (workers connect and subscribe) → settle → server memory
 //! read → `mark` → measured phase (hold, publish, churn) → `finish` (drain
@@ -46,9 +50,9 @@ use clap::{Args, Subcommand};
 
 use crate::config::{default_admin_address, AdminAddress};
 use publish::{AdminPublisher, HttpPublisher, PublishOutcome, PublishPlan, Publisher};
-use report::ServerReadings;
+use report::{ServerReadings, UrlUsed};
 use target::{parse_duration_ms, Rate, Url};
-use wire::{Command, Progress, Protocol, Scenario, WorkerConfig, WorkerMessage, WorkerResult, LINE_BYTES_MAX};
+use wire::{Command, Progress, Protocol, Scenario, Target, WorkerConfig, WorkerMessage, WorkerResult, LINE_BYTES_MAX};
 
 /// Connections one worker holds by default (the open-files limit here is 20,000).
 const CONNECTIONS_PER_WORKER: u64 = 15_000;
@@ -62,6 +66,8 @@ const CONNECTIONS_MAX: u64 = 100_000_000;
 const PORTS_PER_SOURCE_ADDRESS: u64 = 28_000;
 /// Messages from workers waiting for the parent.
 const EVENT_QUEUE_MAX: usize = 4096;
+/// Most `--server-pid`s one run reads (one per node).
+const SERVER_PIDS_MAX: usize = 256;
 /// Extra time past a worker's own deadline before the parent gives up on it.
 const WORKER_GRACE_MS: u64 = 15_000;
 const MS: u64 = 1_000_000;
@@ -70,7 +76,8 @@ const MS: u64 = 1_000_000;
 #[derive(Args, Debug)]
 pub struct LoadArgs {
     #[command(subcommand)]
-    pub scenario: ScenarioArgs,
+    // Boxed: the scenario's arguments would make this the one large variant of the CLI's command enum.
+    pub scenario: Box<ScenarioArgs>,
 }
 
 #[derive(Subcommand, Debug)]
@@ -120,8 +127,10 @@ pub enum ScenarioArgs {
 pub struct CommonArgs {
     // The `{n}` placeholder is described without its braces: clap turns that token into a line break.
     /// WebSocket URL; placeholders in the path: {channel}, and n in braces for the connection number.
+    /// Repeat it or give a comma-separated list to spread connections over several nodes: connection n
+    /// goes to URL n mod count, and a churned subscriber resumes on the URL after the one it left.
     #[arg(long, default_value = "ws://127.0.0.1:8080/ws")]
-    pub url: String,
+    pub url: Vec<String>,
     /// kometa: subscribe commands and offsets; raw: the URL picks the channel
     /// and every message is the published data.
     #[arg(long, value_enum, default_value_t = Protocol::Kometa)]
@@ -158,9 +167,10 @@ pub struct CommonArgs {
     /// Also write the report as JSON to this file.
     #[arg(long)]
     pub json: Option<PathBuf>,
-    /// The server's pid, for RSS, CPU and kernel slab figures from /proc.
-    #[arg(long)]
-    pub server_pid: Option<u32>,
+    /// The server's pid, for RSS, CPU and kernel slab figures from /proc. Repeat it (or give a
+    /// comma-separated list) for several nodes: figures are summed and also given per pid.
+    #[arg(long, value_delimiter = ',')]
+    pub server_pid: Vec<u32>,
     /// Print progress even when stderr is not a terminal (one line a second).
     #[arg(long)]
     pub progress: bool,
@@ -227,13 +237,15 @@ struct Plan {
     common: CommonArgs,
     publish: Option<PublishArgs>,
     configs: Vec<WorkerConfig>,
+    /// In `--url` order.
+    urls: Vec<UrlUsed>,
     publications_max: u64,
     sockets_per_connection: u64,
     parameters: serde_json::Value,
 }
 
 fn plan(args: LoadArgs) -> Result<Plan, String> {
-    let (scenario, common, channels, publish, churn_rate_per_s, subscribe) = match args.scenario {
+    let (scenario, common, channels, publish, churn_rate_per_s, subscribe) = match *args.scenario {
         ScenarioArgs::Idle { common, channels } => (Scenario::Idle, common, channels, None, 0.0, true),
         ScenarioArgs::Broadcast { common, publish } => {
             let channels = ChannelArgs { channel: publish.channel.clone(), channels: 1, channel_pool: Some(1) };
@@ -262,8 +274,17 @@ fn plan(args: LoadArgs) -> Result<Plan, String> {
     if common.in_flight == 0 {
         return Err("--in-flight must be at least 1".into());
     }
-    let url = Url::parse(&common.url, "ws", 80)?;
-    let address = url.resolve()?;
+    let urls = target::parse_urls(&common.url)?;
+    let mut targets = Vec::with_capacity(urls.len());
+    for url in &urls {
+        targets.push(Target { address: url.resolve()?, authority: url.authority.clone(), path: url.path.clone() });
+    }
+    if common.server_pid.len() > SERVER_PIDS_MAX {
+        return Err(format!("--server-pid: at most {SERVER_PIDS_MAX}"));
+    }
+    if common.server_pid.iter().enumerate().any(|(i, pid)| common.server_pid[..i].contains(pid)) {
+        return Err("--server-pid: a pid given twice would be counted twice".into());
+    }
     let channel_pool = channels.channel_pool.unwrap_or(channels.channels).max(1);
     if channels.channels > 1024 || channel_pool > 10_000_000 {
         return Err("--channels is at most 1024 and --channel-pool at most 10,000,000".into());
@@ -321,9 +342,7 @@ fn plan(args: LoadArgs) -> Result<Plan, String> {
             scenario,
             worker: w as u32,
             protocol: common.protocol,
-            address,
-            authority: url.authority.clone(),
-            path: url.path.clone(),
+            targets: targets.clone(),
             first_index,
             connections,
             in_flight_max: in_flight.max(1),
@@ -344,17 +363,35 @@ fn plan(args: LoadArgs) -> Result<Plan, String> {
         first_index += connections;
     }
     let open_at_once = if scenario == Scenario::Connect { common.in_flight } else { common.connections };
-    let per_source = open_at_once / source_addresses.len().max(1) as u64;
-    if address.ip().is_loopback() && per_source > PORTS_PER_SOURCE_ADDRESS {
+    // Ports run out per (source, server address): the busiest loopback address counts.
+    let url_shares = ramp::split(open_at_once, targets.len() as u64);
+    let per_address = |address: std::net::SocketAddr| {
+        targets.iter().zip(&url_shares).filter(|(t, _)| t.address == address).map(|(_, share)| share).sum::<u64>()
+    };
+    let per_address_max =
+        targets.iter().filter(|t| t.address.ip().is_loopback()).map(|t| per_address(t.address)).max().unwrap_or(0);
+    let per_source = per_address_max / source_addresses.len().max(1) as u64;
+    if per_source > PORTS_PER_SOURCE_ADDRESS {
         eprintln!(
             "kometa load: warning: {per_source} connections per source address is more than the ~{PORTS_PER_SOURCE_ADDRESS} \
              ephemeral ports; use --source-addresses"
         );
     }
+    let urls: Vec<UrlUsed> = urls
+        .iter()
+        .zip(&targets)
+        .map(|(url, target)| UrlUsed { url: url.text.clone(), address: target.address })
+        .collect();
+    // One URL (one pid) keeps the scalar fields of single-node runs; several become lists.
+    let one_or_list = |values: Vec<serde_json::Value>| match <[_; 1]>::try_from(values) {
+        Ok([one]) => one,
+        Err(values) if values.is_empty() => serde_json::Value::Null,
+        Err(values) => serde_json::Value::Array(values),
+    };
     let parameters = serde_json::json!({
-        "url": common.url,
+        "url": one_or_list(urls.iter().map(|u| u.url.clone().into()).collect()),
         "protocol": common.protocol,
-        "address": address.to_string(),
+        "address": one_or_list(urls.iter().map(|u| u.address.to_string().into()).collect()),
         "connections": common.connections,
         "workers": configs.len(),
         "source_addresses": source_addresses.len(),
@@ -371,14 +408,16 @@ fn plan(args: LoadArgs) -> Result<Plan, String> {
         "publish_url": publish.as_ref().and_then(|p| p.publish_url.clone()),
         "churn_rate_per_s": churn_rate_per_s,
         "subscribe": subscribe,
-        "server_pid": common.server_pid,
+        "server_pid": one_or_list(common.server_pid.iter().map(|&pid| pid.into()).collect()),
     });
     Ok(Plan {
         scenario,
         publish,
         configs,
         publications_max,
-        sockets_per_connection: if address.ip().is_loopback() { 2 } else { 1 },
+        // Both ends in this kernel only when every node is local.
+        sockets_per_connection: if targets.iter().all(|t| t.address.ip().is_loopback()) { 2 } else { 1 },
+        urls,
         parameters,
         common,
     })
@@ -391,13 +430,7 @@ pub fn run(args: LoadArgs) -> Result<(), String> {
     let mut publisher = connect_publisher(&plan)?;
     let started_ns = sys::monotonic_ns();
     let cpu_self_start_ns = sys::cpu_ns(false);
-    let mut server = plan.common.server_pid.map(|pid| ServerReadings { pid, ..Default::default() });
-    if let Some(readings) = server.as_mut() {
-        let sample = procfs::sample_process(readings.pid)?;
-        readings.rss_before_bytes = sample.rss_bytes;
-        readings.cpu_before_ns = sample.cpu_ns;
-        readings.slab_before_bytes = procfs::slab_bytes()?;
-    }
+    let mut server = ServerReadings::before(&plan.common.server_pid)?;
 
     let mut fleet = Fleet::spawn(&plan.configs)?;
     let mut display = Display::new(&plan);
@@ -432,11 +465,7 @@ pub fn run(args: LoadArgs) -> Result<(), String> {
             fleet.pump(&mut display, Duration::from_millis(50))?;
         }
         if let Some(readings) = server.as_mut() {
-            let sample = procfs::sample_process(readings.pid)?;
-            readings.rss_after_ramp_bytes = sample.rss_bytes;
-            readings.rss_peak_bytes = sample.rss_bytes;
-            readings.cpu_mark_ns = sample.cpu_ns;
-            readings.slab_after_ramp_bytes = procfs::slab_bytes()?;
+            readings.after_ramp()?;
         }
         mark_cpu_self_ns = sys::cpu_ns(false);
         fleet.command(&Command::Mark);
@@ -468,16 +497,7 @@ pub fn run(args: LoadArgs) -> Result<(), String> {
     display.clear();
 
     if let Some(readings) = server.as_mut() {
-        if let Ok(sample) = procfs::sample_process(readings.pid) {
-            readings.rss_end_bytes = sample.rss_bytes;
-            readings.rss_peak_bytes = readings.rss_peak_bytes.max(sample.rss_bytes);
-            readings.cpu_end_ns = sample.cpu_ns;
-            if connect {
-                readings.rss_after_ramp_bytes = sample.rss_bytes;
-                readings.slab_after_ramp_bytes = readings.slab_before_bytes;
-                readings.cpu_mark_ns = readings.cpu_before_ns;
-            }
-        }
+        readings.end(connect);
     }
     let results = fleet.finish();
     let cpu_self_ns = sys::cpu_ns(false);
@@ -490,6 +510,7 @@ pub fn run(args: LoadArgs) -> Result<(), String> {
         parameters: plan.parameters.clone(),
         requested: plan.common.connections,
         workers: &results,
+        urls: &plan.urls,
         publish: outcome.as_ref(),
         server,
         sockets_per_connection: plan.sockets_per_connection,
@@ -563,9 +584,7 @@ fn measured_phase(
         }
         next_sample_ns = now + 1000 * MS;
         if let Some(readings) = server.as_deref_mut() {
-            if let Ok(sample) = procfs::sample_process(readings.pid) {
-                readings.rss_peak_bytes = readings.rss_peak_bytes.max(sample.rss_bytes);
-            }
+            readings.peak();
         }
     };
     let (Some(mut publisher), Some(publish)) = (publisher, plan.publish.as_ref()) else {
@@ -886,7 +905,55 @@ mod tests {
             "http://127.0.0.1:9000/pub/{channel}",
         ])
         .unwrap();
-        assert_eq!(plan.configs[0].path, "/sub/{channel}");
+        assert_eq!(plan.configs[0].targets[0].path, "/sub/{channel}");
+    }
+
+    #[test]
+    fn several_urls_go_to_every_worker_in_order() {
+        let plan = plan_of(&[
+            "churn",
+            "-n",
+            "7",
+            "--workers",
+            "2",
+            "--url",
+            "ws://127.0.0.1:8001/ws,ws://127.0.0.1:8002/a",
+            "--url",
+            "ws://127.0.0.1:8003/b/{n}",
+            "--server-pid",
+            "11,12",
+            "--server-pid",
+            "13",
+        ])
+        .unwrap();
+        let ports: Vec<u16> = plan.urls.iter().map(|u| u.address.port()).collect();
+        assert_eq!(ports, [8001, 8002, 8003]);
+        for config in &plan.configs {
+            assert_eq!(config.targets.iter().map(|t| t.address.port()).collect::<Vec<_>>(), ports);
+            assert_eq!(config.targets[2].path, "/b/{n}");
+        }
+        // The second worker's first connection (n = 4) starts on the second URL.
+        assert_eq!(plan.configs[1].first_index, 4);
+        assert_eq!(plan.configs[1].target_of(plan.configs[1].first_index), 1);
+        assert_eq!(plan.parameters["url"][2], "ws://127.0.0.1:8003/b/{n}");
+        assert_eq!(plan.parameters["address"][0], "127.0.0.1:8001");
+        assert_eq!(plan.parameters["server_pid"], serde_json::json!([11, 12, 13]));
+        assert_eq!(plan.common.server_pid, [11, 12, 13]);
+        assert_eq!(plan.sockets_per_connection, 2);
+        assert!(plan_of(&["idle", "--server-pid", "5", "--server-pid", "5"]).unwrap_err().contains("twice"));
+        assert!(plan_of(&["idle", "--url", "ws://127.0.0.1/ws,"]).is_err());
+    }
+
+    #[test]
+    fn one_url_keeps_the_single_node_parameters() {
+        let plan = plan_of(&["idle", "--url", "ws://127.0.0.1:8001/ws", "--server-pid", "9"]).unwrap();
+        assert_eq!(plan.parameters["url"], "ws://127.0.0.1:8001/ws");
+        assert_eq!(plan.parameters["address"], "127.0.0.1:8001");
+        assert_eq!(plan.parameters["server_pid"], 9);
+        assert_eq!(plan.configs[0].targets.len(), 1);
+        let plan = plan_of(&["idle"]).unwrap();
+        assert_eq!(plan.parameters["url"], "ws://127.0.0.1:8080/ws");
+        assert!(plan.parameters["server_pid"].is_null());
     }
 
     #[test]

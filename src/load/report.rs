@@ -6,23 +6,109 @@ use std::fmt::Write as _;
 use serde::Serialize;
 
 use super::hist::{Latency, Percentiles};
+use super::procfs;
 use super::publish::PublishOutcome;
+use super::ramp;
 use super::track::{merge_last_arrivals, DeliveryCounts};
 use super::wire::{Scenario, WorkerResult};
 
-/// Server readings taken by the parent.
+/// Readings of one server process (`--server-pid`), taken by the parent.
 #[derive(Debug, Clone, Copy, Default)]
-pub struct ServerReadings {
+pub struct ProcessReadings {
     pub pid: u32,
     pub rss_before_bytes: u64,
     pub rss_after_ramp_bytes: u64,
     pub rss_peak_bytes: u64,
     pub rss_end_bytes: u64,
-    pub slab_before_bytes: u64,
-    pub slab_after_ramp_bytes: u64,
     pub cpu_before_ns: u64,
     pub cpu_mark_ns: u64,
     pub cpu_end_ns: u64,
+}
+
+/// Server readings taken by the parent: one process per `--server-pid` (a
+/// node each), read together, and the kernel's slab, which they share.
+#[derive(Debug, Clone, Default)]
+pub struct ServerReadings {
+    pub processes: Vec<ProcessReadings>,
+    /// Peak of the processes' summed RSS (not the sum of their peaks).
+    pub rss_peak_bytes: u64,
+    pub slab_before_bytes: u64,
+    pub slab_after_ramp_bytes: u64,
+}
+
+impl ServerReadings {
+    /// Before the ramp; None without `--server-pid`. A process that cannot be
+    /// read now is an error: the run would report nothing about it.
+    pub fn before(pids: &[u32]) -> Result<Option<ServerReadings>, String> {
+        if pids.is_empty() {
+            return Ok(None);
+        }
+        let mut processes = Vec::with_capacity(pids.len());
+        for &pid in pids {
+            let sample = procfs::sample_process(pid)?;
+            processes.push(ProcessReadings {
+                pid,
+                rss_before_bytes: sample.rss_bytes,
+                cpu_before_ns: sample.cpu_ns,
+                ..Default::default()
+            });
+        }
+        Ok(Some(ServerReadings { processes, slab_before_bytes: procfs::slab_bytes()?, ..Default::default() }))
+    }
+
+    /// After the ramp and settle: the baseline of the per-connection figures.
+    pub fn after_ramp(&mut self) -> Result<(), String> {
+        for process in &mut self.processes {
+            let sample = procfs::sample_process(process.pid)?;
+            process.rss_after_ramp_bytes = sample.rss_bytes;
+            process.rss_peak_bytes = sample.rss_bytes;
+            process.cpu_mark_ns = sample.cpu_ns;
+        }
+        self.rss_peak_bytes = self.processes.iter().map(|p| p.rss_after_ramp_bytes).sum();
+        self.slab_after_ramp_bytes = procfs::slab_bytes()?;
+        Ok(())
+    }
+
+    /// During the measured phase: peaks only; a process that cannot be read
+    /// this time is skipped.
+    pub fn peak(&mut self) {
+        let mut total_bytes = 0;
+        for process in &mut self.processes {
+            if let Ok(sample) = procfs::sample_process(process.pid) {
+                process.rss_peak_bytes = process.rss_peak_bytes.max(sample.rss_bytes);
+                total_bytes += sample.rss_bytes;
+            }
+        }
+        self.rss_peak_bytes = self.rss_peak_bytes.max(total_bytes);
+    }
+
+    /// At the end. The connect scenario has no ramp/measured split: its
+    /// "after the ramp" is the end, measured from the start.
+    pub fn end(&mut self, connect: bool) {
+        let mut total_bytes = 0;
+        for process in &mut self.processes {
+            let Ok(sample) = procfs::sample_process(process.pid) else { continue };
+            process.rss_end_bytes = sample.rss_bytes;
+            process.rss_peak_bytes = process.rss_peak_bytes.max(sample.rss_bytes);
+            process.cpu_end_ns = sample.cpu_ns;
+            total_bytes += sample.rss_bytes;
+            if connect {
+                process.rss_after_ramp_bytes = sample.rss_bytes;
+                process.cpu_mark_ns = process.cpu_before_ns;
+            }
+        }
+        self.rss_peak_bytes = self.rss_peak_bytes.max(total_bytes);
+        if connect {
+            self.slab_after_ramp_bytes = self.slab_before_bytes;
+        }
+    }
+}
+
+/// One `--url`, resolved, and its share of the connections.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UrlUsed {
+    pub url: String,
+    pub address: std::net::SocketAddr,
 }
 
 /// Everything the report is built from.
@@ -31,6 +117,8 @@ pub struct Inputs<'a> {
     pub parameters: serde_json::Value,
     pub requested: u64,
     pub workers: &'a [WorkerResult],
+    /// In `--url` order; connection n went to URL n mod len.
+    pub urls: &'a [UrlUsed],
     pub publish: Option<&'a PublishOutcome>,
     pub server: Option<ServerReadings>,
     /// Both ends of each connection live on this host (loopback target).
@@ -48,6 +136,9 @@ pub struct Report {
     pub interrupted: bool,
     pub wall_s: f64,
     pub connections: Connections,
+    /// With several `--url`: what each one got.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub targets: Option<Vec<Target>>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub publications: Option<Publications>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -74,6 +165,20 @@ pub struct Connections {
     pub disconnects: BTreeMap<String, u64>,
     pub ramp_s: f64,
     pub connects_per_s: f64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Target {
+    pub url: String,
+    pub address: String,
+    /// Connections assigned to it, round-robin (connect: handshakes).
+    pub connections: u64,
+    /// Established here on their first connect.
+    pub established: u64,
+    /// Churn: resumes established here (each resume moves to the next URL).
+    pub resumed: u64,
+    pub connect_errors: u64,
+    pub disconnects: u64,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -128,9 +233,12 @@ pub struct Churn {
     pub replayed: u64,
 }
 
+/// The server's figures; with several `--server-pid`, sums over the processes.
 #[derive(Debug, Clone, Serialize)]
 pub struct Server {
-    pub pid: u32,
+    /// With one `--server-pid`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pid: Option<u32>,
     pub rss_before_bytes: u64,
     pub rss_after_ramp_bytes: u64,
     pub rss_peak_bytes: u64,
@@ -146,6 +254,34 @@ pub struct Server {
     pub cpu_s: f64,
     /// From the start of the measured phase to the end.
     pub cpu_run_s: f64,
+    /// With several `--server-pid`: each process.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub processes: Vec<ServerProcess>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ServerProcess {
+    pub pid: u32,
+    pub rss_before_bytes: u64,
+    pub rss_after_ramp_bytes: u64,
+    pub rss_peak_bytes: u64,
+    pub rss_end_bytes: u64,
+    pub cpu_s: f64,
+    pub cpu_run_s: f64,
+}
+
+impl ServerProcess {
+    fn of(p: &ProcessReadings) -> ServerProcess {
+        ServerProcess {
+            pid: p.pid,
+            rss_before_bytes: p.rss_before_bytes,
+            rss_after_ramp_bytes: p.rss_after_ramp_bytes,
+            rss_peak_bytes: p.rss_peak_bytes.max(p.rss_after_ramp_bytes).max(p.rss_end_bytes),
+            rss_end_bytes: p.rss_end_bytes,
+            cpu_s: seconds(p.cpu_end_ns.saturating_sub(p.cpu_before_ns)),
+            cpu_run_s: seconds(p.cpu_end_ns.saturating_sub(p.cpu_mark_ns)),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -280,23 +416,49 @@ pub fn build(inputs: &Inputs<'_>) -> Report {
         replayed: sum(|w| w.replayed),
     });
 
+    let targets = (inputs.urls.len() > 1).then(|| {
+        let assigned = ramp::split(inputs.requested, inputs.urls.len() as u64);
+        let counts = |t: usize, f: fn(&super::wire::TargetCounts) -> u64| {
+            workers.iter().filter_map(|w| w.targets.get(t)).map(f).sum::<u64>()
+        };
+        let targets = inputs.urls.iter().zip(assigned).enumerate();
+        targets
+            .map(|(t, (url, connections))| Target {
+                url: url.url.clone(),
+                address: url.address.to_string(),
+                connections,
+                established: counts(t, |c| c.established),
+                resumed: counts(t, |c| c.resumed),
+                connect_errors: counts(t, |c| c.connect_errors),
+                disconnects: counts(t, |c| c.disconnects),
+            })
+            .collect()
+    });
+
     let per_connection = |delta: f64| if established == 0 { 0.0 } else { delta / established as f64 };
-    let server = inputs.server.map(|s| {
+    let server = inputs.server.as_ref().map(|s| {
+        let total = |f: fn(&ProcessReadings) -> u64| s.processes.iter().map(f).sum::<u64>();
+        let (rss_before, rss_after_ramp, rss_end) =
+            (total(|p| p.rss_before_bytes), total(|p| p.rss_after_ramp_bytes), total(|p| p.rss_end_bytes));
         let slab_growth = per_connection(s.slab_after_ramp_bytes as f64 - s.slab_before_bytes as f64);
         Server {
-            pid: s.pid,
-            rss_before_bytes: s.rss_before_bytes,
-            rss_after_ramp_bytes: s.rss_after_ramp_bytes,
-            rss_peak_bytes: s.rss_peak_bytes.max(s.rss_after_ramp_bytes).max(s.rss_end_bytes),
-            rss_end_bytes: s.rss_end_bytes,
-            rss_growth_per_connection_bytes: per_connection(s.rss_after_ramp_bytes as f64 - s.rss_before_bytes as f64),
+            pid: match s.processes.as_slice() {
+                [only] => Some(only.pid),
+                _ => None,
+            },
+            rss_before_bytes: rss_before,
+            rss_after_ramp_bytes: rss_after_ramp,
+            rss_peak_bytes: s.rss_peak_bytes.max(rss_after_ramp).max(rss_end),
+            rss_end_bytes: rss_end,
+            rss_growth_per_connection_bytes: per_connection(rss_after_ramp as f64 - rss_before as f64),
             slab_before_bytes: s.slab_before_bytes,
             slab_after_ramp_bytes: s.slab_after_ramp_bytes,
             slab_growth_per_connection_bytes: slab_growth,
             sockets_per_connection: inputs.sockets_per_connection,
             slab_per_socket_bytes: slab_growth / inputs.sockets_per_connection.max(1) as f64,
-            cpu_s: seconds(s.cpu_end_ns.saturating_sub(s.cpu_before_ns)),
-            cpu_run_s: seconds(s.cpu_end_ns.saturating_sub(s.cpu_mark_ns)),
+            cpu_s: seconds(total(|p| p.cpu_end_ns.saturating_sub(p.cpu_before_ns))),
+            cpu_run_s: seconds(total(|p| p.cpu_end_ns.saturating_sub(p.cpu_mark_ns))),
+            processes: if s.processes.len() > 1 { s.processes.iter().map(ServerProcess::of).collect() } else { vec![] },
         }
     });
 
@@ -352,6 +514,7 @@ pub fn build(inputs: &Inputs<'_>) -> Report {
         interrupted: inputs.interrupted,
         wall_s: seconds(inputs.wall_ns),
         connections,
+        targets,
         publications,
         deliveries,
         latency_ms,
@@ -365,6 +528,17 @@ pub fn build(inputs: &Inputs<'_>) -> Report {
 fn bytes(value: u64) -> String {
     const MIB: f64 = 1024.0 * 1024.0;
     format!("{:.1} MiB", value as f64 / MIB)
+}
+
+/// RSS readings: before, after the ramp, peak, at the end.
+fn rss([before, after_ramp, peak, end]: [u64; 4]) -> String {
+    format!(
+        "{} before, {} after the ramp, {} peak, {} at the end",
+        bytes(before),
+        bytes(after_ramp),
+        bytes(peak),
+        bytes(end)
+    )
 }
 
 fn percentiles(p: &Percentiles) -> String {
@@ -397,6 +571,14 @@ impl Report {
         }
         let _ = writeln!(out, "connect errors {}", kinds(&c.connect_errors));
         let _ = writeln!(out, "disconnects    {}", kinds(&c.disconnects));
+        for t in self.targets.iter().flatten() {
+            let resumed = if self.churn.is_some() { format!(", {} resumed here", t.resumed) } else { String::new() };
+            let _ = writeln!(
+                out,
+                "url            {} ({}): {}/{} established, {} connect errors, {} disconnects{resumed}",
+                t.url, t.address, t.established, t.connections, t.connect_errors, t.disconnects
+            );
+        }
         let _ = writeln!(out, "handshake      {}", percentiles(&self.latency_ms.handshake));
         if let Some(p) = &self.publications {
             let _ = writeln!(
@@ -433,15 +615,17 @@ impl Report {
                 churn.churned, churn.recovered, churn.not_recovered, churn.replayed
             );
         }
+        let summed = |s: &Server| match s.processes.len() {
+            0 | 1 => String::new(),
+            count => format!(" (sum of {count} processes)"),
+        };
         if let Some(s) = self.server.as_ref().filter(|_| self.scenario != "connect") {
             let _ = writeln!(
                 out,
-                "server RSS     {} before, {} after the ramp, {} peak, {} at the end: {:.0} B per connection",
-                bytes(s.rss_before_bytes),
-                bytes(s.rss_after_ramp_bytes),
-                bytes(s.rss_peak_bytes),
-                bytes(s.rss_end_bytes),
-                s.rss_growth_per_connection_bytes
+                "server RSS     {}: {:.0} B per connection{}",
+                rss([s.rss_before_bytes, s.rss_after_ramp_bytes, s.rss_peak_bytes, s.rss_end_bytes]),
+                s.rss_growth_per_connection_bytes,
+                summed(s)
             );
             let _ = writeln!(
                 out,
@@ -450,7 +634,26 @@ impl Report {
             );
         }
         if let Some(s) = &self.server {
-            let _ = writeln!(out, "server CPU     {:.2} s total, {:.2} s in the measured phase", s.cpu_s, s.cpu_run_s);
+            let _ = writeln!(
+                out,
+                "server CPU     {:.2} s total, {:.2} s in the measured phase{}",
+                s.cpu_s,
+                s.cpu_run_s,
+                summed(s)
+            );
+            for p in &s.processes {
+                let rss = if self.scenario == "connect" {
+                    String::new()
+                } else {
+                    let readings = [p.rss_before_bytes, p.rss_after_ramp_bytes, p.rss_peak_bytes, p.rss_end_bytes];
+                    format!("RSS {}; ", rss(readings))
+                };
+                let _ = writeln!(
+                    out,
+                    "server pid {:<4} {rss}CPU {:.2} s total, {:.2} s in the measured phase",
+                    p.pid, p.cpu_s, p.cpu_run_s
+                );
+            }
         }
         let g = &self.generator;
         let _ = writeln!(
@@ -472,7 +675,7 @@ impl Report {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::load::wire::Progress;
+    use crate::load::wire::{Progress, TargetCounts};
 
     fn worker(id: u32, established: u64, deliveries: u64, latency_us: u64) -> WorkerResult {
         let mut w = WorkerResult {
@@ -502,15 +705,19 @@ mod tests {
             requested: 300,
             workers,
             publish: Some(publish),
+            urls: &[],
             server: Some(ServerReadings {
-                pid: 7,
-                rss_before_bytes: 10_000_000,
-                rss_after_ramp_bytes: 10_300_000,
+                processes: vec![ProcessReadings {
+                    pid: 7,
+                    rss_before_bytes: 10_000_000,
+                    rss_after_ramp_bytes: 10_300_000,
+                    cpu_before_ns: 0,
+                    cpu_mark_ns: 1_000_000_000,
+                    cpu_end_ns: 3_000_000_000,
+                    ..Default::default()
+                }],
                 slab_before_bytes: 1_000_000,
                 slab_after_ramp_bytes: 3_400_000,
-                cpu_before_ns: 0,
-                cpu_mark_ns: 1_000_000_000,
-                cpu_end_ns: 3_000_000_000,
                 ..Default::default()
             }),
             sockets_per_connection: 2,
@@ -584,6 +791,71 @@ mod tests {
         }
         assert_eq!(json["scenario"], "broadcast");
         assert!(json["warnings"][0].as_str().unwrap().contains("only 100 of 200"));
+    }
+
+    #[test]
+    fn one_url_and_one_pid_report_as_before() {
+        let workers = vec![worker(0, 300, 300, 50)];
+        let publish = PublishOutcome::default();
+        let urls = [UrlUsed { url: "ws://127.0.0.1:1/ws".into(), address: "127.0.0.1:1".parse().unwrap() }];
+        let mut inputs = inputs(&workers, &publish);
+        inputs.urls = &urls;
+        let report = build(&inputs);
+        let json = serde_json::to_value(&report).unwrap();
+        assert!(json.get("targets").is_none());
+        assert_eq!(json["server"]["pid"], 7);
+        assert!(json["server"].get("processes").is_none());
+        let text = report.text();
+        assert!(!text.contains("url ") && !text.contains("sum of") && !text.contains("server pid"), "{text}");
+    }
+
+    #[test]
+    fn several_urls_and_pids_are_listed_and_summed() {
+        let mut workers = vec![worker(0, 2, 2, 50), worker(1, 3, 3, 50)];
+        let counts =
+            |established, resumed, disconnects| TargetCounts { established, resumed, disconnects, connect_errors: 0 };
+        workers[0].targets = vec![counts(1, 4, 0), counts(1, 0, 2)];
+        workers[1].targets = vec![counts(2, 1, 0), counts(0, 3, 0)];
+        workers[1].targets[1].connect_errors = 1;
+        let publish = PublishOutcome::default();
+        let urls = [
+            UrlUsed { url: "ws://127.0.0.1:1/ws".into(), address: "127.0.0.1:1".parse().unwrap() },
+            UrlUsed { url: "ws://127.0.0.1:2/ws".into(), address: "127.0.0.1:2".parse().unwrap() },
+        ];
+        let mut inputs = inputs(&workers, &publish);
+        inputs.scenario = Scenario::Churn;
+        inputs.requested = 5;
+        inputs.urls = &urls;
+        let server = inputs.server.as_mut().unwrap();
+        let mut second = server.processes[0];
+        second.pid = 8;
+        second.rss_end_bytes = 20_000_000;
+        second.cpu_end_ns = 2_000_000_000;
+        server.processes.push(second);
+        server.rss_peak_bytes = 25_000_000;
+        let report = build(&inputs);
+
+        let targets = report.targets.as_ref().unwrap();
+        // Five connections round-robin over two URLs: 3 and 2.
+        assert_eq!(targets.iter().map(|t| t.connections).collect::<Vec<_>>(), [3, 2]);
+        assert_eq!((targets[0].established, targets[0].resumed, targets[0].disconnects), (3, 5, 0));
+        assert_eq!((targets[1].established, targets[1].resumed, targets[1].connect_errors), (1, 3, 1));
+        assert_eq!(targets[1].address, "127.0.0.1:2");
+        let s = report.server.as_ref().unwrap();
+        assert_eq!(s.pid, None);
+        assert_eq!((s.rss_before_bytes, s.rss_end_bytes), (20_000_000, 20_000_000));
+        assert_eq!(s.rss_peak_bytes, 25_000_000);
+        assert!((s.cpu_s - 5.0).abs() < 1e-9 && (s.cpu_run_s - 3.0).abs() < 1e-9, "{s:?}");
+        assert_eq!(s.processes.iter().map(|p| p.pid).collect::<Vec<_>>(), [7, 8]);
+        assert!((s.processes[1].cpu_run_s - 1.0).abs() < 1e-9);
+        assert_eq!(s.processes[1].rss_peak_bytes, 20_000_000);
+        let text = report.text();
+        assert!(text.contains("url            ws://127.0.0.1:2/ws (127.0.0.1:2): 1/2 established"), "{text}");
+        assert!(text.contains("3 resumed here") && text.contains("(sum of 2 processes)"), "{text}");
+        assert!(text.contains("server pid 8    RSS"), "{text}");
+        let json = serde_json::to_value(&report).unwrap();
+        assert!(json.pointer("/server/pid").is_none() && json.pointer("/server/processes/1/cpu_run_s").is_some());
+        assert_eq!(json.pointer("/targets/0/resumed"), Some(&serde_json::json!(5)));
     }
 
     #[test]

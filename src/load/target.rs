@@ -6,11 +6,15 @@ use std::net::{Ipv4Addr, SocketAddr, ToSocketAddrs};
 
 /// Most source addresses one run spreads over (a /16 worth).
 pub const SOURCE_ADDRESSES_MAX: usize = 65_536;
+/// Most WebSocket URLs one run spreads its connections over (nodes of a cluster).
+pub const URLS_MAX: usize = 256;
 
 /// A URL split into what the generator needs: where to connect, what to
 /// put in `Host:`, and the path (possibly a template).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Url {
+    /// The whole URL as written, for reports.
+    pub text: String,
     /// `host[:port]` as written, for the Host header.
     pub authority: String,
     pub host: String,
@@ -38,7 +42,7 @@ impl Url {
         }
         let (host, port) = split_host_port(authority, default_port).map_err(|e| format!("`{text}`: {e}"))?;
         check_template(path).map_err(|e| format!("`{text}`: {e}"))?;
-        Ok(Url { authority: authority.to_string(), host, port, path: path.to_string() })
+        Ok(Url { text: text.to_string(), authority: authority.to_string(), host, port, path: path.to_string() })
     }
 
     /// The first IPv4 address (or any address) the host resolves to.
@@ -93,6 +97,27 @@ fn check_template(path: &str) -> Result<(), String> {
         return Err("the path must start with / and contain no spaces".into());
     }
     Ok(())
+}
+
+/// Parses the `--url` values, each one URL or a comma-separated list of them,
+/// in the order given. The same URL may appear twice (it then gets twice the
+/// share); an empty entry is refused, since `a,,b` is more likely a typo than
+/// a wish.
+pub fn parse_urls(values: &[String]) -> Result<Vec<Url>, String> {
+    let mut urls = Vec::new();
+    for part in values.iter().flat_map(|value| value.split(',')).map(str::trim) {
+        if part.is_empty() {
+            return Err("--url: empty entry in the list".into());
+        }
+        if urls.len() == URLS_MAX {
+            return Err(format!("--url: at most {URLS_MAX} URLs"));
+        }
+        urls.push(Url::parse(part, "ws", 80)?);
+    }
+    if urls.is_empty() {
+        return Err("--url: no URL given".into());
+    }
+    Ok(urls)
 }
 
 /// Fills a path template for connection number `n` subscribed to `channel`.
@@ -219,6 +244,23 @@ mod tests {
         assert!(Url::parse("ws://x/a b", "ws", 80).is_err());
         let publish = Url::parse("http://127.0.0.1:9000/pub/{channel}", "http", 80).unwrap();
         assert_eq!(expand(&publish.path, "news", 0), "/pub/news");
+    }
+
+    #[test]
+    fn url_lists_repeated_and_comma_separated() {
+        let values = |list: &[&str]| list.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        let urls = parse_urls(&values(&["ws://a:1/ws, ws://b:2/ws", "ws://c:3/x/{n}"])).unwrap();
+        let hosts: Vec<_> = urls.iter().map(|u| (u.host.as_str(), u.port, u.path.as_str())).collect();
+        assert_eq!(hosts, [("a", 1, "/ws"), ("b", 2, "/ws"), ("c", 3, "/x/{n}")]);
+        // Duplicates stay: the same node twice gets two shares.
+        assert_eq!(parse_urls(&values(&["ws://a/ws", "ws://a/ws"])).unwrap().len(), 2);
+        assert_eq!(parse_urls(&values(&["ws://a/ws"])).unwrap(), [Url::parse("ws://a/ws", "ws", 80).unwrap()]);
+        assert!(parse_urls(&values(&["ws://a/ws,,ws://b/ws"])).unwrap_err().contains("empty"));
+        assert!(parse_urls(&values(&["ws://a/ws,"])).is_err());
+        assert!(parse_urls(&[]).is_err());
+        assert!(parse_urls(&values(&["ws://a/ws,wss://b/ws"])).unwrap_err().contains("TLS"));
+        let many = vec!["ws://a/ws".to_string(); URLS_MAX + 1].join(",");
+        assert!(parse_urls(&[many]).unwrap_err().contains("at most"));
     }
 
     #[test]

@@ -44,17 +44,35 @@ pub enum Protocol {
     Raw,
 }
 
+/// One WebSocket URL the connections are spread over, resolved.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Target {
+    pub address: SocketAddr,
+    /// For the Host header.
+    pub authority: String,
+    /// Path template (`{channel}`, `{n}`).
+    pub path: String,
+}
+
+/// What one worker saw on one target.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct TargetCounts {
+    /// Connections established here on their first connect (connect scenario: each handshake).
+    pub established: u64,
+    /// Churn: resumes established here.
+    pub resumed: u64,
+    pub connect_errors: u64,
+    pub disconnects: u64,
+}
+
 /// Everything one worker needs, sent as the first line on its stdin.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct WorkerConfig {
     pub scenario: Scenario,
     pub worker: u32,
     pub protocol: Protocol,
-    pub address: SocketAddr,
-    /// For the Host header.
-    pub authority: String,
-    /// Path template (`{channel}`, `{n}`).
-    pub path: String,
+    /// The URLs, in `--url` order; never empty.
+    pub targets: Vec<Target>,
     /// This worker's connections are numbered from here (for `{n}` and the
     /// choice of source address).
     pub first_index: u64,
@@ -100,6 +118,17 @@ impl WorkerConfig {
     pub fn channel_of(&self, n: u64, k: u32) -> u32 {
         let pool = u64::from(self.channel_pool.max(1));
         ((n * u64::from(self.channels_per_connection) + u64::from(k)) % pool) as u32
+    }
+
+    /// Target of connection `n`'s first connect: round-robin over the URLs.
+    pub fn target_of(&self, n: u64) -> u32 {
+        (n % self.targets.len().max(1) as u64) as u32
+    }
+
+    /// Target a subscriber resumes on after leaving `target`: the next URL,
+    /// so that with several nodes every resume crosses to another one.
+    pub fn next_target(&self, target: u32) -> u32 {
+        ((u64::from(target) + 1) % self.targets.len().max(1) as u64) as u32
     }
 }
 
@@ -184,21 +213,20 @@ pub struct WorkerResult {
     /// Connect scenario: CLOCK_MONOTONIC of the first start and last handshake.
     pub connect_started_ns: u64,
     pub connect_done_ns: u64,
+    /// Per target, in `WorkerConfig::targets` order.
+    pub targets: Vec<TargetCounts>,
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    #[test]
-    fn channel_layout() {
-        let mut config = WorkerConfig {
+    fn config() -> WorkerConfig {
+        WorkerConfig {
             scenario: Scenario::Idle,
             worker: 0,
             protocol: Protocol::Kometa,
-            address: "127.0.0.1:1".parse().unwrap(),
-            authority: "x".into(),
-            path: "/".into(),
+            targets: vec![Target { address: "127.0.0.1:1".parse().unwrap(), authority: "x".into(), path: "/".into() }],
             first_index: 0,
             connections: 1,
             in_flight_max: 1,
@@ -215,7 +243,12 @@ mod tests {
             subscribe: false,
             message_bytes_max: 1,
             progress_interval_ms: 1,
-        };
+        }
+    }
+
+    #[test]
+    fn channel_layout() {
+        let mut config = config();
         // Everyone on the same two channels.
         assert_eq!((config.channel_of(0, 0), config.channel_of(0, 1), config.channel_of(7, 1)), (0, 1, 1));
         assert_eq!(config.channel_name(1), "load-1");
@@ -225,6 +258,24 @@ mod tests {
         config.channel_pool = 1;
         config.channels_per_connection = 1;
         assert_eq!(config.channel_name(config.channel_of(3, 0)), "load");
+    }
+
+    #[test]
+    fn connections_round_robin_over_targets_and_resume_on_the_next() {
+        let mut config = config();
+        // One URL: everything on it, resumes included.
+        assert_eq!((config.target_of(0), config.target_of(7), config.next_target(0)), (0, 0, 0));
+        let target = config.targets[0].clone();
+        config.targets = vec![target; 3];
+        let firsts: Vec<u32> = (0..7).map(|n| config.target_of(n)).collect();
+        assert_eq!(firsts, [0, 1, 2, 0, 1, 2, 0]);
+        // Connection 4 starts on URL 1, resumes on 2, then 0, then 1 again.
+        let mut visited = vec![config.target_of(4)];
+        for _ in 0..3 {
+            visited.push(config.next_target(visited[visited.len() - 1]));
+        }
+        assert_eq!(visited, [1, 2, 0, 1]);
+        assert_eq!(config.target_of(u64::MAX), (u64::MAX % 3) as u32);
     }
 
     #[test]

@@ -17,7 +17,7 @@ use super::ramp::{self, Ramp};
 use super::scan;
 use super::sys::{self, Epoll, HANGUP, READABLE, WRITABLE};
 use super::track::{DeliveryCounts, LastArrivals, Sequence};
-use super::wire::{Command, Progress, Protocol, Scenario, WorkerConfig, WorkerMessage, WorkerResult};
+use super::wire::{Command, Progress, Protocol, Scenario, TargetCounts, WorkerConfig, WorkerMessage, WorkerResult};
 use crate::proto::ws::{accept_key, encode_client_frame};
 
 /// Token of the stdin pipe in the epoll set (connection tokens are
@@ -69,6 +69,8 @@ struct Client {
     index: u64,
     /// Position in the worker's client table (the low half of its epoll token).
     slot: u32,
+    /// Index of the URL its current (or next) socket goes to.
+    target: u32,
     socket: Option<Socket>,
     /// Bumped for every socket, so a stale epoll event is recognised.
     generation: u32,
@@ -98,10 +100,11 @@ struct Client {
 }
 
 impl Client {
-    fn new(index: u64, slot: u32) -> Client {
+    fn new(index: u64, slot: u32, target: u32) -> Client {
         Client {
             index,
             slot,
+            target,
             socket: None,
             generation: 0,
             state: State::NotStarted,
@@ -157,6 +160,16 @@ struct Stats {
     last_delivery_ns: u64,
     connect_started_ns: u64,
     connect_done_ns: u64,
+    /// Per target, in config order.
+    targets: Vec<TargetCounts>,
+}
+
+impl Stats {
+    /// The counts of `client`'s current target (targets come from
+    /// `target_of`/`next_target`, always below the non-empty config's count).
+    fn target(&mut self, client: &Client) -> &mut TargetCounts {
+        &mut self.targets[client.target as usize]
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -287,6 +300,9 @@ pub fn main() -> Result<(), String> {
     };
     let config: WorkerConfig =
         serde_json::from_slice(&line).map_err(|e| format!("load-worker: bad config line: {e}"))?;
+    if config.targets.is_empty() {
+        return Err("load-worker: the config has no target URL".into());
+    }
     let slots = if config.scenario == Scenario::Connect { config.in_flight_max } else { config.connections };
     let limit = sys::open_files_limit();
     if slots + 64 > limit {
@@ -330,7 +346,9 @@ impl Worker {
         let epoll = Epoll::new().map_err(|e| format!("epoll: {e}"))?;
         epoll.add(libc::STDIN_FILENO, READABLE, STDIN_TOKEN).map_err(|e| format!("epoll stdin: {e}"))?;
         let slots = if config.scenario == Scenario::Connect { config.in_flight_max } else { config.connections };
-        let clients: Vec<Client> = (0..slots).map(|i| Client::new(config.first_index + i, i as u32)).collect();
+        let clients: Vec<Client> = (0..slots)
+            .map(|i| Client::new(config.first_index + i, i as u32, config.target_of(config.first_index + i)))
+            .collect();
         let channel_names = (0..config.channel_pool.max(1)).map(|j| config.channel_name(j)).collect();
         let ramp = Ramp {
             total: config.connections,
@@ -348,7 +366,7 @@ impl Worker {
             ctx: Ctx {
                 epoll,
                 channel_names,
-                stats: Stats::default(),
+                stats: Stats { targets: vec![TargetCounts::default(); config.targets.len()], ..Stats::default() },
                 latency: Latency::new(),
                 handshake: Latency::new(),
                 last_arrivals: LastArrivals::new(if track_last { capacity } else { 0 }),
@@ -481,6 +499,7 @@ impl Worker {
                     self.end_client(slot, End::error("ramp_timeout"), now);
                 } else if state == State::NotStarted {
                     *self.ctx.stats.connect_errors.entry("not_started".into()).or_default() += 1;
+                    self.ctx.stats.target(&self.clients[slot]).connect_errors += 1;
                     self.clients[slot].state = State::Done;
                 }
             }
@@ -506,8 +525,10 @@ impl Worker {
                 let Some(slot) = self.free_slots.pop() else { break };
                 let index = self.ctx.config.first_index + self.attempts;
                 self.attempts += 1;
+                let target = self.ctx.config.target_of(index);
                 let client = &mut self.clients[slot];
                 client.index = index;
+                client.target = target;
                 client.established = false;
                 self.start(slot, now);
             }
@@ -635,9 +656,11 @@ impl Worker {
             let stats = &mut self.ctx.stats;
             let errors = if was.in_flight() {
                 stats.progress.connect_errors += 1;
+                stats.target(client).connect_errors += 1;
                 &mut stats.connect_errors
             } else {
                 stats.progress.disconnects += 1;
+                stats.target(client).disconnects += 1;
                 &mut stats.disconnects
             };
             *errors.entry(kind).or_default() += 1;
@@ -654,8 +677,10 @@ impl Worker {
             self.ctx.set_state(client, State::Done, now);
             self.free_slots.push(slot);
         } else if reconnect {
-            // A churned subscriber (or one the server dropped) resumes where it was.
+            // A churned subscriber (or one the server dropped) resumes where it
+            // was, on the next URL: with several nodes, resume crosses nodes.
             client.resume = true;
+            client.target = self.ctx.config.next_target(client.target);
             client.reconnect_after_close = false;
             client.retry_at_ns = if was == State::Closing { now } else { now + RECONNECT_BACKOFF_MS * MS };
             self.ctx.set_state(client, State::Waiting, now);
@@ -718,6 +743,7 @@ impl Worker {
             wall_run_ns: self.mark.map_or(0, |(at, _)| now.saturating_sub(at)),
             connect_started_ns: stats.connect_started_ns,
             connect_done_ns: stats.connect_done_ns,
+            targets: stats.targets.clone(),
         };
         emit(&WorkerMessage::Result(Box::new(result)))
     }
@@ -727,13 +753,14 @@ impl Worker {
 fn open_socket(client: &mut Client, ctx: &mut Ctx, now: u64) -> Result<(), String> {
     let config = &ctx.config;
     let kind = |e: io::Error| sys::error_kind(&e);
-    let socket = Socket::new(Domain::for_address(config.address), Type::STREAM.nonblocking(), None).map_err(kind)?;
-    if !config.source_addresses.is_empty() && config.address.is_ipv4() {
+    let address = config.targets[client.target as usize].address;
+    let socket = Socket::new(Domain::for_address(address), Type::STREAM.nonblocking(), None).map_err(kind)?;
+    if !config.source_addresses.is_empty() && address.is_ipv4() {
         let source = config.source_addresses[(client.index % config.source_addresses.len() as u64) as usize];
         bind_no_port(&socket, source).map_err(kind)?;
     }
     socket.set_tcp_nodelay(true).map_err(kind)?;
-    match socket.connect(&config.address.into()) {
+    match socket.connect(&address.into()) {
         Ok(()) => {}
         Err(error) if error.raw_os_error() == Some(libc::EINPROGRESS) => {}
         Err(error) => return Err(kind(error)),
@@ -851,11 +878,12 @@ fn handshake_request(client: &mut Client, ctx: &mut Ctx) -> String {
     key_bytes[12..].copy_from_slice(&client.generation.to_le_bytes());
     client.key = base64::engine::general_purpose::STANDARD.encode(key_bytes);
     let config = &ctx.config;
+    let target = &config.targets[client.target as usize];
     let channel = &ctx.channel_names[config.channel_of(client.index, 0) as usize % ctx.channel_names.len()];
-    let path = super::target::expand(&config.path, channel, client.index);
+    let path = super::target::expand(&target.path, channel, client.index);
     format!(
         "GET {path} HTTP/1.1\r\nHost: {}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: {}\r\nSec-WebSocket-Version: 13\r\nUser-Agent: kometa-load\r\n\r\n",
-        config.authority, client.key
+        target.authority, client.key
     )
 }
 
@@ -986,6 +1014,9 @@ fn on_established(client: &mut Client, ctx: &mut Ctx, now: u64) -> Result<(), En
     if !client.established {
         client.established = true;
         ctx.stats.progress.established += 1;
+        ctx.stats.target(client).established += 1;
+    } else if client.resume {
+        ctx.stats.target(client).resumed += 1;
     }
     if ctx.config.scenario == Scenario::Connect {
         ctx.stats.connect_done_ns = now;
