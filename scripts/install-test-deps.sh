@@ -3,7 +3,9 @@
 #   - python3 with venv (Debian: python3, python3-venv) when missing
 #   - a project-local virtualenv (.venv) with the Autobahn runner (kosoku)
 #     and the `websockets` client used by cross-implementation tests
-#   - php-cli (scripts/install-php.sh) for the PHP admin client's tests.
+#   - php-cli (scripts/install-php.sh) for the PHP admin client's tests
+#   - redis-server (Debian) for the cluster tests, which start their own
+#     instances on free ports.
 # Nothing is installed system-wide except missing Debian packages.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -41,4 +43,8 @@ if ! .venv/bin/python -c "import kosoku, websockets" >/dev/null 2>&1; then
 fi
 # PHP for the PHP admin client's tests.
 scripts/install-php.sh
+# Redis for the cluster tests (they start private instances themselves).
+if ! command -v redis-server >/dev/null 2>&1; then
+    apt_install redis-server
+fi
 echo "install-test-deps: ready (.venv: $(.venv/bin/python --version))"

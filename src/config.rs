@@ -189,6 +189,112 @@ impl Default for UsersConfig {
     }
 }
 
+/// What a cluster node does while a Redis it needs is unreachable.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum RedisDownPolicy {
+    /// Keep accepting connections; what needs Redis (publishing, history,
+    /// presence, new channels) answers `unavailable` until it is back.
+    #[default]
+    Serve,
+    /// Answer new WebSocket, SSE and long-poll requests with 503 until every
+    /// Redis is reachable again (existing connections stay open), so a load
+    /// balancer sends clients to healthy nodes.
+    Refuse,
+}
+
+/// `[cluster]`: several nodes sharing channels, history, presence and users
+/// through Redis. Without `redis` the node runs alone, with no Redis at all.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ClusterConfig {
+    /// Redis URLs (`redis://[:PASSWORD@]HOST:PORT[/DB]`); a single string or
+    /// a list. Several instances share the channels and users between them
+    /// by a jump consistent hash of the name, so one Redis is not the ceiling.
+    /// Every node of a cluster must list the same URLs in the same order.
+    #[serde(deserialize_with = "one_or_many")]
+    pub redis: Vec<String>,
+    /// This node's name in the cluster (letters, digits, `_ - .`, at most 64
+    /// bytes); generated at start when not set.
+    pub node_id: Option<String>,
+    /// Prefix of every Redis key and pub/sub channel, so several clusters can
+    /// share one Redis.
+    pub key_prefix: String,
+    /// How often a node tells Redis it is alive, and looks for dead nodes.
+    pub heartbeat_interval_ms: u64,
+    /// A node silent for this long is dead: the others remove its presence
+    /// and connections and emit its users' leave and offline events.
+    pub node_timeout_ms: u64,
+    /// A Redis that has not answered a request for this long is treated as
+    /// unreachable: the connection is dropped and made again.
+    pub request_timeout_ms: u64,
+    /// Limit for opening a connection to Redis (TCP, HELLO, script loading).
+    pub connect_timeout_ms: u64,
+    /// Reconnect attempts back off from 100 ms, doubling, up to this.
+    pub reconnect_backoff_max_ms: u64,
+    /// Requests waiting for one Redis's replies; past it, publications are
+    /// refused with `overloaded` and other requests with `unavailable`.
+    pub requests_in_flight_max: usize,
+    /// What to do while a Redis is unreachable.
+    pub on_redis_down: RedisDownPolicy,
+    /// A channel's epoch and offset counter live this long in Redis after
+    /// its last publication; after that its next publication starts a new
+    /// epoch (clients are told they cannot resume).
+    pub channel_meta_ttl_ms: u64,
+    /// Publications of one channel held while the node catches up with it
+    /// from history; past it they are dropped and read back from history.
+    pub catch_up_buffer_max: usize,
+    /// How often a node writes its subscriber counts per channel to Redis
+    /// (for publish replies, CHANNELS and CHANNEL_INFO).
+    pub subscriber_counts_interval_ms: u64,
+}
+
+impl Default for ClusterConfig {
+    fn default() -> Self {
+        ClusterConfig {
+            redis: Vec::new(),
+            node_id: None,
+            key_prefix: "kometa".into(),
+            heartbeat_interval_ms: 1_000,
+            node_timeout_ms: 5_000,
+            request_timeout_ms: 5_000,
+            connect_timeout_ms: 2_000,
+            reconnect_backoff_max_ms: 5_000,
+            requests_in_flight_max: 100_000,
+            on_redis_down: RedisDownPolicy::Serve,
+            channel_meta_ttl_ms: 7 * 24 * 3600 * 1000,
+            catch_up_buffer_max: 10_000,
+            subscriber_counts_interval_ms: 200,
+        }
+    }
+}
+
+impl ClusterConfig {
+    /// Whether this node is a cluster member (has Redis).
+    pub fn enabled(&self) -> bool {
+        !self.redis.is_empty()
+    }
+}
+
+/// A string or a list of strings.
+fn one_or_many<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Vec<String>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum OneOrMany {
+        One(String),
+        Many(Vec<String>),
+    }
+    Ok(match OneOrMany::deserialize(deserializer)? {
+        OneOrMany::One(text) => vec![text],
+        OneOrMany::Many(list) => list,
+    })
+}
+
+/// Characters allowed in a node id (it becomes part of Redis key names).
+pub fn node_id_byte_allowed(byte: u8) -> bool {
+    byte.is_ascii_alphanumeric() || matches!(byte, b'_' | b'-' | b'.')
+}
+
 /// Channel that carries a user's online/offline events.
 pub fn user_status_channel(user: &str) -> String {
     format!("user_status_{user}")
@@ -231,6 +337,7 @@ pub struct Config {
     pub namespaces: Vec<Namespace>,
     pub inbox: InboxConfig,
     pub users: UsersConfig,
+    pub cluster: ClusterConfig,
 }
 
 impl Default for Config {
@@ -252,6 +359,7 @@ impl Default for Config {
             namespaces: Namespace::defaults(),
             inbox: InboxConfig::default(),
             users: UsersConfig::default(),
+            cluster: ClusterConfig::default(),
         }
     }
 }
@@ -391,6 +499,8 @@ impl Config {
         check_range("limits.query_items_max", self.limits.query_items_max, 1, 100_000)?;
         check_range("limits.query_reply_bytes_max", self.limits.query_reply_bytes_max, 1024, 64 << 20)?;
 
+        self.validate_cluster()?;
+
         let mut seen = std::collections::HashSet::new();
         for (index, namespace) in self.namespaces.iter().enumerate() {
             let key = |field: &str| format!("namespaces[{index}].{field}");
@@ -414,6 +524,51 @@ impl Config {
             self.namespaces.push(Namespace::catch_all());
         }
         Ok(())
+    }
+
+    fn validate_cluster(&mut self) -> Result<(), ConfigError> {
+        let c = &mut self.cluster;
+        for (index, url) in c.redis.iter().enumerate() {
+            let key = format!("cluster.redis[{index}]");
+            if !url.starts_with("redis://") {
+                return Err(error(&key, format!("`{url}` must be a redis://HOST:PORT URL (TLS is not supported)")));
+            }
+            redis::IntoConnectionInfo::into_connection_info(url.as_str())
+                .map_err(|e| error(&key, format!("`{url}` is not a Redis URL: {e}")))?;
+        }
+        let unique: std::collections::HashSet<&String> = c.redis.iter().collect();
+        if unique.len() != c.redis.len() {
+            return Err(error("cluster.redis", "lists the same URL twice"));
+        }
+        check_range("cluster.redis (count)", c.redis.len(), 0, 64)?;
+        match &c.node_id {
+            Some(id) if id.is_empty() || id.len() > 64 || !id.bytes().all(node_id_byte_allowed) => {
+                return Err(error("cluster.node_id", "must be 1-64 bytes of letters, digits and _ - ."));
+            }
+            Some(_) => {}
+            None => c.node_id = Some(format!("{:012x}", crate::util::random_u64() >> 16)),
+        }
+        if c.key_prefix.is_empty() || c.key_prefix.len() > 64 || !c.key_prefix.bytes().all(node_id_byte_allowed) {
+            return Err(error("cluster.key_prefix", "must be 1-64 bytes of letters, digits and _ - ."));
+        }
+        check_range("cluster.heartbeat_interval_ms", c.heartbeat_interval_ms, 50, 60_000)?;
+        check_range("cluster.node_timeout_ms", c.node_timeout_ms, 200, 3_600_000)?;
+        if c.node_timeout_ms < 2 * c.heartbeat_interval_ms {
+            return Err(error("cluster.node_timeout_ms", "must be at least twice cluster.heartbeat_interval_ms"));
+        }
+        check_range("cluster.request_timeout_ms", c.request_timeout_ms, 100, 600_000)?;
+        check_range("cluster.connect_timeout_ms", c.connect_timeout_ms, 100, 600_000)?;
+        check_range("cluster.reconnect_backoff_max_ms", c.reconnect_backoff_max_ms, 100, 600_000)?;
+        check_range("cluster.requests_in_flight_max", c.requests_in_flight_max, 16, 10_000_000)?;
+        check_range("cluster.channel_meta_ttl_ms", c.channel_meta_ttl_ms, 60_000, 365 * 24 * 3600 * 1000)?;
+        check_range("cluster.catch_up_buffer_max", c.catch_up_buffer_max, 16, 10_000_000)?;
+        check_range("cluster.subscriber_counts_interval_ms", c.subscriber_counts_interval_ms, 10, 60_000)?;
+        Ok(())
+    }
+
+    /// The cluster node id (set by `validate`; empty when not a cluster member).
+    pub fn node_id(&self) -> &str {
+        self.cluster.node_id.as_deref().unwrap_or("")
     }
 
     /// The namespace that governs `channel`: the longest matching prefix.

@@ -12,7 +12,8 @@
 //! | [`bus`]     | cross-shard bounded queues with eventfd wake-ups; message types     |
 //! | [`shard`]   | the event loop per core: accept, read, write, fan-out, sweep         |
 //! | [`transport`] | HTTP routing and the WebSocket adapter over the shard             |
-//! | [`admin`]   | admin listener (on shard 0) and a blocking client                    |
+//! | [`admin`]   | admin listener (on its own thread) and a blocking client             |
+//! | [`cluster`] | cluster mode: the Redis gateway thread, scripts, key layout          |
 //! | [`config`], [`limits`] | every setting with its default; validation names the key  |
 //! | [`server`]  | process start: limits, listeners, executors, signals                 |
 //! | [`load`]    | the bundled load generator (`kometa load`)                           |
@@ -26,6 +27,7 @@
 pub mod admin;
 pub mod auth;
 pub mod bus;
+pub mod cluster;
 pub mod config;
 pub mod hub;
 pub mod limits;

@@ -206,10 +206,14 @@ pub fn serve(config: Config) -> Result<(), ServeError> {
         AdminAddress::Tcp(_) => None,
     });
 
-    // One endpoint per shard, and a last one for the admin gateway.
+    // One endpoint per shard, then the admin gateway's, then (cluster mode)
+    // the cluster gateway's.
+    let clustered = config.cluster.enabled();
+    let endpoint_count = shard_count + 1 + usize::from(clustered);
     let (mut endpoints, wakeups) =
-        bus::mesh(shard_count + 1, config.limits.bus_queue_capacity, config.limits.bus_overflow_max)
+        bus::mesh(endpoint_count, config.limits.bus_queue_capacity, config.limits.bus_overflow_max)
             .map_err(|e| fail(format!("cannot create the bus: {e}")))?;
+    let cluster_endpoint = if clustered { endpoints.pop() } else { None };
     let gateway_endpoint = endpoints.pop().ok_or_else(|| fail("the bus has no gateway endpoint"))?;
     let shared = Arc::new(Shared {
         connections: AtomicUsize::new(0),
@@ -219,7 +223,15 @@ pub fn serve(config: Config) -> Result<(), ServeError> {
         gateway_stop: AtomicBool::new(false),
         http_sessions: AtomicUsize::new(0),
         wakeups: Arc::clone(&wakeups),
+        cluster_degraded: AtomicBool::new(clustered),
+        cluster_health: std::sync::Mutex::new(String::new()),
     });
+    let cluster = match cluster_endpoint {
+        Some(endpoint) => {
+            Some(crate::cluster::start(Arc::clone(&config), Arc::clone(&shared), endpoint, shard_count).map_err(fail)?)
+        }
+        None => None,
+    };
 
     let signals = block_shutdown_signals();
     let cpus = allowed_cpus();
@@ -264,7 +276,8 @@ pub fn serve(config: Config) -> Result<(), ServeError> {
         })
         .map_err(|e| fail(format!("cannot start the admin gateway: {e}")))?;
 
-    println!("kometa ready listen={bound} admin={} shards={shard_count}", config.admin);
+    let node = if clustered { format!(" node={}", config.node_id()) } else { String::new() };
+    println!("kometa ready listen={bound} admin={} shards={shard_count}{node}", config.admin);
     let _ = std::io::stdout().flush();
     tracing::info!(listen = %bound, admin = %config.admin, shards = shard_count, connections_max, "serving");
 
@@ -291,6 +304,12 @@ pub fn serve(config: Config) -> Result<(), ServeError> {
     shared.wakeups[shard_count].signal();
     if gateway.join().is_err() {
         tracing::warn!("the admin gateway did not stop cleanly");
+    }
+    if let Some(cluster) = cluster {
+        shared.wakeups[shard_count + 1].signal();
+        if cluster.join().is_err() {
+            tracing::warn!("the cluster gateway did not stop cleanly");
+        }
     }
     match failure {
         Some(message) => Err(fail(message)),

@@ -37,6 +37,7 @@ class KometaException extends Exception
         9 => 'shutting_down',
         10 => 'internal',
         11 => 'limit_reached',
+        12 => 'unavailable',
     ];
 
     /** @var string the error's name, for example "bad_argument" */

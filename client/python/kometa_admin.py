@@ -59,6 +59,7 @@ ERROR_NAMES = {
     9: "shutting_down",
     10: "internal",
     11: "limit_reached",
+    12: "unavailable",
 }
 
 # Bytes after the length field before the payload: status/opcode, opcode/flags, request id.

@@ -41,6 +41,8 @@ pub struct Gateway {
     /// The gateway's bus index (= the number of shards).
     pub id: usize,
     shard_count: usize,
+    /// Cluster mode: the cluster gateway's bus index.
+    pub cluster: Option<usize>,
     /// Requests waiting for shards, by token.
     pub admin_waits: HashMap<u64, AdminWait>,
     next_token: u64,
@@ -50,7 +52,8 @@ impl Gateway {
     pub fn new(config: Arc<Config>, shared: Arc<Shared>, bus: Endpoint, shard_count: usize) -> Gateway {
         let id = bus.shard();
         debug_assert_eq!(id, shard_count);
-        Gateway { config, shared, bus, id, shard_count, admin_waits: HashMap::new(), next_token: 1 }
+        let cluster = config.cluster.enabled().then_some(shard_count + 1);
+        Gateway { config, shared, bus, id, shard_count, cluster, admin_waits: HashMap::new(), next_token: 1 }
     }
 
     /// Shards owning channels and users (the gateway is not one).

@@ -18,6 +18,9 @@ pub const QUERY_ITEMS_MAX: usize = 1000;
 pub enum Query {
     /// Every shard's counters.
     Stats,
+    /// Cluster mode: the other nodes' last published STATS (answered by the
+    /// cluster gateway as `{"nodes":[…]}`).
+    NodeStats,
     /// A message for users owned by the receiving shard; each item carries
     /// its index in the admin request so replies keep the request's order.
     SendUser {
@@ -79,6 +82,10 @@ pub enum FailureKind {
     NotFound,
     Forbidden,
     BadArgument,
+    /// Cluster mode: the Redis that holds the answer is unreachable.
+    Unavailable,
+    /// Cluster mode: too many requests wait for that Redis.
+    Overloaded,
 }
 
 /// A query that could not be answered, with a reason.
@@ -98,6 +105,8 @@ impl Failure {
         match self.kind {
             FailureKind::NotFound | FailureKind::BadArgument => client::ErrorCode::BadRequest,
             FailureKind::Forbidden => client::ErrorCode::Forbidden,
+            FailureKind::Unavailable => client::ErrorCode::Unavailable,
+            FailureKind::Overloaded => client::ErrorCode::Overloaded,
         }
     }
 
@@ -105,6 +114,8 @@ impl Failure {
         let code = match self.kind {
             FailureKind::NotFound => admin::ErrorCode::NotFound,
             FailureKind::Forbidden | FailureKind::BadArgument => admin::ErrorCode::BadArgument,
+            FailureKind::Unavailable => admin::ErrorCode::Unavailable,
+            FailureKind::Overloaded => admin::ErrorCode::Overloaded,
         };
         admin::AdminError::new(code, self.message.clone())
     }

@@ -94,7 +94,10 @@ enum PendingReply {
 
 /// How the answers of a gather become the reply document.
 enum Finish {
-    Stats,
+    /// `node`: this node's id in cluster mode.
+    Stats {
+        node: Option<String>,
+    },
     /// `{"results":[…]}` in request order.
     Rows,
     /// The one owner's object.
@@ -123,7 +126,18 @@ impl PendingReply {
                     return FrameWriter::error(op, request_id, &failure.admin_error());
                 }
                 let document = match finish {
-                    Finish::Stats => stats_json(&merge_stats(answers)),
+                    Finish::Stats { node } => {
+                        let others = answers.iter().find_map(|answer| match answer {
+                            Answer::Object(fields) => fields.get("nodes").and_then(|n| n.as_array()).cloned(),
+                            _ => None,
+                        });
+                        let local = stats_document(&merge_stats(answers));
+                        let document = match node {
+                            Some(node) => cluster_stats(local, &node, others.unwrap_or_default()),
+                            None => local,
+                        };
+                        serde_json::to_vec(&document).unwrap_or_default()
+                    }
                     Finish::Rows => {
                         serde_json::to_vec(&serde_json::json!({ "results": merge_rows(answers) })).unwrap_or_default()
                     }
@@ -165,13 +179,53 @@ fn refusal_error(refusal: PublishRefusal) -> AdminError {
         PublishRefusal::ChannelLimit => AdminError::new(ErrorCode::LimitReached, "limits.channels_max reached"),
         PublishRefusal::ShuttingDown => shutting_down(),
         PublishRefusal::NoChannel => AdminError::new(ErrorCode::NotFound, "channel does not exist"),
+        PublishRefusal::Unavailable => {
+            AdminError::new(ErrorCode::Unavailable, "the channel's Redis is unreachable; nothing was published")
+        }
     }
 }
 
 /// The `STATS` document: totals plus each shard's counters.
 pub fn stats_json(shards: &[ShardStats]) -> Vec<u8> {
+    serde_json::to_vec(&stats_document(shards)).unwrap_or_default()
+}
+
+/// Totals summed over nodes in a cluster's STATS.
+const NODE_TOTALS: [&str; 13] = [
+    "connections",
+    "websockets",
+    "users",
+    "authenticated",
+    "http_sessions",
+    "channels",
+    "subscriptions",
+    "messages_in",
+    "messages_out",
+    "publications",
+    "slow_consumers_closed",
+    "protocol_errors",
+    "publications_refused",
+];
+
+/// Cluster mode: totals over this node (fresh) and the others (as they
+/// last published them, at most `cluster.heartbeat_interval_ms` old), with
+/// every node's document under `nodes`.
+fn cluster_stats(local: serde_json::Value, node: &str, others: Vec<serde_json::Value>) -> serde_json::Value {
+    let mut this = local;
+    this["node"] = node.into();
+    let mut document = serde_json::json!({ "node": node, "shards": this["shards"].clone() });
+    let nodes: Vec<serde_json::Value> = std::iter::once(this).chain(others).collect();
+    for key in NODE_TOTALS {
+        document[key] = nodes.iter().filter_map(|n| n[key].as_u64()).sum::<u64>().into();
+    }
+    document["nodes"] = nodes.into();
+    document
+}
+
+/// The `STATS` document of this process.
+pub fn stats_document(shards: &[ShardStats]) -> serde_json::Value {
     let sum = |field: fn(&ShardStats) -> u64| shards.iter().map(field).sum::<u64>();
-    let document = serde_json::json!({
+    serde_json::json!({
         "connections": sum(|s| s.connections),
         "websockets": sum(|s| s.websockets),
         "users": sum(|s| s.users_online),
@@ -186,8 +240,7 @@ pub fn stats_json(shards: &[ShardStats]) -> Vec<u8> {
         "protocol_errors": sum(|s| s.protocol_errors),
         "publications_refused": sum(|s| s.publications_refused),
         "shards": shards,
-    });
-    serde_json::to_vec(&document).unwrap_or_default()
+    })
 }
 
 /// Writes `bytes`; false if the write failed or the backend did not take
@@ -320,8 +373,15 @@ fn dispatch(shard: &Rc<RefCell<Gateway>>, frame: RawFrame<'_>, authorized: &mut 
             opcode::PUBLISH => return publish(shard, request_id, reader),
             opcode::STATS => {
                 reader.finish()?;
-                let count = shard.borrow().shard_count();
-                gather(shard, op, request_id, (0..count).map(|s| (s, Query::Stats)).collect(), Finish::Stats)
+                let (count, cluster, node) = {
+                    let shard = shard.borrow();
+                    (shard.shard_count(), shard.cluster, shard.config.cluster.node_id.clone())
+                };
+                let mut queries: Vec<(usize, Query)> = (0..count).map(|s| (s, Query::Stats)).collect();
+                // Cluster mode: the other nodes' STATS too.
+                queries.extend(cluster.map(|gateway| (gateway, Query::NodeStats)));
+                let node = cluster.and(node);
+                gather(shard, op, request_id, queries, Finish::Stats { node })
             }
             opcode::SEND_USER => {
                 let users = read_users(&mut reader, shard)?;
@@ -371,8 +431,17 @@ fn dispatch(shard: &Rc<RefCell<Gateway>>, frame: RawFrame<'_>, authorized: &mut 
                     return Err(bad_argument("prefix may contain only letters, digits and _ - . : @ / = #"));
                 }
                 let prefix: Arc<str> = prefix.into();
-                let count = shard.borrow().shard_count();
-                let queries = (0..count)
+                let (count, cluster) = {
+                    let shard = shard.borrow();
+                    (shard.shard_count(), shard.cluster)
+                };
+                // Cluster mode: Redis knows every node's channels.
+                let destinations: Vec<usize> = match cluster {
+                    Some(gateway) => vec![gateway],
+                    None => (0..count).collect(),
+                };
+                let queries = destinations
+                    .into_iter()
                     .map(|s| {
                         let cursor = (!cursor.is_empty()).then(|| cursor.into());
                         (s, Query::Channels { prefix: Arc::clone(&prefix), cursor, limit })

@@ -5,6 +5,7 @@ use std::sync::Arc;
 
 use serde::Serialize;
 
+use super::cluster::{FromCluster, ToCluster};
 use crate::admin::query::{Answer, Query};
 use crate::hub::history::RecoveryFailure;
 use crate::hub::publication::Publication;
@@ -107,6 +108,8 @@ pub enum PublishRefusal {
     ShuttingDown,
     /// `only_if_exists` and the channel does not exist.
     NoChannel,
+    /// Cluster mode: the channel's Redis is unreachable; nothing was published.
+    Unavailable,
 }
 
 /// A connection with a verified token registers with its user's owner.
@@ -249,6 +252,10 @@ pub enum Message {
         fd: std::os::fd::OwnedFd,
         input: Box<[u8]>,
     },
+
+    // Cluster mode: to and from the cluster gateway.
+    ToCluster(Box<ToCluster>),
+    FromCluster(Box<FromCluster>),
 }
 
 #[cfg(test)]

@@ -42,6 +42,11 @@ impl OwnedChannel {
         }
     }
 
+    /// (shard, subscribers there) for every shard with subscribers: where a fan-out goes.
+    pub fn subscriber_targets(&self) -> Vec<(usize, u32)> {
+        self.subscriber_shards().map(|s| (s, self.subscribers_by_shard[s])).collect()
+    }
+
     /// Shards that currently hold at least one subscriber.
     pub fn subscriber_shards(&self) -> impl Iterator<Item = usize> + '_ {
         self.subscribers_by_shard.iter().enumerate().filter(|(_, count)| **count > 0).map(|(shard, _)| shard)
@@ -78,6 +83,20 @@ impl OwnedChannel {
             return Err(RecoveryFailure::EpochChanged);
         }
         self.history.recover(offset, self.last_offset)
+    }
+
+    /// Cluster mode: takes a publication Redis numbered, keeping the ring
+    /// contiguous (a hole, announced as a loss, empties it first).
+    pub fn accept_remote(&mut self, publication: &Arc<Publication>, namespace: &Namespace, now_ms: u64) {
+        let follows = self.history.last_offset().is_none_or(|last| last + 1 == publication.offset)
+            && self.history.first_offset().is_none_or(|_| *self.epoch == *publication.epoch);
+        if !follows {
+            self.history.clear();
+        }
+        self.epoch = Arc::clone(&publication.epoch);
+        self.last_offset = publication.offset;
+        self.history.push(Arc::clone(publication), now_ms, namespace.history_size, namespace.history_ttl_ms);
+        self.last_active_ms = now_ms;
     }
 
     /// Nothing references this channel any more: no subscribers, no history, no presence.
@@ -151,6 +170,14 @@ impl OwnedChannels {
 
     pub fn iter(&self) -> impl Iterator<Item = &OwnedChannel> {
         self.channels.values()
+    }
+
+    pub fn iter_mut(&mut self) -> impl Iterator<Item = &mut OwnedChannel> {
+        self.channels.values_mut()
+    }
+
+    pub fn remove(&mut self, name: &str) -> Option<OwnedChannel> {
+        self.channels.remove(name)
     }
 }
 

@@ -75,6 +75,16 @@ impl History {
         self.entries.front().map(|e| e.publication.offset)
     }
 
+    pub fn last_offset(&self) -> Option<u64> {
+        self.entries.back().map(|e| e.publication.offset)
+    }
+
+    /// Forgets everything (cluster mode: publications were lost, so the
+    /// ring would no longer hold contiguous offsets).
+    pub fn clear(&mut self) {
+        self.entries.clear();
+    }
+
     /// Up to `limit` publications with offsets greater than `after`, oldest first.
     pub fn after(&self, after: u64, limit: usize) -> Vec<Arc<Publication>> {
         let skip = match self.first_offset() {

@@ -5,6 +5,7 @@
 //! that owns a channel; `index` is each shard's view of its own subscribers.
 
 pub mod channel;
+pub mod follow;
 pub mod history;
 pub mod index;
 pub mod presence;

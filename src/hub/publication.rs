@@ -71,6 +71,22 @@ impl Publication {
         })
     }
 
+    /// Cluster mode: subscribers missed publications of `channel` up to
+    /// `offset` that cannot be had (`reason` as in a resume reply):
+    /// `{"channel":…,"recovered":false,"reason":…,"epoch":…,"offset":…}`.
+    /// Outside the offsets (0), like an event; the client should refetch.
+    pub fn loss_notice(channel: Arc<str>, epoch: &str, offset: u64, reason: &str) -> Publication {
+        let name = Arc::clone(&channel);
+        Publication::build(channel, "".into(), 0, name.len() + epoch.len() + 64, |object| {
+            object
+                .str("channel", &name)
+                .bool("recovered", false)
+                .str("reason", reason)
+                .str("epoch", epoch)
+                .u64("offset", offset);
+        })
+    }
+
     /// A message to a user: `{"inbox":SEQ,"event":…,"data":…}`, where SEQ is
     /// the inbox sequence to acknowledge (absent when it was not stored).
     /// `channel` is empty and `offset` is the sequence (0 when not stored).

@@ -53,7 +53,7 @@ pub struct UserState {
 /// the first 57 new messages. Stays below 2^53 (exact in JavaScript) until
 /// the year 2255; a user would need more than 1,000 messages a millisecond
 /// over its whole life to overtake a later start.
-fn first_inbox_seq(unix_ms: u64) -> u64 {
+pub fn first_inbox_seq(unix_ms: u64) -> u64 {
     const SEQS_PER_MS: u64 = 1_000;
     unix_ms.saturating_mul(SEQS_PER_MS).max(1)
 }
@@ -142,6 +142,12 @@ impl OwnedUsers {
 
     pub fn limits(&self) -> UserLimits {
         self.limits
+    }
+
+    /// Users with connections here, with their counts (cluster mode
+    /// registers them again after a reset).
+    pub fn connected(&self) -> impl Iterator<Item = (&Arc<str>, u32)> + '_ {
+        self.users.iter().filter(|(_, state)| state.connections > 0).map(|(user, state)| (user, state.connections))
     }
 
     /// Users with at least one connection.

@@ -58,6 +58,9 @@ pub enum ErrorCode {
     Internal = 10,
     /// A server-wide limit was reached (for example `channels_max`).
     LimitReached = 11,
+    /// Cluster mode: the Redis this request needs is unreachable. Nothing was
+    /// done (a publication was not accepted); retry.
+    Unavailable = 12,
 }
 
 impl ErrorCode {
@@ -74,6 +77,7 @@ impl ErrorCode {
             9 => ErrorCode::ShuttingDown,
             10 => ErrorCode::Internal,
             11 => ErrorCode::LimitReached,
+            12 => ErrorCode::Unavailable,
             _ => return None,
         })
     }
@@ -91,6 +95,7 @@ impl ErrorCode {
             ErrorCode::ShuttingDown => "shutting_down",
             ErrorCode::Internal => "internal",
             ErrorCode::LimitReached => "limit_reached",
+            ErrorCode::Unavailable => "unavailable",
         }
     }
 }

@@ -47,6 +47,8 @@ pub enum ErrorCode {
     Internal,
     /// The command is not available on this transport or in this state.
     NotAvailable,
+    /// Cluster mode: the Redis this command needs is unreachable; retry later.
+    Unavailable,
 }
 
 impl ErrorCode {
@@ -67,6 +69,7 @@ impl ErrorCode {
             ErrorCode::TooManyChannelsOnServer => "server_channel_limit",
             ErrorCode::Internal => "internal",
             ErrorCode::NotAvailable => "not_available",
+            ErrorCode::Unavailable => "unavailable",
         }
     }
 }

@@ -9,6 +9,7 @@
 //! connections and subscriptions, no locks or `RefCell` juggling across
 //! awaits are needed; admin tasks only send bus messages and await replies.
 
+mod cluster;
 mod conn;
 mod owner;
 mod queries;
@@ -94,6 +95,11 @@ pub struct Shared {
     pub http_sessions: AtomicUsize,
     /// One per shard, to wake them (shutdown, bus).
     pub wakeups: Arc<[Wakeup]>,
+    /// Cluster mode: true while any Redis is unreachable (for
+    /// `cluster.on_redis_down = "refuse"` and /health).
+    pub cluster_degraded: AtomicBool,
+    /// Cluster mode: the cluster part of /health (JSON), kept by the gateway.
+    pub cluster_health: std::sync::Mutex<String>,
 }
 
 /// An accepted socket and its session, or (`fd` None) an HTTP session
@@ -187,6 +193,8 @@ pub struct Shard {
     pub(crate) users_local: HashMap<Arc<str>, Vec<ConnKey>>,
     pub(crate) verifier: Verifier,
     pub bus: Endpoint,
+    /// Cluster mode: following channels and users in Redis (None on a single node).
+    pub(crate) cluster: Option<cluster::ClusterSide>,
     fanouts: VecDeque<PendingFanout>,
     /// Connections to revisit: input left unread at a budget, or a paused
     /// connection whose reply arrived.
@@ -216,8 +224,11 @@ impl Shard {
         epoll.add(bus.wakeup().fd(), sys::EPOLLIN, TOKEN_WAKEUP)?;
         let ticker = sys::Ticker::new(Duration::from_millis(config.timeouts.sweep_interval_ms))?;
         epoll.add(ticker.fd(), sys::EPOLLIN, TOKEN_TICKER)?;
-        // The last bus endpoint is the admin gateway's.
-        let shard_count = bus.shard_count() - 1;
+        // After the shards come the admin gateway's endpoint and, in
+        // cluster mode, the cluster gateway's.
+        let gateways = if config.cluster.enabled() { 2 } else { 1 };
+        let shard_count = bus.shard_count() - gateways;
+        let cluster = config.cluster.enabled().then(|| cluster::ClusterSide::new(shard_count + 1));
         let channels_max = config.limits.channels_max.div_ceil(shard_count);
         let user_limits = UserLimits {
             inbox_messages_max: config.inbox.messages_max,
@@ -244,6 +255,7 @@ impl Shard {
             users_local: HashMap::new(),
             verifier,
             bus,
+            cluster,
             fanouts: VecDeque::new(),
             ready: VecDeque::new(),
             scratch: vec![0; SCRATCH_BYTES],
@@ -288,6 +300,9 @@ impl Shard {
         work += self.run_fanouts();
         if self.now_ms >= self.next_sweep_ms {
             work += self.sweep();
+        }
+        if self.cluster.is_some() {
+            self.cluster_tick();
         }
         let overflow_left = self.bus.flush();
 

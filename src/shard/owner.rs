@@ -19,6 +19,28 @@ use crate::session::PENDING_SLOT;
 
 impl Shard {
     pub(crate) fn handle_message(&mut self, message: Message) {
+        if self.is_cluster() {
+            // The owner's cluster-mode side (shard/cluster.rs).
+            match message {
+                Message::Subscribe(request) => return self.cluster_subscribe(*request),
+                Message::Unsubscribe { channel, shard, user } => {
+                    return self.cluster_unsubscribe(&channel, usize::from(shard), user)
+                }
+                Message::Publish(request) => return self.cluster_publish(*request),
+                Message::UserConnect(request) => return self.cluster_user_connect(*request),
+                Message::UserDisconnect { user, shard } => {
+                    return self.cluster_user_disconnect(&user, usize::from(shard))
+                }
+                Message::UserAck { user, seq } => return self.cluster_user_ack(user, seq),
+                Message::Query(request) => return self.cluster_query(*request),
+                Message::FromCluster(message) => return self.handle_from_cluster(*message),
+                other => return self.handle_local_message(other),
+            }
+        }
+        self.handle_local_message(message)
+    }
+
+    fn handle_local_message(&mut self, message: Message) {
         match message {
             Message::Subscribe(request) => self.owner_subscribe(*request),
             Message::Unsubscribe { channel, shard, user } => self.owner_unsubscribe(&channel, usize::from(shard), user),
@@ -42,6 +64,9 @@ impl Shard {
             }
             Message::Answer(answer) => self.receive_answer(*answer),
             Message::Adopt { fd, input } => self.adopt(fd, input),
+            Message::ToCluster(_) | Message::FromCluster(_) => {
+                debug_assert!(false, "cluster message on a shard without a cluster");
+            }
         }
     }
 
@@ -51,8 +76,7 @@ impl Shard {
         let data = serde_json::json!({ "user": user }).to_string();
         let publication = Arc::new(Publication::channel_event(Arc::clone(channel), event, data.as_bytes()));
         let Some(state) = self.owned.get(channel) else { return };
-        let targets: Vec<(usize, u32)> =
-            state.subscriber_shards().map(|s| (s, state.subscribers_by_shard[s])).collect();
+        let targets = state.subscriber_targets();
         self.send_deliveries(&publication, &targets);
     }
 
@@ -152,8 +176,7 @@ impl Shard {
                         subscribers: state.subscribers,
                         epoch: Arc::clone(&state.epoch),
                     };
-                    let targets: Vec<(usize, u32)> =
-                        state.subscriber_shards().map(|s| (s, state.subscribers_by_shard[s])).collect();
+                    let targets = state.subscriber_targets();
                     self.send_deliveries(&publication, &targets);
                     self.metrics.publications += 1;
                     Ok(ok)
@@ -249,6 +272,9 @@ impl Shard {
                             }
                             PublishRefusal::ShuttingDown => (ErrorCode::Overloaded, "server shutting down"),
                             PublishRefusal::NoChannel => (ErrorCode::Internal, "channel does not exist"),
+                            PublishRefusal::Unavailable => {
+                                (ErrorCode::Unavailable, "the cluster's Redis is unreachable; retry")
+                            }
                         };
                         self.reply_error(key, &CommandError::new(request_id, code, message));
                     }
@@ -261,7 +287,7 @@ impl Shard {
 
     /// Sends a publication to each shard with subscribers, adding their
     /// count there to that shard's fan-out backlog until it is written.
-    fn send_deliveries(&mut self, publication: &Arc<Publication>, targets: &[(usize, u32)]) {
+    pub(crate) fn send_deliveries(&mut self, publication: &Arc<Publication>, targets: &[(usize, u32)]) {
         for &(shard, subscribers) in targets {
             self.shared.fanout_backlog[shard].fetch_add(subscribers as usize, Ordering::Relaxed);
             let message = Message::Deliver { publication: Arc::clone(publication), accounted: subscribers };
@@ -269,7 +295,7 @@ impl Shard {
         }
     }
 
-    fn send_answer(&mut self, reply: ReplyTo, answer: crate::admin::query::Answer) {
+    pub(crate) fn send_answer(&mut self, reply: ReplyTo, answer: crate::admin::query::Answer) {
         if let Some(destination) = reply.shard() {
             self.bus.send(destination, Message::Answer(Box::new(QueryAnswer { reply, answer })));
         }

@@ -26,6 +26,7 @@ impl Shard {
     pub(crate) fn answer_query(&mut self, query: Query, _reply: &ReplyTo) -> Answer {
         match query {
             Query::Stats => Answer::Stats(Box::new(self.stats())),
+            Query::NodeStats => Failure::answer(FailureKind::BadArgument, "node stats come from the cluster gateway"),
             Query::SendUser { items, event, data } => self.send_users(items, &event, &data),
             Query::UserStatus { items } => Answer::Rows(
                 items
@@ -117,7 +118,7 @@ impl Shard {
     }
 
     /// Presence is kept only where the namespace asks for it.
-    fn presence_refusal(&self, channel: &str) -> Option<Answer> {
+    pub(crate) fn presence_refusal(&self, channel: &str) -> Option<Answer> {
         let namespace = self.config.namespace_for(channel);
         (!namespace.presence).then(|| {
             Failure::answer(

@@ -63,7 +63,12 @@ impl Shard {
             if self.now_ms >= self.next_channel_sweep_ms {
                 self.next_channel_sweep_ms = self.now_ms + CHANNEL_SWEEP_INTERVAL_MS.max(timeouts.sweep_interval_ms);
                 let config = Arc::clone(&self.config);
-                let dropped = self.owned.sweep(self.now_ms, |name| config.namespace_for(name));
+                let dropped = if self.is_cluster() {
+                    self.cluster_sweep_channels();
+                    0
+                } else {
+                    self.owned.sweep(self.now_ms, |name| config.namespace_for(name))
+                };
                 self.users.sweep(unix_time_ms());
                 if dropped > 0 {
                     tracing::trace!(shard = self.id, dropped, "idle channels dropped");

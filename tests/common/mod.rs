@@ -429,3 +429,104 @@ impl SseStream {
         self.reader.get_ref().set_read_timeout(Some(timeout)).expect("timeout");
     }
 }
+
+/// A free TCP port on 127.0.0.1 (bound, then released).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port()
+}
+
+/// A private redis-server on a free port. Tests that need Redis fail (never
+/// skip) when it cannot start: `scripts/install-test-deps.sh` installs it.
+pub struct RedisServer {
+    child: Option<Child>,
+    pub port: u16,
+    dir: PathBuf,
+}
+
+impl RedisServer {
+    pub fn start() -> RedisServer {
+        RedisServer::start_on(free_port())
+    }
+
+    /// Starts (or restarts, after `kill`) on `port`, with no persistence.
+    pub fn start_on(port: u16) -> RedisServer {
+        let dir = temp_dir("redis");
+        let child = Command::new("redis-server")
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .arg("--dir")
+            .arg(&dir)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start redis-server ({e}); run scripts/install-test-deps.sh"));
+        let server = RedisServer { child: Some(child), port, dir };
+        server.wait_ready();
+        server
+    }
+
+    fn wait_ready(&self) {
+        let deadline = Instant::now() + TIMEOUT;
+        loop {
+            if self.command(&["PING"]).is_some_and(|reply| reply.contains("PONG")) {
+                return;
+            }
+            assert!(Instant::now() < deadline, "redis-server on port {} did not answer PING", self.port);
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// One command in RESP; the raw reply text (None when unreachable).
+    pub fn command(&self, args: &[&str]) -> Option<String> {
+        let mut stream = TcpStream::connect(("127.0.0.1", self.port)).ok()?;
+        stream.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+        let mut request = format!("*{}\r\n", args.len());
+        for arg in args {
+            request.push_str(&format!("${}\r\n{arg}\r\n", arg.len()));
+        }
+        stream.write_all(request.as_bytes()).ok()?;
+        let mut reply = vec![0u8; 65536];
+        let n = stream.read(&mut reply).ok()?;
+        Some(String::from_utf8_lossy(&reply[..n]).into_owned())
+    }
+
+    /// SIGKILL: Redis goes away without a word, as in a crash.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        self.kill();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// The `[cluster]` section for a test node: quick heartbeats and timeouts.
+pub fn cluster_config(redis: &[&RedisServer], node_id: &str) -> String {
+    let urls: Vec<String> = redis.iter().map(|r| format!("\"{}\"", r.url())).collect();
+    format!(
+        "[cluster]\nredis = [{}]\nnode_id = \"{node_id}\"\nheartbeat_interval_ms = 200\nnode_timeout_ms = 1000\n\
+         request_timeout_ms = 2000\nconnect_timeout_ms = 1000\nreconnect_backoff_max_ms = 300\n",
+        urls.join(", ")
+    )
+}
+
+/// Waits until `check()` holds, polling.
+pub fn eventually<T>(what: &str, mut check: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + TIMEOUT;
+    loop {
+        if let Some(value) = check() {
+            return value;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(25));
+    }
+}
