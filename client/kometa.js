@@ -1045,7 +1045,7 @@
           if (this.link === link) link.fail("no answer to subscribe");
           return;
         }
-        if (err.code === "overloaded" || err.code === "internal") {
+        if (err.code === "overloaded" || err.code === "internal" || err.code === "unavailable") {
           setTimeout(() => this._subscribe(ch), 1000 + Math.random() * 2000);
           return;
         }
@@ -1105,6 +1105,14 @@
     _push(m) {
       const ch = this.channels.get(m.channel);
       if (!ch || ch.status !== "subscribed") return;
+      if (m.recovered === false) {
+        // Cluster: the server lost publications it cannot get back (a Redis
+        // outage); follow on from its position and tell the app.
+        const res = { epoch: String(m.epoch), base: Number(m.offset) || 0, recovered: false, reason: String(m.reason || "not_recovered") };
+        ch.pos = { epoch: res.epoch, offset: res.base };
+        if (this.hub) this.hub.recovery(m.channel, res, []);
+        return;
+      }
       if (typeof m.offset === "number") {
         if (ch.pos && m.offset <= ch.pos.offset) return; // seen already (upgrade or resume seam)
         ch.pos = { epoch: ch.pos ? ch.pos.epoch : "", offset: m.offset };

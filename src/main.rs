@@ -153,6 +153,13 @@ struct ServeArgs {
     /// HS256 secret for connection tokens.
     #[arg(long, env = "KOMETA_TOKEN_SECRET", hide_env_values = true)]
     token_secret: Option<String>,
+    /// Join a cluster through Redis: redis://HOST:PORT, or several,
+    /// comma-separated (channels and users are spread over them).
+    #[arg(long, env = "KOMETA_REDIS", hide_env_values = true)]
+    redis: Option<String>,
+    /// This node's name in the cluster (default: generated).
+    #[arg(long, env = "KOMETA_NODE_ID")]
+    node_id: Option<String>,
 }
 
 #[derive(Args)]
@@ -197,6 +204,12 @@ fn load_config(args: &ServeArgs) -> Result<Config, String> {
     }
     if let Some(secret) = &args.token_secret {
         config.token_secret = Some(secret.clone());
+    }
+    if let Some(redis) = &args.redis {
+        config.cluster.redis = redis.split(',').map(|url| url.trim().to_owned()).filter(|u| !u.is_empty()).collect();
+    }
+    if let Some(node_id) = &args.node_id {
+        config.cluster.node_id = Some(node_id.clone());
     }
     config.validate().map_err(|e| e.to_string())?;
     Ok(config)

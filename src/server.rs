@@ -226,14 +226,16 @@ pub fn serve(config: Config) -> Result<(), ServeError> {
         cluster_degraded: AtomicBool::new(clustered),
         cluster_health: std::sync::Mutex::new(String::new()),
     });
+
+    let signals = block_shutdown_signals();
+    // After blocking the signals: threads inherit the mask, and a SIGTERM
+    // taken by a thread that does not block it would kill the process.
     let cluster = match cluster_endpoint {
         Some(endpoint) => {
             Some(crate::cluster::start(Arc::clone(&config), Arc::clone(&shared), endpoint, shard_count).map_err(fail)?)
         }
         None => None,
     };
-
-    let signals = block_shutdown_signals();
     let cpus = allowed_cpus();
     if shard_count > cpus.len() {
         tracing::warn!(shards = shard_count, cpus = cpus.len(), "more shards than CPUs: shards will share cores");

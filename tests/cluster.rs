@@ -106,7 +106,8 @@ fn resume_on_another_node_recovers_exactly_what_was_missed() {
     b.publish("feed", "e", "5");
     // Node b has never followed "feed": the resume is read from Redis.
     let mut resumed = b.client();
-    let reply = resumed.request(json!({"op": "subscribe", "channel": "feed", "id": 1, "since": {"epoch": epoch, "offset": 3}}));
+    let reply =
+        resumed.request(json!({"op": "subscribe", "channel": "feed", "id": 1, "since": {"epoch": epoch, "offset": 3}}));
     assert_eq!(reply["recovered"], true, "{reply}");
     assert_eq!(reply["offset"], 5);
     let missed = read_publications(&mut resumed, "feed", 2);
@@ -116,7 +117,8 @@ fn resume_on_another_node_recovers_exactly_what_was_missed() {
 
     // A wrong epoch is told plainly.
     let mut stranger = b.client();
-    let reply = stranger.request(json!({"op": "subscribe", "channel": "feed", "id": 2, "since": {"epoch": "0000", "offset": 3}}));
+    let reply = stranger
+        .request(json!({"op": "subscribe", "channel": "feed", "id": 2, "since": {"epoch": "0000", "offset": 3}}));
     assert_eq!(reply["recovered"], false, "{reply}");
     assert_eq!(reply["reason"], "epoch_changed");
 }
@@ -133,7 +135,8 @@ fn history_channel_info_and_channels_are_cluster_wide() {
     a.publish("stocks", "tick", "1");
     b.publish("stocks", "tick", "2");
     let history = b.admin().history("stocks", 0, 0).expect("history");
-    let offsets: Vec<u64> = history["publications"].as_array().unwrap().iter().map(|p| p["offset"].as_u64().unwrap()).collect();
+    let offsets: Vec<u64> =
+        history["publications"].as_array().unwrap().iter().map(|p| p["offset"].as_u64().unwrap()).collect();
     assert_eq!(offsets, vec![1, 2]);
     // Subscriber counts reach Redis within the counts interval.
     let info = eventually("both subscribers counted", || {
@@ -151,4 +154,279 @@ fn history_channel_info_and_channels_are_cluster_wide() {
     });
     let nodes: Vec<&str> = stats["nodes"].as_array().unwrap().iter().map(|n| n["node"].as_str().unwrap()).collect();
     assert_eq!(nodes, vec!["a", "b"], "{stats}");
+}
+
+/// The next message that is not a channel publication (user messages, events).
+fn next_where(client: &mut common::Client, what: &str, matches: impl Fn(&Value) -> bool) -> Value {
+    loop {
+        let message = client.recv();
+        if matches(&message) {
+            return message;
+        }
+        assert!(message.get("error").is_none(), "waiting for {what}, got an error: {message}");
+    }
+}
+
+#[test]
+fn messages_to_users_reach_every_node_and_inboxes_follow_the_user() {
+    let redis = RedisServer::start();
+    let nodes: Vec<Server> = ["a", "b", "c"].iter().map(|id| node(&redis, id)).collect();
+    let url = format!("/ws?token={}", token("7"));
+    let mut on_a = nodes[0].client_at(&url);
+    let mut on_b = nodes[1].client_at(&url);
+    // Both registrations are in once the status says 2 connections.
+    eventually("user 7 online twice", || {
+        let status = nodes[2].admin().user_status(&["7"]).expect("status");
+        (status["results"][0]["connections"] == 2).then_some(())
+    });
+    let sent = nodes[2].admin().send_user(&["7"], "notice", b"{\"n\":1}").expect("send");
+    let row = &sent["results"][0];
+    assert_eq!(row["user"], "7");
+    assert_eq!(row["delivered"], 2);
+    assert_eq!(row["stored"], true);
+    let first = row["inbox"].as_u64().expect("inbox seq");
+    for client in [&mut on_a, &mut on_b] {
+        let message = next_where(client, "the user message", |m| m.get("inbox").is_some());
+        assert_eq!(message["inbox"].as_u64(), Some(first));
+        assert_eq!(message["data"], json!({"n": 1}));
+    }
+    drop(on_a);
+    drop(on_b);
+    eventually("user 7 offline", || {
+        let status = nodes[0].admin().user_status(&["7"]).expect("status");
+        (status["results"][0]["status"] == "offline").then_some(())
+    });
+    let sent = nodes[1].admin().send_user(&["7"], "notice", b"{\"n\":2}").expect("send");
+    assert_eq!(sent["results"][0]["delivered"], 0);
+    let second = sent["results"][0]["inbox"].as_u64().expect("stored");
+    assert!(second > first);
+
+    // Back on a third node: both unacknowledged messages, in order.
+    let mut on_c = nodes[2].client_at(&url);
+    let replay: Vec<u64> = (0..2)
+        .map(|_| next_where(&mut on_c, "the inbox replay", |m| m.get("inbox").is_some())["inbox"].as_u64().unwrap())
+        .collect();
+    assert_eq!(replay, vec![first, second]);
+    let reply = on_c.request(json!({"op": "ack", "inbox": second, "id": 3}));
+    assert_eq!(reply["ok"], true);
+    drop(on_c);
+
+    // Acknowledged on c: not redelivered on a.
+    eventually("user 7 offline again", || {
+        let status = nodes[0].admin().user_status(&["7"]).expect("status");
+        (status["results"][0]["status"] == "offline").then_some(())
+    });
+    let mut again = nodes[0].client_at(&url);
+    let probe = again.request(json!({"op": "ping", "id": 9}));
+    assert_eq!(probe["id"], 9, "a redelivered inbox message came before the ping reply: {probe}");
+    again.set_timeout(Duration::from_millis(300));
+    assert!(again.socket.read().is_err(), "an acknowledged message came back");
+}
+
+#[test]
+fn presence_join_leave_and_status_are_cluster_wide_and_a_dead_node_drops_out() {
+    let redis = RedisServer::start();
+    let a = node(&redis, "a");
+    let b = node(&redis, "b");
+    let mut c = node(&redis, "c");
+    let mut watcher = a.client();
+    watcher.subscribe("user_status_8");
+    watcher.subscribe("track_room");
+    let mut seven = b.client_at(&format!("/ws?token={}", token("7")));
+    seven.subscribe("track_room");
+    let join = next_where(&mut watcher, "join of 7", |m| m["event"] == "join");
+    assert_eq!(join["data"], json!({"user": "7"}));
+    let presence = c.admin().presence("track_room", "", 0).expect("presence");
+    assert_eq!(presence["members"], json!([{"user": "7", "connections": 1}]), "{presence}");
+    assert_eq!(presence["anonymous"], 1);
+    let stats = a.admin().presence_stats("track_room").expect("presence stats");
+    assert_eq!((stats["users"].as_u64(), stats["connections"].as_u64()), (Some(1), Some(2)), "{stats}");
+
+    drop(seven);
+    let leave = next_where(&mut watcher, "leave of 7", |m| m["event"] == "leave");
+    assert_eq!(leave["data"], json!({"user": "7"}));
+
+    // A node that dies without a word: its user leaves presence and goes
+    // offline within node_timeout_ms (1 s here) plus a heartbeat or two.
+    let mut eight = c.client_at(&format!("/ws?token={}", token("8")));
+    eight.subscribe("track_room");
+    // 8 comes online (at connect) and joins (at subscribe), in that order.
+    next_where(&mut watcher, "8 online", |m| m["channel"] == "user_status_8" && m["event"] == "online");
+    next_where(&mut watcher, "join of 8", |m| m["event"] == "join" && m["data"]["user"] == "8");
+    // SAFETY: signalling our own child process.
+    unsafe { libc::kill(c.pid(), libc::SIGKILL) };
+    let _ = c.wait_exit();
+    let killed = std::time::Instant::now();
+    watcher.set_timeout(Duration::from_secs(5));
+    let leave = next_where(&mut watcher, "leave of 8", |m| m["event"] == "leave");
+    assert_eq!(leave["data"], json!({"user": "8"}));
+    let offline = next_where(&mut watcher, "8 offline", |m| m["channel"] == "user_status_8");
+    assert_eq!(offline["event"], "offline");
+    assert!(killed.elapsed() < Duration::from_secs(4), "took {:?}", killed.elapsed());
+    let status = b.admin().user_status(&["8"]).expect("status");
+    assert_eq!(status["results"][0]["status"], "offline");
+    let presence = b.admin().presence("track_room", "", 0).expect("presence");
+    assert_eq!(presence["members"], json!([]), "{presence}");
+}
+
+#[test]
+fn redis_down_refuses_publications_and_nothing_acknowledged_is_lost_silently() {
+    let mut redis = RedisServer::start();
+    let port = redis.port;
+    let a = node(&redis, "a");
+    let b = node(&redis, "b");
+    let mut subscriber = b.client();
+    subscriber.subscribe("ticks");
+    let mut admin = a.admin();
+    // Some((epoch, offset)) when acknowledged, None when refused as unavailable.
+    let try_publish = |admin: &mut kometa::admin::client::AdminClient| match admin.publish("ticks", "t", b"1") {
+        Ok(published) => Some((published.epoch.clone(), published.offset)),
+        Err(kometa::admin::client::ClientError::Server(error)) => {
+            assert_eq!(error.code.as_str(), "unavailable", "{error:?}");
+            None
+        }
+        Err(other) => panic!("admin: {other}"),
+    };
+    let mut acked: Vec<(String, u64)> = (0..20).filter_map(|_| try_publish(&mut admin)).collect();
+    assert_eq!(acked.len(), 20);
+    redis.kill();
+    let mut refused = 0;
+    for _ in 0..20 {
+        match try_publish(&mut admin) {
+            Some(published) => acked.push(published),
+            None => refused += 1,
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert!(refused > 0, "no publication was refused while Redis was down");
+    // The health check says so.
+    let health = common::http(&a, "GET", "/health", &[], b"");
+    assert_eq!(health.json()["status"], "degraded", "{}", String::from_utf8_lossy(&health.body));
+    let _redis = RedisServer::start_on(port);
+    acked.push(eventually("publishing works again", || try_publish(&mut admin)));
+    acked.extend((0..5).filter_map(|_| try_publish(&mut admin)));
+    let last = acked.last().cloned().expect("acknowledged");
+    // Every acknowledged publication was delivered, or the subscriber was
+    // told plainly what it lost; then it follows the new epoch.
+    let mut delivered: Vec<(String, u64)> = Vec::new();
+    let mut notices = Vec::new();
+    subscriber.set_timeout(Duration::from_secs(5));
+    while delivered.last() != Some(&last) {
+        let message = subscriber.recv();
+        if message["recovered"] == false {
+            notices.push(message);
+        } else if message["channel"] == "ticks" {
+            // Pushes carry no epoch: the epoch is the one announced last.
+            let epoch = notices.last().map_or(acked[0].0.clone(), |n| n["epoch"].as_str().unwrap().to_string());
+            delivered.push((epoch, message["offset"].as_u64().unwrap()));
+        }
+    }
+    assert!(!notices.is_empty(), "the epoch changed without a word to the subscriber");
+    assert_eq!(notices[0]["reason"], "epoch_changed");
+    // A notice covers its own epoch up to its offset, and all of an earlier epoch.
+    for (epoch, offset) in &acked {
+        let announced = notices
+            .iter()
+            .any(|n| n["epoch"] != epoch.as_str() || n["offset"].as_u64().is_some_and(|covered| covered >= *offset));
+        assert!(delivered.contains(&(epoch.clone(), *offset)) || announced, "{epoch}:{offset} lost silently");
+    }
+    for pair in delivered.windows(2) {
+        assert!(pair[0].0 != pair[1].0 || pair[0].1 < pair[1].1, "out of order: {pair:?}");
+    }
+    for node in [&a, &b] {
+        assert!(node.stats()["connections"].as_u64().is_some(), "a node stopped answering");
+    }
+}
+
+#[test]
+fn channels_and_users_spread_over_two_redis_instances() {
+    let first = RedisServer::start();
+    let second = RedisServer::start();
+    let a = node_with(&[&first, &second], "a", "");
+    let b = node_with(&[&first, &second], "b", "");
+    let channels: Vec<String> = (0..8).map(|i| format!("spread-{i}")).collect();
+    let mut client = b.client();
+    for channel in &channels {
+        client.subscribe(channel);
+    }
+    for channel in &channels {
+        a.publish(channel, "e", "1");
+    }
+    let mut seen = std::collections::HashSet::new();
+    while seen.len() < channels.len() {
+        let message = client.recv();
+        if message.get("offset").is_some() {
+            seen.insert(message["channel"].as_str().unwrap().to_string());
+        }
+    }
+    let holds = |redis: &RedisServer| {
+        channels
+            .iter()
+            .filter(|c| redis.command(&["EXISTS", &format!("kometa:m:{c}")]).is_some_and(|r| r.contains(":1")))
+            .count()
+    };
+    let (on_first, on_second) = (holds(&first), holds(&second));
+    assert_eq!(on_first + on_second, channels.len());
+    assert!(on_first > 0 && on_second > 0, "all channels on one instance: {on_first}/{on_second}");
+}
+
+#[test]
+fn with_the_refuse_policy_a_node_without_redis_turns_new_clients_away() {
+    let mut redis = RedisServer::start();
+    let a = node_with(&[&redis], "a", "");
+    let b = {
+        let config =
+            format!("token_secret = \"{SECRET}\"\n{}on_redis_down = \"refuse\"\n", cluster_config(&[&redis], "b"));
+        Server::start(2, &config)
+    };
+    let mut existing = b.client();
+    existing.subscribe("news");
+    assert_eq!(common::http(&b, "GET", "/health", &[], b"").status, 200);
+    redis.kill();
+    eventually("b refuses new clients", || (common::http(&b, "GET", "/health", &[], b"").status == 503).then_some(()));
+    let refused = common::http(
+        &b,
+        "GET",
+        "/ws",
+        &[
+            ("Upgrade", "websocket"),
+            ("Connection", "Upgrade"),
+            ("Sec-WebSocket-Key", "dGhlIHNhbXBsZSBub25jZQ=="),
+            ("Sec-WebSocket-Version", "13"),
+        ],
+        b"",
+    );
+    assert_eq!(refused.status, 503, "{}", refused.head);
+    let sse = common::http(&b, "GET", "/sse?channel=news", &[], b"");
+    assert_eq!(sse.status, 503);
+    assert_eq!(sse.json()["error"]["code"], "unavailable");
+    // The default policy keeps serving (what needs Redis says so).
+    let mut on_a = a.client();
+    let reply = on_a.request(json!({"op": "subscribe", "channel": "fresh", "id": 4}));
+    assert_eq!(reply["error"]["code"], "unavailable", "{reply}");
+    // Existing connections stay open.
+    let pong = existing.request(json!({"op": "ping", "id": 5}));
+    assert_eq!(pong["ok"], true);
+}
+
+#[test]
+fn a_node_that_stops_says_goodbye_at_once() {
+    let redis = RedisServer::start();
+    let a = node(&redis, "a");
+    let mut b = node(&redis, "b");
+    let mut watcher = a.client();
+    watcher.subscribe("track_lobby");
+    let mut nine = b.client_at(&format!("/ws?token={}", token("9")));
+    nine.subscribe("track_lobby");
+    next_where(&mut watcher, "join of 9", |m| m["event"] == "join");
+    let stopping = std::time::Instant::now();
+    assert!(b.terminate().success());
+    watcher.set_timeout(Duration::from_secs(5));
+    next_where(&mut watcher, "leave of 9", |m| m["event"] == "leave");
+    let status = a.admin().user_status(&["9"]).expect("status");
+    assert_eq!(status["results"][0]["status"], "offline");
+    // Well within node_timeout_ms: nobody had to take it for dead.
+    let nodes = redis.command(&["ZCARD", "kometa:nodes"]).unwrap_or_default();
+    assert!(nodes.contains(":1"), "b is still listed: {nodes}");
+    assert!(stopping.elapsed() < Duration::from_secs(3), "{:?}", stopping.elapsed());
 }

@@ -1583,9 +1583,13 @@ impl ClusterGateway {
         i32::try_from(until.saturating_duration_since(now).as_millis()).unwrap_or(i32::MAX).max(1)
     }
 
-    /// Says goodbye: leaves the node list, so the others need not wait for
-    /// the timeout (presence and users were removed as connections closed).
+    /// Says goodbye: takes in what the shards said while closing their
+    /// connections (presence, users), then leaves the node list and reaps
+    /// its own registrations, so the others need not wait for the timeout.
     fn goodbye(&mut self) {
+        while self.bus.has_inbound() || !self.events.is_empty() {
+            self.turn();
+        }
         for instance in 0..self.instances.len() {
             let mut command = redis::cmd("ZREM");
             command.arg(self.keys.nodes()).arg(&self.member);

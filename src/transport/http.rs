@@ -1,6 +1,9 @@
 //! HTTP requests on the public port: health checks, WebSocket upgrades,
 //! and a status with a reason for everything else.
 
+use std::sync::atomic::Ordering;
+
+use crate::config::RedisDownPolicy;
 use crate::hub::index::ConnKey;
 use crate::proto::http::{self, HeadLimits, Method, Request};
 use crate::proto::ws;
@@ -77,6 +80,7 @@ impl Shard {
             }
             _ if self.static_file(key, request) => {}
             "/health" => match request.method {
+                Method::Get | Method::Head if self.is_cluster() => self.cluster_health(key, keep_alive, with_body),
                 Method::Get | Method::Head => self.respond(key, 200, &[], "ok", keep_alive, with_body),
                 _ => self.respond(key, 405, &[("Allow", "GET, HEAD")], "use GET", keep_alive, with_body),
             },
@@ -85,6 +89,37 @@ impl Shard {
             _ => self.respond(key, 404, &[], "not found", keep_alive, with_body),
         }
         false
+    }
+
+    /// Cluster mode: whether `cluster.on_redis_down = "refuse"` turns new
+    /// connections away now (a Redis is unreachable).
+    pub(crate) fn cluster_refuses(&self) -> bool {
+        self.config.cluster.enabled()
+            && self.config.cluster.on_redis_down == RedisDownPolicy::Refuse
+            && self.shared.cluster_degraded.load(Ordering::Acquire)
+    }
+
+    /// `/health` of a cluster node: the cluster's state as JSON; 503 while
+    /// this node refuses new connections (so a load balancer skips it).
+    fn cluster_health(&mut self, key: ConnKey, keep_alive: bool, with_body: bool) {
+        let degraded = self.shared.cluster_degraded.load(Ordering::Acquire);
+        let cluster = self.shared.cluster_health.lock().map(|h| h.clone()).unwrap_or_default();
+        let status = if degraded { "degraded" } else { "ok" };
+        let body =
+            format!("{{\"status\":\"{status}\",\"cluster\":{}}}", if cluster.is_empty() { "null" } else { &cluster });
+        let code = if self.cluster_refuses() { 503 } else { 200 };
+        let mut response = Vec::with_capacity(body.len() + 128);
+        http::write_response_head(
+            &mut response,
+            code,
+            &[("Content-Type", "application/json")],
+            Some(body.len()),
+            keep_alive,
+        );
+        if with_body {
+            response.extend_from_slice(body.as_bytes());
+        }
+        self.send_owned(key, response);
     }
 
     fn upgrade(&mut self, key: ConnKey, request: &Request<'_>, echo: bool) -> bool {
@@ -96,6 +131,12 @@ impl Shard {
                 return false;
             }
         };
+        if self.cluster_refuses() {
+            let reason = "the cluster's Redis is unreachable; try another node";
+            self.respond(key, 503, &[("Retry-After", "1")], reason, false, true);
+            self.end_after_flush(key);
+            return false;
+        }
         // A token in the URL is checked before the upgrade: a bad one gets
         // 401 with the reason, never an anonymous connection.
         let identity = match request.query_param("token") {

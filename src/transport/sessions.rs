@@ -245,6 +245,16 @@ impl Shard {
                 }
             },
         };
+        if self.cluster_refuses() {
+            self.respond_json_error(
+                key,
+                503,
+                cors,
+                "unavailable",
+                "the cluster's Redis is unreachable; try another node",
+            );
+            return None;
+        }
         let channels: Vec<String> = http::query_params(request.query, "channel").map(|c| c.into_owned()).collect();
         if channels.len() > self.config.limits.channels_per_connection_max {
             self.respond_json_error(key, 400, cors, "too_many_channels", "too many channel parameters");
