@@ -430,3 +430,37 @@ fn a_node_that_stops_says_goodbye_at_once() {
     assert!(nodes.contains(":1"), "b is still listed: {nodes}");
     assert!(stopping.elapsed() < Duration::from_secs(3), "{:?}", stopping.elapsed());
 }
+
+/// `kometa load` over a real cluster: subscribers spread over two nodes,
+/// resuming on the other node when they churn, publications made through a
+/// third; the load generator's own exactly-once check must pass.
+#[test]
+fn load_generator_checks_exactly_once_across_nodes() {
+    let redis = RedisServer::start();
+    let nodes: Vec<Server> = ["a", "b", "c"].iter().map(|id| node(&redis, id)).collect();
+    let admin = match &nodes[2].admin {
+        kometa::config::AdminAddress::Unix(path) => format!("unix:{}", path.display()),
+        kometa::config::AdminAddress::Tcp(address) => format!("tcp:{address}"),
+    };
+    let json = nodes[2].dir.join("churn.json");
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_kometa"))
+        .args(["load", "churn", "--connections", "200", "--rate", "40", "--churn-rate", "80"])
+        .args(["--duration", "2s", "--settle", "200ms", "--channel", "cluster-load", "--check"])
+        .arg("--url")
+        .arg(format!("{},{}", nodes[0].url("/ws"), nodes[1].url("/ws")))
+        .arg("--admin")
+        .arg(&admin)
+        .arg("--json")
+        .arg(&json)
+        .output()
+        .expect("run kometa load");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "kometa load failed:\n{stdout}\n{}", String::from_utf8_lossy(&output.stderr));
+    let report: Value = serde_json::from_slice(&std::fs::read(&json).expect("report")).expect("JSON");
+    let accepted = report["publications"]["accepted"].as_u64().expect("accepted");
+    assert!(accepted > 0);
+    assert_eq!(report["deliveries"]["unique"].as_u64(), Some(accepted * 200), "{stdout}");
+    assert_eq!(report["deliveries"]["duplicates"], 0);
+    assert!(report["churn"]["recovered"].as_u64().unwrap_or(0) > 0, "{stdout}");
+    assert_eq!(report["churn"]["not_recovered"], 0, "{stdout}");
+}

@@ -25,7 +25,6 @@ use crate::bus::cluster::{ChannelPosition, ClusterFailure, CountChange, FromClus
 use crate::bus::message::{PublishOk, PublishRefusal, PublishRequest, QueryAnswer, QueryRequest, ReplyTo, ShardStats};
 use crate::bus::{Endpoint, Message, Wakeup};
 use crate::config::{user_status_channel, Config};
-use crate::hub::channel::new_epoch;
 use crate::hub::owner_of;
 use crate::hub::publication::{Publication, PushFields};
 use crate::shard::Shared;
@@ -173,6 +172,11 @@ pub struct ClusterGateway {
     keys: Keys,
     node_id: String,
     incarnation: u64,
+    /// Epoch candidates (a channel gets one when Redis has none for it):
+    /// a per-process random seed mixed with a counter, so there is no
+    /// system call per publication.
+    epoch_seed: u64,
+    epochs_made: u64,
     /// `node_id.incarnation`: the name under which this node's state lives in Redis.
     member: String,
     instances: Vec<Instance>,
@@ -192,6 +196,11 @@ pub struct ClusterGateway {
     next_heartbeat: Instant,
     /// Set once the first connection attempt to every instance has ended.
     pub first_attempts_done: bool,
+    /// This node is behind with its fan-out (a shard's backlog past
+    /// `limits.fanout_backlog_max`, until it falls under half): said in
+    /// Redis, so publications to its channels are refused on every node,
+    /// as a single node refuses them.
+    busy: bool,
 }
 
 fn failure_answer(failure: ClusterFailure) -> Answer {
@@ -263,19 +272,25 @@ fn field_number(fields: &HashMap<&str, &[u8]>, name: &str) -> u64 {
     field_text(fields, name).parse().unwrap_or(0)
 }
 
-/// History entries as publications, leaving out those older than the
-/// namespace's history TTL (Redis keeps entries by count only).
+/// History entries as publications, as a single node's history ring would
+/// hold them: the last `history_size` offsets up to `top` (Redis trims
+/// approximately), none older than the history TTL (Redis keeps entries by
+/// count only).
 fn history_publications(
     channel: &Arc<str>,
     epoch: &Arc<str>,
     entries: &[Value],
-    ttl_ms: u64,
+    namespace: &crate::config::Namespace,
+    top: u64,
     now_ms: u64,
 ) -> Vec<Arc<Publication>> {
+    let oldest_kept = top.saturating_sub(namespace.history_size as u64);
     entries
         .iter()
         .filter_map(stream_entry)
-        .filter(|(_, fields)| now_ms.saturating_sub(field_number(fields, "t")) < ttl_ms)
+        .filter(|(offset, fields)| {
+            *offset > oldest_kept && now_ms.saturating_sub(field_number(fields, "t")) < namespace.history_ttl_ms
+        })
         .map(|(offset, fields)| {
             let user = field_text(&fields, "u");
             let push = PushFields {
@@ -335,6 +350,8 @@ impl ClusterGateway {
             member: format!("{node_id}.{incarnation:x}"),
             node_id,
             incarnation,
+            epoch_seed: crate::util::random_u64(),
+            epochs_made: 0,
             config,
             shared,
             bus,
@@ -352,7 +369,14 @@ impl ClusterGateway {
             next_stats: now,
             next_heartbeat: now,
             first_attempts_done: false,
+            busy: false,
         })
+    }
+
+    /// A fresh epoch, used only if the channel has none in Redis yet.
+    fn epoch_candidate(&mut self) -> String {
+        self.epochs_made += 1;
+        format!("{:016x}", crate::util::splitmix64(self.epoch_seed ^ self.epochs_made))
     }
 
     fn publish_command(&self, instance: usize) -> &'static str {
@@ -496,7 +520,8 @@ impl ClusterGateway {
         let PublishRequest { channel, event, data, user, reply, only_if_exists } = request;
         let instance = self.instance_of(&channel);
         let now_ms = unix_time_ms();
-        let keys = [&*self.keys.meta(&channel), &*self.keys.history(&channel), &*self.keys.nodes()];
+        let sheddable = !matches!(reply, ReplyTo::Nobody);
+        let keys = [&*self.keys.meta(&channel), &*self.keys.history(&channel), &*self.keys.busy()];
         let mut command = evalsha(&SCRIPTS.publish, &keys);
         command
             .arg(self.keys.channel_topic(&channel))
@@ -509,9 +534,8 @@ impl ClusterGateway {
             .arg(self.config.cluster.channel_meta_ttl_ms)
             .arg(if only_if_exists { "1" } else { "0" })
             .arg(now_ms)
-            .arg(&*new_epoch())
-            .arg(self.keys.node_subscribers_prefix())
-            .arg(&*channel);
+            .arg(self.epoch_candidate())
+            .arg(if sheddable { "1" } else { "0" });
         let reply_copy = reply.clone();
         if let Err(failure) = self.submit(instance, &command, Then::Publish { reply }) {
             let refusal = match failure {
@@ -560,7 +584,7 @@ impl ClusterGateway {
         let keys = [&*self.keys.meta(&channel), &*self.keys.history(&channel)];
         let mut command = evalsha(&SCRIPTS.catch_up, &keys);
         command
-            .arg(&*new_epoch())
+            .arg(self.epoch_candidate())
             .arg(self.config.cluster.channel_meta_ttl_ms)
             .arg(after_offset)
             .arg(known_epoch)
@@ -599,33 +623,21 @@ impl ClusterGateway {
         let _ = self.submit(instance, &command, Then::Ignore);
     }
 
+    /// This node's subscriber counts go to its own hash and to each
+    /// channel's meta hash, per instance, in bounded batches.
     fn subscriber_counts(&mut self, counts: Vec<(Arc<str>, u32)>) {
-        // Per instance: counts to set, and channels whose count is now 0.
-        type Changes = (Vec<(Arc<str>, u32)>, Vec<Arc<str>>);
-        let mut by_instance: Vec<Changes> = (0..self.instances.len()).map(|_| (Vec::new(), Vec::new())).collect();
+        let mut by_instance: Vec<Vec<(Arc<str>, u32)>> = vec![Vec::new(); self.instances.len()];
         for (channel, count) in counts {
-            let instance = self.instance_of(&channel);
-            if count > 0 {
-                by_instance[instance].0.push((channel, count));
-            } else {
-                by_instance[instance].1.push(channel);
-            }
+            by_instance[self.instance_of(&channel)].push((channel, count));
         }
         let key = self.keys.node_subscribers(&self.member);
-        for (instance, (set, removed)) in by_instance.into_iter().enumerate() {
-            for chunk in set.chunks(COUNTS_PER_COMMAND) {
-                let mut command = redis::cmd("HSET");
-                command.arg(&key);
+        let meta_prefix = format!("{}:m:", self.config.cluster.key_prefix);
+        for (instance, changes) in by_instance.into_iter().enumerate() {
+            for chunk in changes.chunks(COUNTS_PER_COMMAND) {
+                let mut command = evalsha(&SCRIPTS.subscriber_counts, &[&key]);
+                command.arg(&self.member).arg(&meta_prefix);
                 for (channel, count) in chunk {
                     command.arg(&**channel).arg(*count);
-                }
-                let _ = self.submit(instance, &command, Then::Ignore);
-            }
-            for chunk in removed.chunks(COUNTS_PER_COMMAND) {
-                let mut command = redis::cmd("HDEL");
-                command.arg(&key);
-                for channel in chunk {
-                    command.arg(&**channel);
                 }
                 let _ = self.submit(instance, &command, Then::Ignore);
             }
@@ -698,14 +710,9 @@ impl ClusterGateway {
                 (self.instance_of(&channel), command, AnswerKind::PresenceStats { channel })
             }
             Query::ChannelInfo { channel } => {
-                let keys = [
-                    &*self.keys.meta(&channel),
-                    &*self.keys.history(&channel),
-                    &*self.keys.presence_users(&channel),
-                    &*self.keys.nodes(),
-                ];
-                let mut command = evalsha(&SCRIPTS.channel_info, &keys);
-                command.arg(now_ms).arg(self.keys.node_subscribers_prefix()).arg(&*channel);
+                let keys =
+                    [&*self.keys.meta(&channel), &*self.keys.history(&channel), &*self.keys.presence_users(&channel)];
+                let command = evalsha(&SCRIPTS.channel_info, &keys);
                 (self.instance_of(&channel), command, AnswerKind::ChannelInfo { channel })
             }
             Query::History { channel, since_epoch, since_offset, limit } => {
@@ -987,6 +994,7 @@ impl ClusterGateway {
                 let parts = items(value);
                 let result = match parts.first().and_then(int) {
                     Some(0) => Err(PublishRefusal::NoChannel),
+                    Some(2) => Err(PublishRefusal::Overloaded),
                     Some(1) => {
                         let epoch: Arc<str> = parts.get(1).and_then(text).unwrap_or("").into();
                         let offset = parts.get(2).and_then(int).unwrap_or(0) as u64;
@@ -1001,9 +1009,9 @@ impl ClusterGateway {
                 let parts = items(value);
                 let epoch: Arc<str> = parts.first().and_then(text).unwrap_or("").into();
                 let top = parts.get(1).and_then(int).unwrap_or(0) as u64;
-                let ttl_ms = self.config.namespace_for(&channel).history_ttl_ms;
+                let namespace = self.config.namespace_for(&channel);
                 let entries = parts.get(2).map(items).unwrap_or(&[]);
-                let publications = history_publications(&channel, &epoch, entries, ttl_ms, now_ms);
+                let publications = history_publications(&channel, &epoch, entries, namespace, top, now_ms);
                 let result = Ok(ChannelPosition { epoch, top, publications });
                 self.send_to_shard(usize::from(owner), FromCluster::CaughtUp { channel, token, result });
             }
@@ -1167,9 +1175,9 @@ impl ClusterGateway {
                 let epoch: Arc<str> = epoch.into();
                 let top = parts.get(1).and_then(int).unwrap_or(0) as u64;
                 let changed = parts.get(3).and_then(int) == Some(1);
-                let ttl_ms = self.config.namespace_for(&channel).history_ttl_ms;
+                let namespace = self.config.namespace_for(&channel);
                 let entries = parts.get(2).map(items).unwrap_or(&[]);
-                let found = history_publications(&channel, &epoch, entries, ttl_ms, now_ms);
+                let found = history_publications(&channel, &epoch, entries, namespace, top, now_ms);
                 let limits = &self.config.limits;
                 let budget = limits.query_reply_bytes_max.min(limits.outbox_bytes_max / 2);
                 let (mut used, mut publications, mut last) = (0, Vec::new(), None);
@@ -1295,6 +1303,7 @@ impl ClusterGateway {
                 if self.instances[instance].generation == generation && self.instances[instance].is_up() {
                     self.on_value(instance, value);
                 }
+                return;
             }
             LinkEvent::Connected { instance, generation, link } => {
                 if self.instances[instance].generation != generation {
@@ -1463,6 +1472,9 @@ impl ClusterGateway {
                     self.heartbeat(instance);
                 }
             }
+            if self.busy {
+                self.write_busy();
+            }
         }
         if now >= self.next_stats {
             // With each heartbeat, so other nodes read figures at most two
@@ -1486,6 +1498,31 @@ impl ClusterGateway {
                     format!("no reply within cluster.request_timeout_ms ({} ms)", timeout.as_millis()),
                 );
             }
+        }
+    }
+
+    fn update_busy(&mut self) {
+        let max = self.config.limits.fanout_backlog_max;
+        let backlog = self.shared.fanout_backlog.iter().map(|b| b.load(Ordering::Relaxed)).max().unwrap_or(0);
+        let busy = if self.busy { backlog > max / 2 } else { backlog > max };
+        if busy != self.busy {
+            self.busy = busy;
+            tracing::debug!(busy, backlog, "fan-out load changed");
+            self.write_busy();
+        }
+    }
+
+    /// Says in every Redis whether this node is behind (refreshed with each
+    /// heartbeat while it is; it lapses by itself if the node dies).
+    fn write_busy(&mut self) {
+        let until_ms = unix_time_ms() + self.config.cluster.node_timeout_ms;
+        for instance in 0..self.instances.len() {
+            let mut command = redis::cmd(if self.busy { "HSET" } else { "HDEL" });
+            command.arg(self.keys.busy()).arg(&self.member);
+            if self.busy {
+                command.arg(until_ms);
+            }
+            let _ = self.submit(instance, &command, Then::Ignore);
         }
     }
 
@@ -1563,6 +1600,7 @@ impl ClusterGateway {
             self.handle_bus(message);
         }
         self.timers(Instant::now());
+        self.update_busy();
         self.flush_links();
         self.bus.flush();
         done

@@ -3,7 +3,7 @@
 //!
 //! | key | type | holds |
 //! |---|---|---|
-//! | `P:m:{ch}` | hash | channel meta: `e` epoch, `o` last offset |
+//! | `P:m:{ch}` | hash | channel meta: `e` epoch, `o` last offset, `s:MEMBER` that node's subscribers |
 //! | `P:h:{ch}` | stream | channel history, entry id `OFFSET-0`, fields `e` `d` `u` `t` |
 //! | `P:c:{ch}` | pub/sub | the channel's publications and events, to nodes |
 //! | `P:pu:{ch}` | hash | presence: user → connections over all nodes |
@@ -18,6 +18,7 @@
 //! | `P:nu:{member}` | set | users with connections on a node (for reaping it) |
 //! | `P:iu` | zset | users with a non-empty inbox → when it expires (ms) |
 //! | `P:nodes` | zset | member → alive until (ms) |
+//! | `P:busy` | hash | member → behind with its fan-out until (ms): publications to its channels are refused |
 //! | `P:n:{member}` | pub/sub | messages for one node: user messages, closes, queries |
 //! | `P:st:{member}` | string | a node's last STATS (first Redis only) |
 //! | `P:reap:{member}` | string | lock held while a node reaps a dead one |
@@ -129,6 +130,10 @@ impl Keys {
     }
     pub fn inbox_users(&self) -> String {
         format!("{}:iu", self.prefix)
+    }
+    /// Nodes that are behind with their fan-out: member → until (ms).
+    pub fn busy(&self) -> String {
+        format!("{}:busy", self.prefix)
     }
     pub fn nodes(&self) -> String {
         format!("{}:nodes", self.prefix)

