@@ -464,3 +464,59 @@ fn load_generator_checks_exactly_once_across_nodes() {
     assert!(report["churn"]["recovered"].as_u64().unwrap_or(0) > 0, "{stdout}");
     assert_eq!(report["churn"]["not_recovered"], 0, "{stdout}");
 }
+
+#[test]
+fn disconnect_and_revocation_reach_every_node() {
+    let redis = RedisServer::start();
+    let a = node(&redis, "a");
+    let b = node(&redis, "b");
+    let c = node(&redis, "c");
+    let now_s = kometa::util::unix_time_ms() / 1000;
+    let old_token = kometa::auth::sign(SECRET, &json!({"sub": "jack", "iat": now_s - 100}));
+    let mut on_a = a.client_at(&format!("/ws?token={old_token}"));
+    let mut on_b = b.client_at(&format!("/ws?token={old_token}"));
+    eventually("jack online twice", || {
+        let status = c.admin().user_status(&["jack"]).expect("status");
+        (status["results"][0]["connections"] == 2).then_some(())
+    });
+    let reply = c.admin().disconnect("jack", 0, "banned", now_s - 50).expect("disconnect");
+    assert_eq!(reply, json!({"user": "jack", "disconnected": 2}));
+    assert_eq!(on_a.close_code(), Some(4003));
+    assert_eq!(on_b.close_code(), Some(4003));
+    // The revocation holds on every node.
+    let mut retry = b.client_at(&format!("/ws?token={old_token}"));
+    assert_eq!(retry.close_code(), Some(4001));
+    let fresh = kometa::auth::sign(SECRET, &json!({"sub": "jack", "iat": now_s}));
+    let mut again = a.client_at(&format!("/ws?token={fresh}"));
+    assert_eq!(again.request(json!({"op": "ping", "id": 1})), json!({"id": 1, "ok": true}));
+}
+
+#[test]
+fn presence_pages_through_members_cluster_wide() {
+    let redis = RedisServer::start();
+    let a = node(&redis, "a");
+    let b = node(&redis, "b");
+    let mut clients = Vec::new();
+    for (index, user) in ["u1", "u2", "u3", "u4", "u5"].iter().enumerate() {
+        let node = if index % 2 == 0 { &a } else { &b };
+        let mut client = node.client_at(&format!("/ws?token={}", token(user)));
+        client.subscribe("track_page");
+        clients.push(client);
+    }
+    let first = eventually("five members", || {
+        let page = a.admin().presence("track_page", "", 2).expect("presence");
+        let stats = b.admin().presence_stats("track_page").expect("stats");
+        (stats["users"] == 5).then_some(page)
+    });
+    assert_eq!(first["members"], json!([{"user": "u1", "connections": 1}, {"user": "u2", "connections": 1}]));
+    assert_eq!(first["next"], "u2");
+    let second = b.admin().presence("track_page", "u2", 2).expect("presence");
+    assert_eq!(second["members"], json!([{"user": "u3", "connections": 1}, {"user": "u4", "connections": 1}]));
+    let last = a.admin().presence("track_page", "u4", 2).expect("presence");
+    assert_eq!(last["members"], json!([{"user": "u5", "connections": 1}]));
+    assert_eq!(last["next"], Value::Null);
+    // A client's presence query pages like the admin one.
+    clients[0].send(json!({"op": "presence", "channel": "track_page", "id": 8}));
+    let reply = next_where(&mut clients[0], "the presence reply", |m| m["id"] == 8);
+    assert_eq!(reply["members"].as_array().map(Vec::len), Some(5), "{reply}");
+}
