@@ -566,6 +566,23 @@ impl Config {
         Ok(())
     }
 
+    /// Names the cluster this node belongs to: processes with the same Redis
+    /// list and key prefix are one cluster (and may share a listen address).
+    /// None on a single node.
+    pub fn cluster_id(&self) -> Option<String> {
+        use sha2::Digest;
+        if !self.cluster.enabled() {
+            return None;
+        }
+        let mut hash = sha2::Sha256::new();
+        hash.update(self.cluster.key_prefix.as_bytes());
+        for url in &self.cluster.redis {
+            hash.update([0u8]);
+            hash.update(url.as_bytes());
+        }
+        Some(crate::util::hex(&hash.finalize()[..8]))
+    }
+
     /// The cluster node id (set by `validate`; empty when not a cluster member).
     pub fn node_id(&self) -> &str {
         self.cluster.node_id.as_deref().unwrap_or("")

@@ -102,6 +102,63 @@ fn public_listener(address: SocketAddr, backlog: u32) -> Result<Socket, ServeErr
     Ok(socket)
 }
 
+/// How long the start-up probe of the listen address waits for an answer.
+const ADDRESS_PROBE_TIMEOUT: std::time::Duration = std::time::Duration::from_millis(1000);
+
+/// Refuses to start where another process already serves `listen`, unless
+/// it is a member of the same cluster. SO_REUSEPORT would let a second
+/// process join the port silently, and each publication would then reach
+/// only the subscribers of the process it was sent to. (Two processes
+/// starting at the same instant can both pass this probe.)
+fn check_listen_address(config: &Config) -> Result<(), ServeError> {
+    use std::io::{Read, Write};
+    let address = config.listen;
+    if address.port() == 0 {
+        return Ok(());
+    }
+    let mut probe = address;
+    if probe.ip().is_unspecified() {
+        probe.set_ip(match probe {
+            SocketAddr::V4(_) => std::net::Ipv4Addr::LOCALHOST.into(),
+            SocketAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
+        });
+    }
+    let Ok(mut stream) = std::net::TcpStream::connect_timeout(&probe, ADDRESS_PROBE_TIMEOUT) else {
+        return Ok(());
+    };
+    let _ = stream.set_read_timeout(Some(ADDRESS_PROBE_TIMEOUT));
+    let _ = stream.set_write_timeout(Some(ADDRESS_PROBE_TIMEOUT));
+    let _ = stream.write_all(b"GET /health HTTP/1.1\r\nHost: kometa\r\nConnection: close\r\n\r\n");
+    let mut response = Vec::new();
+    let _ = stream.take(64 * 1024).read_to_end(&mut response);
+    let body = response.windows(4).position(|w| w == b"\r\n\r\n").map_or(&[][..], |at| &response[at + 4..]);
+    let theirs = serde_json::from_slice::<serde_json::Value>(body)
+        .ok()
+        .and_then(|health| health["cluster"]["cluster_id"].as_str().map(str::to_owned));
+    match (config.cluster_id(), theirs) {
+        (Some(ours), Some(theirs)) if ours == theirs => {
+            tracing::info!(%address, "another node of this cluster serves this address too: sharing it (SO_REUSEPORT)");
+            Ok(())
+        }
+        (ours, theirs) => {
+            let them = match theirs {
+                Some(_) => "a Kometa node of another cluster",
+                None => "another process (a single Kometa node, or another server)",
+            };
+            let fix = if ours.is_some() {
+                "give it the same cluster.redis and cluster.key_prefix, or another --listen address"
+            } else {
+                "make both members of one cluster (--redis), or use another --listen address"
+            };
+            Err(fail(format!(
+                "{address} is already served by {them}. Sharing it would split the clients between \
+                 processes, and a publication would reach only the subscribers of the process it was \
+                 sent to: {fix}"
+            )))
+        }
+    }
+}
+
 /// Binds the admin listener. A stale Unix socket file (nobody listening) is
 /// replaced; a live one is an error, so two servers never share it.
 fn admin_listener(address: &AdminAddress) -> Result<(OwnedFd, Transport), ServeError> {
@@ -189,6 +246,7 @@ pub fn serve(config: Config) -> Result<(), ServeError> {
         );
     }
 
+    check_listen_address(&config)?;
     let mut listeners = Vec::with_capacity(shard_count);
     let first = public_listener(config.listen, config.accept_backlog)?;
     let bound = first

@@ -520,3 +520,79 @@ fn presence_pages_through_members_cluster_wide() {
     let reply = next_where(&mut clients[0], "the presence reply", |m| m["id"] == 8);
     assert_eq!(reply["members"].as_array().map(Vec::len), Some(5), "{reply}");
 }
+
+/// Runs `kometa serve` expecting it to refuse to start; returns its stderr.
+fn refused_start(config: &str, listen: &str) -> String {
+    let dir = common::temp_dir("refused");
+    let config_path = dir.join("kometa.toml");
+    std::fs::write(&config_path, config).expect("write config");
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_kometa"))
+        .arg("serve")
+        .arg("--config")
+        .arg(&config_path)
+        .args(["--listen", listen, "--shards", "1"])
+        .arg("--admin")
+        .arg(format!("unix:{}", dir.join("admin.sock").display()))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn kometa");
+    let deadline = std::time::Instant::now() + common::TIMEOUT;
+    loop {
+        if let Some(status) = child.try_wait().expect("wait") {
+            assert!(!status.success(), "a second process started on {listen}");
+            let mut stderr = String::new();
+            use std::io::Read;
+            child.stderr.take().expect("stderr").read_to_string(&mut stderr).expect("read stderr");
+            return stderr;
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("a second process started on {listen} and kept running");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn nodes_of_one_cluster_may_share_an_address_others_may_not() {
+    let redis = RedisServer::start();
+    let listen = format!("127.0.0.1:{}", common::free_port());
+    let config = |id: &str| format!("token_secret = \"{SECRET}\"\n{}", cluster_config(&[&redis], id));
+    let a = Server::start_with(2, &config("a"), &["--listen", &listen]);
+    let b = Server::start_with(2, &config("b"), &["--listen", &listen]);
+    // The kernel spreads connections over both processes' listeners.
+    let mut clients = Vec::new();
+    for _ in 0..200 {
+        let mut client = a.client();
+        client.subscribe("shared");
+        clients.push(client);
+        let (on_a, on_b) = (a.stats()["connections"].as_u64(), b.stats()["nodes"][0]["connections"].as_u64());
+        if clients.len() >= 8 && on_a.unwrap_or(0) > 0 && on_b.unwrap_or(0) > 0 {
+            break;
+        }
+    }
+    let on_b = b.stats()["nodes"][0]["connections"].as_u64().unwrap_or(0);
+    assert!(on_b > 0 && on_b < clients.len() as u64, "connections did not spread: {on_b} of {}", clients.len());
+    let published = b.publish("shared", "e", "1");
+    for client in &mut clients {
+        let message = read_publications(client, "shared", 1);
+        assert_eq!(message[0]["offset"].as_u64(), Some(published.offset));
+    }
+
+    // Not a member of this cluster: refused, with the reason.
+    let single = refused_start("", &listen);
+    assert!(single.contains("already served by a Kometa node of another cluster"), "{single}");
+    let other = RedisServer::start();
+    let stranger = refused_start(&cluster_config(&[&other], "x"), &listen);
+    assert!(stranger.contains("give it the same cluster.redis"), "{stranger}");
+}
+
+#[test]
+fn a_second_single_node_on_the_same_address_is_refused() {
+    let listen = format!("127.0.0.1:{}", common::free_port());
+    let _first = Server::start_with(1, "", &["--listen", &listen]);
+    let stderr = refused_start("", &listen);
+    assert!(stderr.contains("is already served by another process"), "{stderr}");
+    assert!(stderr.contains("--redis"), "{stderr}");
+}

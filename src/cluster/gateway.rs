@@ -1556,7 +1556,13 @@ impl ClusterGateway {
         } else {
             "down"
         };
-        let document = json!({"node": &self.node_id, "member": &self.member, "state": state, "redis": redis});
+        let document = json!({
+            "node": &self.node_id,
+            "member": &self.member,
+            "cluster_id": self.config.cluster_id(),
+            "state": state,
+            "redis": redis,
+        });
         if let Ok(mut health) = self.shared.cluster_health.lock() {
             *health = document.to_string();
         }
@@ -1649,6 +1655,7 @@ pub fn run(mut gateway: ClusterGateway, started: std::sync::mpsc::Sender<()>) {
     let bus_wakeup_fd = shared.wakeups[gateway.id].fd();
     let events_wakeup = Arc::clone(&gateway.sink.wakeup);
     let mut started = Some(started);
+    gateway.publish_health();
     loop {
         let done = gateway.turn();
         if gateway.first_attempts_done {

@@ -50,7 +50,11 @@ impl Server {
         std::fs::write(&config_path, config).expect("write config");
         let admin_path = dir.join("admin.sock");
         let mut command = Command::new(env!("CARGO_BIN_EXE_kometa"));
-        command.arg("serve").arg("--config").arg(&config_path).arg("--listen").arg("127.0.0.1:0");
+        command.arg("serve").arg("--config").arg(&config_path);
+        // Tests that share one address between processes pass --listen themselves.
+        if !extra_args.contains(&"--listen") {
+            command.arg("--listen").arg("127.0.0.1:0");
+        }
         // Tests that choose their own admin listener pass --admin themselves.
         if !extra_args.contains(&"--admin") {
             command.arg("--admin").arg(format!("unix:{}", admin_path.display()));
