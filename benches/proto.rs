@@ -9,9 +9,9 @@ use std::io::Cursor;
 use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
-use kometa::proto::client;
-use kometa::proto::http::{parse_head, HeadLimits};
-use kometa::proto::ws::{
+use kometa_protocol::client;
+use kometa_protocol::http::{parse_head, HeadLimits};
+use kometa_protocol::ws::{
     accept_key, apply_mask, check_upgrade, decode_frame, encode_client_frame, encode_header, DecodeLimits,
     FrameBuilder, OPCODE_TEXT, SERVER_HEADER_BYTES_MAX,
 };

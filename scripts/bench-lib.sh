@@ -5,8 +5,8 @@
 # bench_setup NAME: builds the release binaries, sets $kometa and $out
 # (target/NAME/TIMESTAMP), and stops $server_pid on exit.
 bench_setup() {
-    echo "== cargo build --release --bins"
-    cargo build --release --bins --quiet
+    echo "== cargo build --release --workspace --bins"
+    cargo build --release --workspace --bins --quiet
     # shellcheck disable=SC2034 # used by the sourcing script
     kometa=target/release/kometa
     out="target/$1/$(date +%Y%m%d-%H%M%S)"

@@ -15,7 +15,7 @@ scripts/install-test-deps.sh
 echo "== cargo test"
 cargo build --quiet --bins
 set +e
-cargo test --no-fail-fast 2>&1 | tee target/cargo-test.log
+cargo test --workspace --no-fail-fast 2>&1 | tee target/cargo-test.log
 cargo_status=${PIPESTATUS[0]}
 set -e
 

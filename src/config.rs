@@ -7,70 +7,18 @@
 
 use std::fmt;
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use serde::{Deserialize, Deserializer};
 
+pub use kometa_admin_client::{default_admin_address, AdminAddress};
+
 use crate::limits::{Limits, Timeouts};
-use crate::proto::client::name_byte_allowed;
-use crate::proto::http::HEADERS_HARD_MAX;
+use kometa_protocol::client::name_byte_allowed;
+use kometa_protocol::http::HEADERS_HARD_MAX;
 
 /// Most shards (executors) one process runs.
 pub const SHARDS_MAX: usize = 256;
-
-/// Where the admin listener is.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum AdminAddress {
-    /// A Unix socket, created with mode 0600.
-    Unix(PathBuf),
-    /// TCP; requires `admin_key`.
-    Tcp(SocketAddr),
-}
-
-impl AdminAddress {
-    /// Parses `unix:PATH` or `tcp:ADDR:PORT`.
-    pub fn parse(text: &str) -> Result<AdminAddress, String> {
-        if let Some(path) = text.strip_prefix("unix:") {
-            if path.is_empty() {
-                return Err("unix: needs a path, for example unix:/run/kometa/admin.sock".into());
-            }
-            Ok(AdminAddress::Unix(PathBuf::from(path)))
-        } else if let Some(address) = text.strip_prefix("tcp:") {
-            address
-                .parse()
-                .map(AdminAddress::Tcp)
-                .map_err(|_| format!("`{address}` is not an ADDR:PORT socket address"))
-        } else {
-            Err(format!("`{text}` must start with unix: or tcp:"))
-        }
-    }
-}
-
-impl fmt::Display for AdminAddress {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            AdminAddress::Unix(path) => write!(f, "unix:{}", path.display()),
-            AdminAddress::Tcp(address) => write!(f, "tcp:{address}"),
-        }
-    }
-}
-
-impl<'de> Deserialize<'de> for AdminAddress {
-    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        let text = String::deserialize(deserializer)?;
-        AdminAddress::parse(&text).map_err(serde::de::Error::custom)
-    }
-}
-
-/// The default admin socket path: in `$XDG_RUNTIME_DIR` when set (per-user,
-/// private), else in the temp directory.
-pub fn default_admin_address() -> AdminAddress {
-    let directory = std::env::var_os("XDG_RUNTIME_DIR")
-        .map(PathBuf::from)
-        .filter(|dir| dir.is_dir())
-        .unwrap_or_else(std::env::temp_dir);
-    AdminAddress::Unix(directory.join("kometa-admin.sock"))
-}
 
 /// Rules for channels whose names start with `prefix` (longest prefix wins).
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq)]

@@ -127,7 +127,7 @@ enum Command {
         channels: Vec<String>,
     },
     /// Load generator: idle, broadcast, churn and connect scenarios.
-    Load(kometa::load::LoadArgs),
+    Load(kometa_loadgen::LoadArgs),
     /// Internal: one load-generator worker process, started by `kometa load`.
     #[command(hide = true)]
     LoadWorker,
@@ -234,7 +234,7 @@ fn connect_admin(args: &AdminArgs) -> Result<AdminClient, String> {
 
 /// DATA as JSON: valid JSON is sent as is, anything else as a JSON string.
 fn data_as_json(data: &str) -> Vec<u8> {
-    if kometa::proto::json::validate(data.as_bytes()).is_ok() {
+    if kometa_protocol::json::validate(data.as_bytes()).is_ok() {
         data.as_bytes().to_vec()
     } else {
         serde_json::to_vec(data).unwrap_or_default()
@@ -303,11 +303,11 @@ fn run(cli: Cli) -> Result<(), (u8, String)> {
             if !channels.is_empty() {
                 claims["channels"] = channels.into();
             }
-            println!("{}", kometa::auth::sign(&secret, &claims));
+            println!("{}", kometa_protocol::token::sign(&secret, &claims));
             Ok(())
         }
-        Command::Load(args) => kometa::load::run(args).map_err(|e| (1, e)),
-        Command::LoadWorker => kometa::load::worker_main().map_err(|e| (1, e)),
+        Command::Load(args) => kometa_loadgen::run(args).map_err(|e| (1, e)),
+        Command::LoadWorker => kometa_loadgen::worker_main().map_err(|e| (1, e)),
     }
 }
 

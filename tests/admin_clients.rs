@@ -16,8 +16,8 @@ use std::sync::mpsc;
 use std::time::Duration;
 
 use common::{Client, Server};
-use kometa::auth::sign;
-use kometa::proto::admin::opcode;
+use kometa_protocol::admin::opcode;
+use kometa_protocol::token::sign;
 use serde_json::{json, Value};
 
 const SECRET: &str = "test-secret-0123456789";

@@ -279,9 +279,9 @@ fn redis_down_refuses_publications_and_nothing_acknowledged_is_lost_silently() {
     subscriber.subscribe("ticks");
     let mut admin = a.admin();
     // Some((epoch, offset)) when acknowledged, None when refused as unavailable.
-    let try_publish = |admin: &mut kometa::admin::client::AdminClient| match admin.publish("ticks", "t", b"1") {
+    let try_publish = |admin: &mut kometa_admin_client::AdminClient| match admin.publish("ticks", "t", b"1") {
         Ok(published) => Some((published.epoch.clone(), published.offset)),
-        Err(kometa::admin::client::ClientError::Server(error)) => {
+        Err(kometa_admin_client::ClientError::Server(error)) => {
             assert_eq!(error.code.as_str(), "unavailable", "{error:?}");
             None
         }
@@ -439,8 +439,8 @@ fn load_generator_checks_exactly_once_across_nodes() {
     let redis = RedisServer::start();
     let nodes: Vec<Server> = ["a", "b", "c"].iter().map(|id| node(&redis, id)).collect();
     let admin = match &nodes[2].admin {
-        kometa::config::AdminAddress::Unix(path) => format!("unix:{}", path.display()),
-        kometa::config::AdminAddress::Tcp(address) => format!("tcp:{address}"),
+        kometa_admin_client::AdminAddress::Unix(path) => format!("unix:{}", path.display()),
+        kometa_admin_client::AdminAddress::Tcp(address) => format!("tcp:{address}"),
     };
     let json = nodes[2].dir.join("churn.json");
     let output = std::process::Command::new(env!("CARGO_BIN_EXE_kometa"))
@@ -472,7 +472,7 @@ fn disconnect_and_revocation_reach_every_node() {
     let b = node(&redis, "b");
     let c = node(&redis, "c");
     let now_s = kometa::util::unix_time_ms() / 1000;
-    let old_token = kometa::auth::sign(SECRET, &json!({"sub": "jack", "iat": now_s - 100}));
+    let old_token = kometa_protocol::token::sign(SECRET, &json!({"sub": "jack", "iat": now_s - 100}));
     let mut on_a = a.client_at(&format!("/ws?token={old_token}"));
     let mut on_b = b.client_at(&format!("/ws?token={old_token}"));
     eventually("jack online twice", || {
@@ -486,7 +486,7 @@ fn disconnect_and_revocation_reach_every_node() {
     // The revocation holds on every node.
     let mut retry = b.client_at(&format!("/ws?token={old_token}"));
     assert_eq!(retry.close_code(), Some(4001));
-    let fresh = kometa::auth::sign(SECRET, &json!({"sub": "jack", "iat": now_s}));
+    let fresh = kometa_protocol::token::sign(SECRET, &json!({"sub": "jack", "iat": now_s}));
     let mut again = a.client_at(&format!("/ws?token={fresh}"));
     assert_eq!(again.request(json!({"op": "ping", "id": 1})), json!({"id": 1, "ok": true}));
 }

@@ -8,7 +8,7 @@ use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
 use common::{Client, Server};
-use kometa::auth::sign;
+use kometa_protocol::token::sign;
 use serde_json::{json, Value};
 
 const SECRET: &str = "test-secret-0123456789";
@@ -276,7 +276,7 @@ fn resume_is_gapless_and_duplicate_free_with_publications_racing_it() {
         let admin_address = server.admin.clone();
         let channels = channels.clone();
         std::thread::spawn(move || {
-            let mut admin = kometa::admin::client::AdminClient::connect(&admin_address, None, common::TIMEOUT).unwrap();
+            let mut admin = kometa_admin_client::AdminClient::connect(&admin_address, None, common::TIMEOUT).unwrap();
             let mut n = 0u64;
             while !stop.load(std::sync::atomic::Ordering::Relaxed) {
                 admin.publish(&channels[(n % 4) as usize], "tick", n.to_string().as_bytes()).unwrap();
@@ -482,7 +482,7 @@ fn history_channels_and_channel_info() {
 fn cli_subcommands_print_json() {
     let server = Server::start(2, &config(""));
     let admin = match &server.admin {
-        kometa::config::AdminAddress::Unix(path) => format!("unix:{}", path.display()),
+        kometa_admin_client::AdminAddress::Unix(path) => format!("unix:{}", path.display()),
         other => panic!("{other}"),
     };
     let mut lena = user_client(&server, "lena");
@@ -510,6 +510,6 @@ fn cli_subcommands_print_json() {
         .output()
         .unwrap();
     let minted = String::from_utf8(output.stdout).unwrap();
-    let identity = kometa::auth::Verifier::new(Some(SECRET), None).verify(minted.trim(), now_s()).unwrap();
+    let identity = kometa_protocol::token::Verifier::new(Some(SECRET), None).verify(minted.trim(), now_s()).unwrap();
     assert_eq!(&*identity.user, "nora");
 }

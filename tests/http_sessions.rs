@@ -245,12 +245,12 @@ fn one_publication_reaches_websocket_sse_and_long_poll_subscribers() {
 #[test]
 fn tokens_users_and_the_inbox_work_over_http_sessions() {
     let server = Server::start(2, &format!("token_secret = \"{SECRET}\"\n"));
-    let forged = kometa::auth::sign("wrong-secret-wrong", &json!({"sub": "x"}));
+    let forged = kometa_protocol::token::sign("wrong-secret-wrong", &json!({"sub": "x"}));
     let response = http(&server, "GET", &format!("/sse?token={forged}"), &[], b"");
     assert_eq!(response.status, 401);
     assert_eq!(response.json()["error"]["code"], "unauthorized");
 
-    let token = kometa::auth::sign(SECRET, &json!({"sub": "olga"}));
+    let token = kometa_protocol::token::sign(SECRET, &json!({"sub": "olga"}));
     let mut stream = SseStream::open(&server, &format!("/sse?token={token}&channel=private_x"), &[]);
     let hello = stream.next_data().1;
     assert_eq!(hello["user"], "olga");

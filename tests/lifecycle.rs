@@ -6,9 +6,9 @@ use std::io::{Read, Write};
 use std::time::{Duration, Instant};
 
 use common::{raw_websocket, read_close_code, read_server_frame, Server};
-use kometa::admin::client::AdminClient;
-use kometa::config::AdminAddress;
-use kometa::proto::admin::{opcode, ErrorCode};
+use kometa_admin_client::AdminAddress;
+use kometa_admin_client::AdminClient;
+use kometa_protocol::admin::{opcode, ErrorCode};
 use serde_json::json;
 
 #[test]
@@ -181,7 +181,7 @@ fn tcp_admin_requires_the_key() {
     assert_eq!(anonymous.receive().unwrap().result.unwrap_err().code, ErrorCode::Unauthorized);
 
     match AdminClient::connect(&admin_address, Some("wrong-key-wrong-key"), common::TIMEOUT) {
-        Err(kometa::admin::client::ClientError::Server(error)) => {
+        Err(kometa_admin_client::ClientError::Server(error)) => {
             assert_eq!(error.code, ErrorCode::Unauthorized)
         }
         other => panic!("wrong key accepted: {:?}", other.map(|_| ())),
@@ -281,7 +281,7 @@ fn an_admin_connection_that_never_reads_is_closed_at_its_write_timeout() {
     // 4,000 STATS requests (~50 KB): their replies (~700 B each) far exceed
     // the socket buffers, and nobody reads them for a while.
     let requests: Vec<u8> =
-        (0..4000u32).flat_map(|id| kometa::proto::admin::FrameWriter::request(opcode::STATS, id).finish()).collect();
+        (0..4000u32).flat_map(|id| kometa_protocol::admin::FrameWriter::request(opcode::STATS, id).finish()).collect();
     stream.write_all(&requests).expect("write requests");
     std::thread::sleep(Duration::from_millis(1500));
     // The server gave up: what it wrote can be read, then the stream ends.

@@ -7,7 +7,7 @@ mod common;
 use std::process::Command;
 
 use common::Server;
-use kometa::config::AdminAddress;
+use kometa_admin_client::AdminAddress;
 use serde_json::Value;
 
 fn admin_arg(server: &Server) -> String {

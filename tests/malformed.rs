@@ -6,7 +6,7 @@ mod common;
 use std::io::{Read, Write};
 
 use common::{client_frame, http_exchange, raw_websocket, read_close_code, Server};
-use kometa::proto::admin::{opcode, ErrorCode, FrameWriter};
+use kometa_protocol::admin::{opcode, ErrorCode, FrameWriter};
 use serde_json::json;
 
 /// A subscriber that must keep receiving while the battery runs.
@@ -293,7 +293,7 @@ fn malformed_admin_frames_get_errors_and_broken_framing_closes() {
     witness.subscribe("witness");
 
     let mut admin = server.admin();
-    let expect_error = |admin: &mut kometa::admin::client::AdminClient, code: ErrorCode| {
+    let expect_error = |admin: &mut kometa_admin_client::AdminClient, code: ErrorCode| {
         let reply = admin.receive().unwrap();
         let error = reply.result.unwrap_err();
         assert_eq!(error.code, code, "{error}");

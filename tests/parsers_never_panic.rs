@@ -17,13 +17,13 @@ use proptest::collection::vec;
 use proptest::prelude::*;
 use serde_json::{json, Value};
 
-use kometa::auth::{sign, Verifier};
-use kometa::proto::admin::{split_frame, FrameWriter};
-use kometa::proto::client::{decode, Command};
-use kometa::proto::http::{parse_head, HeadLimits};
-use kometa::proto::json::{single_line, validate};
-use kometa::proto::ws::{encode_client_frame, DecodeLimits, MessageKind};
-use kometa::session::http::{make_session_id, parse_event_id, parse_session_id};
+use kometa_protocol::admin::{split_frame, FrameWriter};
+use kometa_protocol::client::{decode, Command};
+use kometa_protocol::http::{parse_head, HeadLimits};
+use kometa_protocol::json::{single_line, validate};
+use kometa_protocol::session_id::{make_session_id, parse_event_id, parse_session_id};
+use kometa_protocol::token::{sign, Verifier};
+use kometa_protocol::ws::{encode_client_frame, DecodeLimits, MessageKind};
 
 fn config(cases: u32) -> ProptestConfig {
     // No regression files: a failure found here becomes a named test below.
@@ -588,7 +588,7 @@ fn regression_client_command_lone_surrogate_id() {
 /// Every reply to such input parses as strict JSON.
 #[test]
 fn request_ids_with_lone_surrogates_echo_as_strict_json() {
-    use kometa::proto::client::{write_error, write_ok};
+    use kometa_protocol::client::{write_error, write_ok};
     for message in [&br#"["\ud800"]"#[..], br#"{"op":"ping","id":"\ud800"}"#, br#"{"op":"ping","id":"\udfff"}"#] {
         let mut out = Vec::new();
         match decode(message) {

@@ -5,7 +5,7 @@ mod common;
 use std::collections::HashSet;
 
 use common::{Client, Server};
-use kometa::proto::admin::opcode;
+use kometa_protocol::admin::opcode;
 use serde_json::{json, Value};
 
 /// Opens `count` clients and checks the kernel spread them over every shard.
@@ -196,7 +196,7 @@ fn admin_requests_pipeline_and_replies_keep_order() {
     for (n, id) in ids.into_iter().enumerate() {
         let reply = admin.receive().unwrap();
         assert_eq!(reply.request_id, id);
-        let published = kometa::admin::client::decode_published(&reply.result.unwrap()).unwrap();
+        let published = kometa_protocol::admin::decode_published(&reply.result.unwrap()).unwrap();
         let previous = last_offset.insert(n % 7, published.offset).unwrap_or(0);
         assert_eq!(published.offset, previous + 1, "offsets per channel increase by one");
     }
@@ -210,7 +210,7 @@ fn cli_publish_and_stats_print_json() {
     let mut subscriber = server.client();
     subscriber.subscribe("news");
     let admin = match &server.admin {
-        kometa::config::AdminAddress::Unix(path) => format!("unix:{}", path.display()),
+        kometa_admin_client::AdminAddress::Unix(path) => format!("unix:{}", path.display()),
         other => panic!("{other}"),
     };
     let output = std::process::Command::new(env!("CARGO_BIN_EXE_kometa"))
@@ -303,10 +303,10 @@ fn fanout_backlog_sheds_load_at_the_publisher() {
             Ok(payload) => {
                 accepted += 1;
                 // Refused publications take no offset: accepted ones stay contiguous.
-                assert_eq!(kometa::admin::client::decode_published(&payload).unwrap().offset, accepted);
+                assert_eq!(kometa_protocol::admin::decode_published(&payload).unwrap().offset, accepted);
             }
             Err(error) => {
-                assert_eq!(error.code, kometa::proto::admin::ErrorCode::Overloaded, "{error}");
+                assert_eq!(error.code, kometa_protocol::admin::ErrorCode::Overloaded, "{error}");
                 refused += 1;
             }
         }

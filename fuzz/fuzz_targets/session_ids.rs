@@ -1,4 +1,4 @@
-//! `session::http::parse_session_id` and `parse_event_id`.
+//! `session_id::parse_session_id` and `parse_event_id`.
 //! Input format and invariants: `kometa_fuzz::checks::session_ids`.
 #![no_main]
 

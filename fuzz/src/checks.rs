@@ -12,20 +12,20 @@ use hmac::{Hmac, KeyInit, Mac};
 use serde_json::Value;
 use sha2::Sha256;
 
-use kometa::admin::client::{decode_published, json_payload};
-use kometa::auth::{Verifier, GRANTS_MAX, USER_ID_BYTES_MAX};
-use kometa::proto::admin::{decode_error, split_frame, FrameWriter, Reader, FRAME_HEAD_BYTES, LENGTH_BYTES};
-use kometa::proto::client::{
+use kometa_protocol::admin::{decode_error, split_frame, FrameWriter, Reader, FRAME_HEAD_BYTES, LENGTH_BYTES};
+use kometa_protocol::admin::{decode_published, json_payload};
+use kometa_protocol::client::{
     check_channel_name, check_event_name, decode, name_byte_allowed, write_error, write_ok, Command, RequestId,
     REQUEST_ID_BYTES_MAX,
 };
-use kometa::proto::http::{parse_head, percent_decode, query_param, query_params, HeadLimits, HEADERS_HARD_MAX};
-use kometa::proto::json::{single_line, validate};
-use kometa::proto::ws::{
+use kometa_protocol::http::{parse_head, percent_decode, query_param, query_params, HeadLimits, HEADERS_HARD_MAX};
+use kometa_protocol::json::{single_line, validate};
+use kometa_protocol::session_id::{make_session_id, parse_event_id, parse_session_id};
+use kometa_protocol::token::{Verifier, GRANTS_MAX, USER_ID_BYTES_MAX};
+use kometa_protocol::ws::{
     check_upgrade, close_code_allowed_from_peer, decode_frame, encode_client_frame, write_upgrade_response,
     DecodeLimits, Event, Fragments, MessageKind, Payload, CONTROL_PAYLOAD_BYTES_MAX, HEADER_BYTES_MAX,
 };
-use kometa::session::http::{make_session_id, parse_event_id, parse_session_id};
 
 // ---------------------------------------------------------------------------
 // http_head
@@ -509,7 +509,7 @@ pub fn token(data: &[u8]) {
 // ---------------------------------------------------------------------------
 // session_ids
 
-/// `session::http::parse_session_id` (`s{shard}.{key}.{generation}.{secret}`)
+/// `session_id::parse_session_id` (`s{shard}.{key}.{generation}.{secret}`)
 /// and `parse_event_id` (`SESSION:SEQ` from `Last-Event-ID`).
 ///
 /// Invariants: an accepted session id has the documented shape and its

@@ -1,7 +1,10 @@
 //! The admin socket: the backend's way in. Unix socket by default (mode
 //! 0600), TCP with a shared key as an option. Never on the public port.
 
-pub mod client;
 pub mod gateway;
 pub mod query;
 pub mod server;
+
+/// The blocking admin client lives in its own crate (the CLI, the load
+/// generator and backends in Rust use it); re-exported for the CLI.
+pub use kometa_admin_client as client;

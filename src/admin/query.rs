@@ -7,8 +7,8 @@ use std::sync::Arc;
 use serde_json::{Map, Value};
 
 use crate::bus::message::ShardStats;
-use crate::proto::admin;
-use crate::proto::client;
+use kometa_protocol::admin;
+use kometa_protocol::client;
 
 /// Most items one query returns or takes (members, channels, users,
 /// publications): a request asking for more gets this many.

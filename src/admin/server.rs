@@ -18,9 +18,9 @@ use crate::admin::query::{first_failure, merge_channels, merge_rows, merge_stats
 use crate::bus::message::{PublishOk, PublishRefusal, PublishRequest, QueryRequest, ReplyTo, ShardStats};
 use crate::bus::Message;
 use crate::hub::owner_of;
-use crate::proto::admin::{opcode, split_frame, AdminError, ErrorCode, FrameWriter, RawFrame, Reader};
-use crate::proto::{client, json, ws};
 use crate::shard::sys;
+use kometa_protocol::admin::{opcode, split_frame, AdminError, ErrorCode, FrameWriter, RawFrame, Reader};
+use kometa_protocol::{client, json, ws};
 
 /// Bytes read from an admin socket at a time.
 const READ_CHUNK_BYTES: usize = 64 * 1024;
@@ -482,7 +482,10 @@ fn dispatch(shard: &Rc<RefCell<Gateway>>, frame: RawFrame<'_>, authorized: &mut 
 }
 
 fn check_user(user: &str) -> Result<(), AdminError> {
-    if user.is_empty() || user.len() > crate::auth::USER_ID_BYTES_MAX || !user.bytes().all(client::name_byte_allowed) {
+    if user.is_empty()
+        || user.len() > kometa_protocol::token::USER_ID_BYTES_MAX
+        || !user.bytes().all(client::name_byte_allowed)
+    {
         return Err(bad_argument(format!(
             "user id `{user}` must be 1-128 bytes of letters, digits and _ - . : @ / = #"
         )));

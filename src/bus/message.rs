@@ -9,7 +9,7 @@ use super::cluster::{FromCluster, ToCluster};
 use crate::admin::query::{Answer, Query};
 use crate::hub::history::RecoveryFailure;
 use crate::hub::publication::Publication;
-use crate::proto::client::{CommandError, Position, RequestId};
+use kometa_protocol::client::{CommandError, Position, RequestId};
 
 /// Names one connection anywhere in the process. The generation tells a
 /// live connection from an earlier one that used the same slab slot.

@@ -6,8 +6,8 @@
 
 use std::sync::{Arc, OnceLock};
 
-use crate::proto::json::ObjectWriter;
-use crate::proto::ws::{FrameBuilder, OPCODE_TEXT, SERVER_HEADER_BYTES_MAX};
+use kometa_protocol::json::ObjectWriter;
+use kometa_protocol::ws::{FrameBuilder, OPCODE_TEXT, SERVER_HEADER_BYTES_MAX};
 
 /// One message published to a channel.
 #[derive(Debug)]

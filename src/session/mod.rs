@@ -10,10 +10,10 @@ pub mod outbox;
 
 use std::sync::Arc;
 
-use crate::auth::Identity;
 use crate::hub::index::LocalChannelId;
 use crate::limits::Timeouts;
-use crate::proto::ws::Fragments;
+use kometa_protocol::token::Identity;
+use kometa_protocol::ws::Fragments;
 use outbox::Outbox;
 
 /// Where a connection is in its life.
@@ -228,7 +228,7 @@ impl Session {
             Phase::WebSocket => {
                 let silent_ms = now_ms.saturating_sub(self.last_input_ms);
                 if silent_ms >= timeouts.ping_interval_ms + timeouts.pong_timeout_ms {
-                    return TimerAction::Close(crate::proto::ws::close::PING_TIMEOUT, "no pong");
+                    return TimerAction::Close(kometa_protocol::ws::close::PING_TIMEOUT, "no pong");
                 }
                 let since_activity_ms = now_ms.saturating_sub(self.last_input_ms.max(self.last_ping_ms));
                 if since_activity_ms >= timeouts.ping_interval_ms {

@@ -24,8 +24,8 @@ use crate::bus::Message;
 use crate::hub::follow::{self, Arrival, CaughtUp, Position, Step};
 use crate::hub::history::RecoveryFailure;
 use crate::hub::publication::Publication;
-use crate::proto::client::{CommandError, ErrorCode};
 use crate::util::unix_time_ms;
+use kometa_protocol::client::{CommandError, ErrorCode};
 
 /// A shard's cluster state.
 #[derive(Debug)]
@@ -86,7 +86,7 @@ impl Follower {
     }
 }
 
-fn failure_error(request_id: Option<crate::proto::client::RequestId>, failure: ClusterFailure) -> CommandError {
+fn failure_error(request_id: Option<kometa_protocol::client::RequestId>, failure: ClusterFailure) -> CommandError {
     match failure {
         ClusterFailure::Unavailable => {
             CommandError::new(request_id, ErrorCode::Unavailable, "the cluster's Redis is unreachable; retry")

@@ -11,10 +11,10 @@ use crate::bus::Message;
 use crate::hub::index::ConnKey;
 use crate::hub::owner_of;
 use crate::hub::publication::Publication;
-use crate::proto::ws;
 use crate::session::http::BufItem;
 use crate::session::outbox::{Admission, OutItem, Outbox, Wire};
 use crate::session::{Flags, Phase, Session, PENDING_SLOT};
+use kometa_protocol::ws;
 
 /// A kept remainder with more spare capacity than this is shrunk.
 const REMAINDER_SHRINK_BYTES: usize = 64 * 1024;

@@ -27,7 +27,6 @@ use std::time::{Duration, Instant};
 
 use slab::Slab;
 
-use crate::auth::Verifier;
 use crate::bus::message::ShardStats;
 use crate::bus::{Endpoint, Wakeup};
 use crate::config::Config;
@@ -36,6 +35,7 @@ use crate::hub::index::{ConnKey, LocalChannelId, LocalIndex};
 use crate::hub::publication::Publication;
 use crate::hub::user::{OwnedUsers, UserLimits};
 use crate::session::{Flags, Session};
+use kometa_protocol::token::Verifier;
 use sys::Epoll;
 
 /// Bytes read per `recv` into the shard's scratch buffer.

@@ -14,8 +14,8 @@ use crate::config::Namespace;
 use crate::hub::index::Subscriber;
 use crate::hub::owner_of;
 use crate::hub::publication::{Publication, PushFields};
-use crate::proto::client::{CommandError, ErrorCode};
 use crate::session::PENDING_SLOT;
+use kometa_protocol::client::{CommandError, ErrorCode};
 
 impl Shard {
     pub(crate) fn handle_message(&mut self, message: Message) {

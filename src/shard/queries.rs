@@ -12,8 +12,8 @@ use crate::bus::message::{QueryAnswer, ReplyTo};
 use crate::bus::Message;
 use crate::hub::publication::Publication;
 use crate::hub::user::Status;
-use crate::proto::client::CommandError;
 use crate::util::unix_time_ms;
+use kometa_protocol::client::CommandError;
 
 fn object(value: Value) -> Answer {
     match value {

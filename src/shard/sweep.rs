@@ -8,9 +8,9 @@ use std::sync::Arc;
 
 use super::{Shard, SWEEP_CONNS_PER_TICK};
 use crate::hub::index::ConnKey;
-use crate::proto::ws;
 use crate::session::{Phase, TimerAction};
 use crate::util::unix_time_ms;
+use kometa_protocol::ws;
 
 /// Owned channels are swept at most this often (history TTLs are minutes).
 const CHANNEL_SWEEP_INTERVAL_MS: u64 = 5_000;

@@ -10,18 +10,18 @@
 use std::sync::Arc;
 
 use super::Shard;
-use crate::auth::Identity;
 use crate::bus::message::{ConnRef, PublishRequest, ReplyTo, UserConnectReply, UserConnectRequest};
 use crate::bus::Message;
 use crate::config::user_status_channel;
 use crate::hub::index::ConnKey;
 use crate::hub::owner_of;
 use crate::hub::publication::Publication;
-use crate::proto::client::RequestId;
-use crate::proto::ws;
 use crate::session::outbox::{OutItem, Wire};
 use crate::session::Flags;
 use crate::util::unix_time_ms;
+use kometa_protocol::client::RequestId;
+use kometa_protocol::token::Identity;
+use kometa_protocol::ws;
 
 impl Shard {
     /// A token checked out: remember who the connection is and register it

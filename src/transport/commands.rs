@@ -12,13 +12,13 @@ use crate::bus::Message;
 use crate::config::Namespace;
 use crate::hub::index::ConnKey;
 use crate::hub::owner_of;
-use crate::proto::client::{self, Command, CommandError, ErrorCode, Position, RequestId};
-use crate::proto::json;
-use crate::proto::ws::{self, FrameBuilder, OPCODE_TEXT};
 use crate::session::http::BufItem;
 use crate::session::{Flags, Phase, Subscription, PENDING_SLOT};
 use crate::shard::Shard;
 use crate::util::unix_time_ms;
+use kometa_protocol::client::{self, Command, CommandError, ErrorCode, Position, RequestId};
+use kometa_protocol::json;
+use kometa_protocol::ws::{self, FrameBuilder, OPCODE_TEXT};
 
 /// A command refused on this shard: the code and the reason.
 type Refusal = (ErrorCode, Cow<'static, str>);

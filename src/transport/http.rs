@@ -5,12 +5,12 @@ use std::sync::atomic::Ordering;
 
 use crate::config::RedisDownPolicy;
 use crate::hub::index::ConnKey;
-use crate::proto::http::{self, HeadLimits, Method, Request};
-use crate::proto::ws;
 use crate::session::Flags;
 use crate::shard::Shard;
 use crate::transport::sessions::Handled;
 use crate::util::unix_time_ms;
+use kometa_protocol::http::{self, HeadLimits, Method, Request};
+use kometa_protocol::ws;
 
 impl Shard {
     /// Handles one complete request from the start of `input`; returns the

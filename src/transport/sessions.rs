@@ -15,17 +15,16 @@ use std::sync::Arc;
 
 use serde_json::value::RawValue;
 
-use crate::auth::Identity;
 use crate::hub::index::ConnKey;
-use crate::proto::http::{self, Method, Request};
-use crate::proto::json::ObjectWriter;
-use crate::session::http::{
-    make_session_id, parse_event_id, parse_session_id, Attachment, BufItem, HttpRole, HttpSession, SessionKind,
-};
+use crate::session::http::{Attachment, BufItem, HttpRole, HttpSession, SessionKind};
 use crate::session::outbox::OutItem;
 use crate::session::{Flags, Phase, Session};
 use crate::shard::{Conn, Shard};
 use crate::util::{random_bytes, unix_time_ms};
+use kometa_protocol::http::{self, Method, Request};
+use kometa_protocol::json::ObjectWriter;
+use kometa_protocol::session_id::{make_session_id, parse_event_id, parse_session_id};
+use kometa_protocol::token::Identity;
 
 /// What handling a request did to its connection.
 pub(crate) enum Handled {
@@ -481,7 +480,7 @@ impl Shard {
         let mut body = Vec::with_capacity(128);
         let mut last = cursor;
         body.extend_from_slice(b"{\"session\":");
-        crate::proto::json::write_str(&mut body, &hs.id);
+        kometa_protocol::json::write_str(&mut body, &hs.id);
         body.extend_from_slice(b",\"messages\":[");
         if with_messages {
             if let Ok(tail) = hs.buffer.after(cursor) {
@@ -495,7 +494,7 @@ impl Shard {
             }
         }
         body.extend_from_slice(b"],\"cursor\":");
-        crate::proto::json::write_u64(&mut body, last);
+        kometa_protocol::json::write_u64(&mut body, last);
         body.push(b'}');
         if let Some(HttpRole::Session(hs)) = self.session_role(session) {
             if hs.attached.is_some_and(|a| a.key == key && a.generation == generation) {
@@ -740,6 +739,6 @@ mod tests {
 
     #[test]
     fn client_names_are_valid() {
-        assert!(crate::proto::client::check_channel_name("web_demo", 255).is_ok());
+        assert!(kometa_protocol::client::check_channel_name("web_demo", 255).is_ok());
     }
 }

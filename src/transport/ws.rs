@@ -2,9 +2,9 @@
 //! answered here, text messages handed to the client protocol.
 
 use crate::hub::index::ConnKey;
-use crate::proto::ws::{self, DecodeLimits, Event, MessageKind};
 use crate::session::{Flags, Phase};
 use crate::shard::Shard;
+use kometa_protocol::ws::{self, DecodeLimits, Event, MessageKind};
 
 impl Shard {
     /// Decodes one frame from the start of `input` and acts on it; returns

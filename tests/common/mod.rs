@@ -11,8 +11,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use kometa::admin::client::AdminClient;
-use kometa::config::AdminAddress;
+use kometa_admin_client::AdminAddress;
+use kometa_admin_client::AdminClient;
 use serde_json::Value;
 use tungstenite::{Message, WebSocket};
 
@@ -135,7 +135,7 @@ impl Server {
         self.admin().stats().expect("stats")
     }
 
-    pub fn publish(&self, channel: &str, event: &str, data: &str) -> kometa::admin::client::Published {
+    pub fn publish(&self, channel: &str, event: &str, data: &str) -> kometa_admin_client::Published {
         self.admin().publish(channel, event, data.as_bytes()).expect("publish")
     }
 
@@ -277,7 +277,7 @@ pub fn http_exchange(server: &Server, request: &[u8]) -> String {
 
 /// A masked client frame.
 pub fn client_frame(first_byte: u8, payload: &[u8]) -> Vec<u8> {
-    kometa::proto::ws::encode_client_frame(first_byte, payload, [0x37, 0xfa, 0x21, 0x3d])
+    kometa_protocol::ws::encode_client_frame(first_byte, payload, [0x37, 0xfa, 0x21, 0x3d])
 }
 
 /// One server frame: (opcode, payload). None at end of stream.

@@ -1,16 +1,76 @@
-//! A blocking admin client, used by the CLI and the tests, and a reference
-//! for clients in other languages (see `docs/admin-protocol.md`).
+//! A blocking client for Kometa's admin socket (docs/admin-protocol.md):
+//! what the `kometa` CLI, the load generator and the tests use, and a
+//! reference for clients in other languages. Frames come from
+//! `kometa-protocol`; this crate adds the socket.
 
 use std::fmt;
 use std::io::{self, Read, Write};
-use std::net::TcpStream;
+use std::net::{SocketAddr, TcpStream};
 use std::os::unix::net::UnixStream;
+use std::path::PathBuf;
 use std::time::Duration;
 
-use crate::config::AdminAddress;
-use crate::proto::admin::{
-    decode_error, opcode, split_frame, AdminError, FrameWriter, RawFrame, Reader, STATUS_ERROR, STATUS_OK,
+use kometa_protocol::admin::{
+    decode_error, decode_published, json_payload, opcode, split_frame, AdminError, FrameWriter, RawFrame, STATUS_ERROR,
+    STATUS_OK,
 };
+use serde::{Deserialize, Deserializer};
+
+pub use kometa_protocol::admin::Published;
+
+/// Where the admin listener is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AdminAddress {
+    /// A Unix socket, created with mode 0600.
+    Unix(PathBuf),
+    /// TCP; requires `admin_key`.
+    Tcp(SocketAddr),
+}
+
+impl AdminAddress {
+    /// Parses `unix:PATH` or `tcp:ADDR:PORT`.
+    pub fn parse(text: &str) -> Result<AdminAddress, String> {
+        if let Some(path) = text.strip_prefix("unix:") {
+            if path.is_empty() {
+                return Err("unix: needs a path, for example unix:/run/kometa/admin.sock".into());
+            }
+            Ok(AdminAddress::Unix(PathBuf::from(path)))
+        } else if let Some(address) = text.strip_prefix("tcp:") {
+            address
+                .parse()
+                .map(AdminAddress::Tcp)
+                .map_err(|_| format!("`{address}` is not an ADDR:PORT socket address"))
+        } else {
+            Err(format!("`{text}` must start with unix: or tcp:"))
+        }
+    }
+}
+
+impl fmt::Display for AdminAddress {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            AdminAddress::Unix(path) => write!(f, "unix:{}", path.display()),
+            AdminAddress::Tcp(address) => write!(f, "tcp:{address}"),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for AdminAddress {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(deserializer)?;
+        AdminAddress::parse(&text).map_err(serde::de::Error::custom)
+    }
+}
+
+/// The default admin socket path: in `$XDG_RUNTIME_DIR` when set (per-user,
+/// private), else in the temp directory.
+pub fn default_admin_address() -> AdminAddress {
+    let directory = std::env::var_os("XDG_RUNTIME_DIR")
+        .map(PathBuf::from)
+        .filter(|dir| dir.is_dir())
+        .unwrap_or_else(std::env::temp_dir);
+    AdminAddress::Unix(directory.join("kometa-admin.sock"))
+}
 
 /// Replies larger than this are refused by the client (a STATS document of
 /// a few hundred shards is well under it).
@@ -86,14 +146,6 @@ pub struct Reply {
     pub request_id: u32,
     /// The OK payload, or the server's error.
     pub result: Result<Vec<u8>, AdminError>,
-}
-
-/// What `PUBLISH` returns.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Published {
-    pub offset: u64,
-    pub subscribers: u64,
-    pub epoch: String,
 }
 
 pub struct AdminClient {
@@ -193,7 +245,7 @@ impl AdminClient {
         let payload = self.call(opcode::PUBLISH, |w| {
             w.str16(channel).str16(event).bytes32(data);
         })?;
-        decode_published(&payload)
+        Ok(decode_published(&payload)?)
     }
 
     /// Server statistics as a JSON document.
@@ -207,7 +259,7 @@ impl AdminClient {
         op: u8,
         payload: impl FnOnce(&mut FrameWriter),
     ) -> Result<serde_json::Value, ClientError> {
-        json_payload(&self.call(op, payload)?)
+        Ok(json_payload(&self.call(op, payload)?)?)
     }
 
     /// A message to each user's connections (stored in their inboxes).
@@ -274,24 +326,6 @@ fn write_users(writer: &mut FrameWriter, users: &[&str]) {
     for user in users.iter().take(usize::from(u16::MAX)) {
         writer.str16(user);
     }
-}
-
-/// Decodes a PUBLISH OK payload.
-pub fn decode_published(payload: &[u8]) -> Result<Published, ClientError> {
-    let mut reader = Reader::new(payload);
-    let offset = reader.u64("offset")?;
-    let subscribers = reader.u64("subscribers")?;
-    let epoch = reader.str16("epoch")?.to_string();
-    reader.finish()?;
-    Ok(Published { offset, subscribers, epoch })
-}
-
-/// Decodes an OK payload that is one `bytes32` JSON document.
-pub fn json_payload(payload: &[u8]) -> Result<serde_json::Value, ClientError> {
-    let mut reader = Reader::new(payload);
-    let document = reader.bytes32("document")?;
-    reader.finish()?;
-    serde_json::from_slice(document).map_err(|e| ClientError::Protocol(format!("reply is not JSON: {e}")))
 }
 
 fn decode_reply(frame: RawFrame<'_>) -> Result<Reply, ClientError> {

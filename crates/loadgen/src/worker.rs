@@ -18,7 +18,7 @@ use super::scan;
 use super::sys::{self, Epoll, HANGUP, READABLE, WRITABLE};
 use super::track::{DeliveryCounts, LastArrivals, Sequence};
 use super::wire::{Command, Progress, Protocol, Scenario, TargetCounts, WorkerConfig, WorkerMessage, WorkerResult};
-use crate::proto::ws::{accept_key, encode_client_frame};
+use kometa_protocol::ws::{accept_key, encode_client_frame};
 
 /// Token of the stdin pipe in the epoll set (connection tokens are
 /// `generation << 32 | slot`, and slots stay far below 2^32 - 1).

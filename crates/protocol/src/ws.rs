@@ -491,7 +491,7 @@ impl FrameBuilder {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::proto::http::{parse_head, HeadLimits};
+    use crate::http::{parse_head, HeadLimits};
 
     const LIMITS: DecodeLimits = DecodeLimits { message_bytes_max: 1 << 20 };
 

@@ -675,7 +675,7 @@ impl Report {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::load::wire::{Progress, TargetCounts};
+    use crate::wire::{Progress, TargetCounts};
 
     fn worker(id: u32, established: u64, deliveries: u64, latency_us: u64) -> WorkerResult {
         let mut w = WorkerResult {

@@ -7,9 +7,10 @@ use std::io::{self, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::time::Duration;
 
-use crate::admin::client::{decode_published, AdminClient};
-use crate::config::AdminAddress;
-use crate::proto::admin::opcode;
+use kometa_admin_client::AdminAddress;
+use kometa_admin_client::AdminClient;
+use kometa_protocol::admin::decode_published;
+use kometa_protocol::admin::opcode;
 
 use super::hist::{Latency, Percentiles};
 use super::ramp;
@@ -365,7 +366,7 @@ pub fn publish(publisher: &mut dyn Publisher, plan: &PublishPlan, stop: &dyn Fn(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::load::scan::scan_push;
+    use crate::scan::scan_push;
 
     /// Accepts everything except every `reject_every`-th publication; checks
     /// the window is never exceeded.

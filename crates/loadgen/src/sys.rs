@@ -18,7 +18,7 @@ pub fn monotonic_ns() -> u64 {
 /// The server's epoll wrapper; the load generator registers level-triggered
 /// (a connection that still has bytes after one read is reported again,
 /// which keeps the loop fair).
-pub use crate::shard::sys::Epoll;
+pub use kometa_sys::Epoll;
 
 pub const READABLE: u32 = libc::EPOLLIN as u32;
 pub const WRITABLE: u32 = libc::EPOLLOUT as u32;

@@ -48,7 +48,7 @@ use std::time::Duration;
 
 use clap::{Args, Subcommand};
 
-use crate::config::{default_admin_address, AdminAddress};
+use kometa_admin_client::{default_admin_address, AdminAddress};
 use publish::{AdminPublisher, HttpPublisher, PublishOutcome, PublishPlan, Publisher};
 use report::{ServerReadings, UrlUsed};
 use target::{parse_duration_ms, Rate, Url};

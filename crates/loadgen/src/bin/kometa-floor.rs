@@ -18,8 +18,8 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
-use kometa::proto::http::{parse_head, HeadLimits, Method};
-use kometa::proto::ws;
+use kometa_protocol::http::{parse_head, HeadLimits, Method};
+use kometa_protocol::ws;
 use socket2::{Domain, Socket, Type};
 
 const HEAD_LIMITS: HeadLimits = HeadLimits { head_bytes_max: 16 * 1024, headers_max: 64 };

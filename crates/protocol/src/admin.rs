@@ -317,6 +317,33 @@ pub fn decode_error(payload: &[u8]) -> AdminError {
     AdminError { code, message }
 }
 
+/// What a `PUBLISH` reply says.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Published {
+    pub offset: u64,
+    pub subscribers: u64,
+    pub epoch: String,
+}
+
+/// Decodes a PUBLISH OK payload.
+pub fn decode_published(payload: &[u8]) -> Result<Published, AdminError> {
+    let mut reader = Reader::new(payload);
+    let offset = reader.u64("offset")?;
+    let subscribers = reader.u64("subscribers")?;
+    let epoch = reader.str16("epoch")?.to_string();
+    reader.finish()?;
+    Ok(Published { offset, subscribers, epoch })
+}
+
+/// Decodes an OK payload that is one `bytes32` JSON document.
+pub fn json_payload(payload: &[u8]) -> Result<serde_json::Value, AdminError> {
+    let mut reader = Reader::new(payload);
+    let document = reader.bytes32("document")?;
+    reader.finish()?;
+    serde_json::from_slice(document)
+        .map_err(|e| AdminError::new(ErrorCode::BadArgument, format!("reply is not JSON: {e}")))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -85,7 +85,7 @@ pub fn parse(input: &[u8], payload_bytes_max: usize) -> Result<Option<ServerFram
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::proto::ws::{encode_close, encode_frame};
+    use kometa_protocol::ws::{encode_close, encode_frame};
 
     #[test]
     fn parses_server_frames_of_every_length_class() {

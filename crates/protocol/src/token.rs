@@ -22,7 +22,7 @@ use hmac::{Hmac, KeyInit, Mac};
 use serde::Deserialize;
 use sha2::Sha256;
 
-use crate::proto::client::name_byte_allowed;
+use crate::client::name_byte_allowed;
 
 /// Longest token accepted, in bytes.
 pub const TOKEN_BYTES_MAX: usize = 4096;
