@@ -38,6 +38,7 @@ class KometaException extends Exception
         10 => 'internal',
         11 => 'limit_reached',
         12 => 'unavailable',
+        13 => 'unknown_outcome',
     ];
 
     /** @var string the error's name, for example "bad_argument" */

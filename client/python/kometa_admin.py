@@ -60,6 +60,7 @@ ERROR_NAMES = {
     10: "internal",
     11: "limit_reached",
     12: "unavailable",
+    13: "unknown_outcome",
 }
 
 # Bytes after the length field before the payload: status/opcode, opcode/flags, request id.

@@ -182,6 +182,10 @@ fn refusal_error(refusal: PublishRefusal) -> AdminError {
         PublishRefusal::Unavailable => {
             AdminError::new(ErrorCode::Unavailable, "the channel's Redis is unreachable; nothing was published")
         }
+        PublishRefusal::OutcomeUnknown => AdminError::new(
+            ErrorCode::UnknownOutcome,
+            "Redis went away with the publication in flight: it may or may not have been published",
+        ),
     }
 }
 

@@ -12,7 +12,6 @@
 use std::sync::Arc;
 
 use super::message::{PublishRequest, QueryRequest, UserConnectRequest};
-use crate::hub::history::RecoveryFailure;
 use crate::hub::publication::Publication;
 
 /// A change of one node-local count kept in Redis.
@@ -38,8 +37,14 @@ pub struct ChannelPosition {
 /// Why the gateway could not do what was asked.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ClusterFailure {
-    /// The Redis of this channel or user is unreachable (or did not answer in time).
+    /// The Redis of this channel or user is unreachable: the request was
+    /// not sent.
     Unavailable,
+    /// The request was sent, and Redis went away (or stopped answering)
+    /// before its reply: it may or may not have been carried out.
+    InFlight,
+    /// Redis answered with an error (out of memory, a script error).
+    Refused,
     /// Too many requests are waiting for that Redis.
     Overloaded,
 }
@@ -92,7 +97,10 @@ pub enum FromCluster {
     /// The answer to `ToCluster::CatchUp`.
     CaughtUp { channel: Arc<str>, token: u64, result: Result<ChannelPosition, ClusterFailure> },
     /// The answer to `ToCluster::UserConnect`: the inbox to replay.
-    UserConnected { request: UserConnectRequest, result: Result<Vec<Arc<Publication>>, UserRefusal> },
+    /// `reregister`: a reset came between the request and its answer, so
+    /// the connection was counted under the previous incarnation; the shard
+    /// counts it again (after its own re-registration, in bus order).
+    UserConnected { request: UserConnectRequest, result: Result<Vec<Arc<Publication>>, UserRefusal>, reregister: bool },
     /// A message for a user this shard owns: deliver to its connections on this node.
     UserMessage { user: Arc<str>, push: Arc<Publication> },
     /// Close a user's connections on this node (admin DISCONNECT on any node).
@@ -101,9 +109,4 @@ pub enum FromCluster {
     /// the node was taken for dead): re-register channels, presence and
     /// users, catch up every channel, then answer `ResyncDone`.
     Reset { incarnation: u64 },
-}
-
-/// Why a resume could not be served, as the owner tells it.
-pub fn recovery_reason(failure: RecoveryFailure) -> &'static str {
-    failure.reason()
 }

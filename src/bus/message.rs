@@ -110,6 +110,9 @@ pub enum PublishRefusal {
     NoChannel,
     /// Cluster mode: the channel's Redis is unreachable; nothing was published.
     Unavailable,
+    /// Cluster mode: Redis went away with the publication in flight: it may
+    /// or may not have been published (a retry may publish it twice).
+    OutcomeUnknown,
 }
 
 /// A connection with a verified token registers with its user's owner.

@@ -49,6 +49,11 @@ const COUNTS_PER_COMMAND: usize = 512;
 /// After shutdown begins, the gateway waits this long for its goodbye
 /// (removal from the node list) to be written.
 const GOODBYE_WAIT: Duration = Duration::from_millis(500);
+/// Resets asked for by refused registrations are at least this far apart.
+const RESET_INTERVAL: Duration = Duration::from_secs(10);
+/// Link events (Redis replies and pushes) queued for the gateway: past it
+/// the reader threads wait, and TCP holds Redis back.
+const LINK_EVENTS_MAX: usize = 65_536;
 
 /// What to do with a reply, in the order the commands were sent.
 enum Then {
@@ -61,9 +66,12 @@ enum Then {
         owner: u16,
         token: u64,
     },
+    /// `incarnation`: when it was sent; if a reset came before the reply,
+    /// the count went to the old incarnation and must be registered again.
     UserConnect {
         request: crate::bus::message::UserConnectRequest,
         owner: u16,
+        incarnation: u64,
     },
     /// A change of the node's connection count of a user; `events` is
     /// false for re-registration (no online/offline then).
@@ -71,7 +79,17 @@ enum Then {
         user: Arc<str>,
         events: bool,
     },
-    Heartbeat,
+    /// A change of registered state (presence, subscriber counts) whose
+    /// loss would leave counts wrong: a refusal makes the node register
+    /// everything again.
+    Registration,
+    /// For `member`: replies for an earlier incarnation are ignored.
+    Heartbeat {
+        member: String,
+    },
+    /// A (S)SUBSCRIBE or (S)UNSUBSCRIBE: confirmed by a push, or refused
+    /// with an error reply (ACL channel permissions).
+    SubscribeAck,
     ReapLock {
         member: String,
         lock: String,
@@ -147,6 +165,8 @@ struct Instance {
     topics: HashSet<Arc<str>>,
     /// The node topic this connection is subscribed to.
     node_topic: Option<String>,
+    /// Topics of earlier incarnations, unsubscribed once a reset is done.
+    retired_topics: Vec<String>,
     /// The current member has been registered here (first heartbeat done).
     registered: bool,
     retry_at: Option<Instant>,
@@ -196,6 +216,12 @@ pub struct ClusterGateway {
     next_heartbeat: Instant,
     /// Set once the first connection attempt to every instance has ended.
     pub first_attempts_done: bool,
+    /// A refused registration asked for a reset; done at `next_reset_allowed`.
+    reset_wanted: bool,
+    next_reset_allowed: Instant,
+    /// Shutting down: no more heartbeats (a heartbeat after the goodbye
+    /// would register the node again).
+    stopping: bool,
     /// This node is behind with its fan-out (a shard's backlog past
     /// `limits.fanout_backlog_max`, until it falls under half): said in
     /// Redis, so publications to its channels are refused on every node,
@@ -206,6 +232,11 @@ pub struct ClusterGateway {
 fn failure_answer(failure: ClusterFailure) -> Answer {
     match failure {
         ClusterFailure::Unavailable => Failure::answer(FailureKind::Unavailable, "the cluster's Redis is unreachable"),
+        ClusterFailure::InFlight => Failure::answer(
+            FailureKind::Unavailable,
+            "Redis went away before answering: the request may or may not have been carried out",
+        ),
+        ClusterFailure::Refused => Failure::answer(FailureKind::Unavailable, "Redis refused the request (see the log)"),
         ClusterFailure::Overloaded => Failure::answer(FailureKind::Overloaded, "too many requests wait for Redis"),
     }
 }
@@ -323,7 +354,7 @@ impl ClusterGateway {
         let id = bus.shard();
         let targets: Vec<Target> =
             config.cluster.redis.iter().map(|url| Target::parse(url)).collect::<Result<_, _>>()?;
-        let (sender, events) = crossbeam_channel::unbounded();
+        let (sender, events) = crossbeam_channel::bounded(LINK_EVENTS_MAX);
         let wakeup = Arc::new(Wakeup::new().map_err(|e| format!("cannot create an eventfd: {e}"))?);
         let node_id = config.node_id().to_owned();
         let now = Instant::now();
@@ -337,6 +368,7 @@ impl ClusterGateway {
                 pending: VecDeque::new(),
                 topics: HashSet::new(),
                 node_topic: None,
+                retired_topics: Vec::new(),
                 registered: false,
                 retry_at: Some(now),
                 backoff: Duration::from_millis(RECONNECT_FIRST_MS),
@@ -369,6 +401,9 @@ impl ClusterGateway {
             next_stats: now,
             next_heartbeat: now,
             first_attempts_done: false,
+            reset_wanted: false,
+            next_reset_allowed: now,
+            stopping: false,
             busy: false,
         })
     }
@@ -377,6 +412,12 @@ impl ClusterGateway {
     fn epoch_candidate(&mut self) -> String {
         self.epochs_made += 1;
         format!("{:016x}", crate::util::splitmix64(self.epoch_seed ^ self.epochs_made))
+    }
+
+    /// The run id of the Redis serving `instance` ("" while down: scripts
+    /// are not sent then).
+    fn run_id(&self, instance: usize) -> &str {
+        self.instances[instance].link.as_ref().map_or("", |link| link.run_id.as_str())
     }
 
     fn publish_command(&self, instance: usize) -> &'static str {
@@ -412,11 +453,11 @@ impl ClusterGateway {
         Ok(())
     }
 
-    /// Queues a command that has no reply in RESP3 (subscriptions).
-    fn submit_unanswered(&mut self, instance: usize, command: &redis::Cmd) {
-        if let Some(link) = self.instances[instance].link.as_mut() {
-            link.queue(command);
-        }
+    /// Subscribes to (or unsubscribes from) a topic; RESP3 confirms with a push.
+    fn submit_subscription(&mut self, instance: usize, topic: &str, subscribe: bool) {
+        let mut command = redis::cmd(self.subscribe_command(instance, subscribe));
+        command.arg(topic);
+        let _ = self.submit(instance, &command, Then::SubscribeAck);
     }
 
     fn send(&mut self, destination: usize, message: Message) {
@@ -478,9 +519,8 @@ impl ClusterGateway {
             ToCluster::Release { channel } => {
                 let instance = self.instance_of(&channel);
                 if self.instances[instance].topics.remove(&channel) {
-                    let mut command = redis::cmd(self.subscribe_command(instance, false));
-                    command.arg(self.keys.channel_topic(&channel));
-                    self.submit_unanswered(instance, &command);
+                    let topic = self.keys.channel_topic(&channel);
+                    self.submit_subscription(instance, &topic, false);
                 }
             }
             ToCluster::Presence { channel, user, change, join_leave } => {
@@ -500,6 +540,11 @@ impl ClusterGateway {
                 if incarnation == self.incarnation && self.resync_waiting > 0 {
                     self.resync_waiting -= 1;
                     if self.resync_waiting == 0 {
+                        for instance in 0..self.instances.len() {
+                            for topic in std::mem::take(&mut self.instances[instance].retired_topics) {
+                                self.submit_subscription(instance, &topic, false);
+                            }
+                        }
                         let retired = std::mem::take(&mut self.retired);
                         for member in retired {
                             for instance in 0..self.instances.len() {
@@ -521,6 +566,7 @@ impl ClusterGateway {
         let instance = self.instance_of(&channel);
         let now_ms = unix_time_ms();
         let sheddable = !matches!(reply, ReplyTo::Nobody);
+        let epoch = self.epoch_candidate();
         let keys = [&*self.keys.meta(&channel), &*self.keys.history(&channel), &*self.keys.busy()];
         let mut command = evalsha(&SCRIPTS.publish, &keys);
         command
@@ -534,12 +580,14 @@ impl ClusterGateway {
             .arg(self.config.cluster.channel_meta_ttl_ms)
             .arg(if only_if_exists { "1" } else { "0" })
             .arg(now_ms)
-            .arg(self.epoch_candidate())
-            .arg(if sheddable { "1" } else { "0" });
+            .arg(epoch)
+            .arg(if sheddable { "1" } else { "0" })
+            .arg(self.run_id(instance));
         let reply_copy = reply.clone();
         if let Err(failure) = self.submit(instance, &command, Then::Publish { reply }) {
             let refusal = match failure {
-                ClusterFailure::Unavailable => PublishRefusal::Unavailable,
+                ClusterFailure::Unavailable | ClusterFailure::Refused => PublishRefusal::Unavailable,
+                ClusterFailure::InFlight => PublishRefusal::OutcomeUnknown,
                 ClusterFailure::Overloaded => PublishRefusal::Overloaded,
             };
             self.publish_reply(reply_copy, Err(refusal));
@@ -572,23 +620,24 @@ impl ClusterGateway {
     fn catch_up(&mut self, channel: Arc<str>, owner: u16, token: u64, after: Option<(Arc<str>, u64)>, limit: u32) {
         let instance = self.instance_of(&channel);
         if self.instances[instance].is_up() && !self.instances[instance].topics.contains(&channel) {
-            let mut command = redis::cmd(self.subscribe_command(instance, true));
-            command.arg(self.keys.channel_topic(&channel));
-            self.submit_unanswered(instance, &command);
+            let topic = self.keys.channel_topic(&channel);
+            self.submit_subscription(instance, &topic, true);
             self.instances[instance].topics.insert(Arc::clone(&channel));
         }
         let (after_offset, known_epoch) = match &after {
             Some((epoch, offset)) => (i64::try_from(*offset).unwrap_or(i64::MAX), epoch.to_string()),
             None => (-1, String::new()),
         };
+        let epoch = self.epoch_candidate();
         let keys = [&*self.keys.meta(&channel), &*self.keys.history(&channel)];
         let mut command = evalsha(&SCRIPTS.catch_up, &keys);
         command
-            .arg(self.epoch_candidate())
+            .arg(epoch)
             .arg(self.config.cluster.channel_meta_ttl_ms)
             .arg(after_offset)
             .arg(known_epoch)
-            .arg(limit.clamp(1, QUERY_ITEMS_MAX as u32 * 100));
+            .arg(limit.clamp(1, QUERY_ITEMS_MAX as u32 * 100))
+            .arg(self.run_id(instance));
         let then = Then::CatchUp { channel: Arc::clone(&channel), owner, token };
         if let Err(failure) = self.submit(instance, &command, then) {
             self.send_to_shard(usize::from(owner), FromCluster::CaughtUp { channel, token, result: Err(failure) });
@@ -620,7 +669,7 @@ impl ClusterGateway {
             .arg(self.publish_command(instance))
             .arg(self.keys.channel_topic(channel));
         // Down: dropped; a reset registers presence again.
-        let _ = self.submit(instance, &command, Then::Ignore);
+        let _ = self.submit(instance, &command, Then::Registration);
     }
 
     /// This node's subscriber counts go to its own hash and to each
@@ -635,11 +684,11 @@ impl ClusterGateway {
         for (instance, changes) in by_instance.into_iter().enumerate() {
             for chunk in changes.chunks(COUNTS_PER_COMMAND) {
                 let mut command = evalsha(&SCRIPTS.subscriber_counts, &[&key]);
-                command.arg(&self.member).arg(&meta_prefix);
+                command.arg(&self.member).arg(&meta_prefix).arg(self.config.cluster.channel_meta_ttl_ms);
                 for (channel, count) in chunk {
                     command.arg(&**channel).arg(*count);
                 }
-                let _ = self.submit(instance, &command, Then::Ignore);
+                let _ = self.submit(instance, &command, Then::Registration);
             }
         }
     }
@@ -663,9 +712,11 @@ impl ClusterGateway {
             .arg(&*user);
         if !self.instances[instance].is_up() {
             let result = Err(UserRefusal::Failed(ClusterFailure::Unavailable));
-            return self.send_to_shard(usize::from(owner), FromCluster::UserConnected { request, result });
+            let message = FromCluster::UserConnected { request, result, reregister: false };
+            return self.send_to_shard(usize::from(owner), message);
         }
-        let _ = self.submit(instance, &command, Then::UserConnect { request, owner });
+        let incarnation = self.incarnation;
+        let _ = self.submit(instance, &command, Then::UserConnect { request, owner, incarnation });
     }
 
     fn user_count(&mut self, user: Arc<str>, change: CountChange) {
@@ -688,7 +739,6 @@ impl ClusterGateway {
 
     fn query(&mut self, request: QueryRequest) {
         let QueryRequest { reply, query } = request;
-        let now_ms = unix_time_ms();
         let (instance, command, kind) = match query {
             Query::Presence { channel, cursor, limit } => {
                 let keys = [
@@ -712,16 +762,21 @@ impl ClusterGateway {
             Query::ChannelInfo { channel } => {
                 let keys =
                     [&*self.keys.meta(&channel), &*self.keys.history(&channel), &*self.keys.presence_users(&channel)];
-                let command = evalsha(&SCRIPTS.channel_info, &keys);
+                let mut command = evalsha(&SCRIPTS.channel_info, &keys);
+                let instance = self.instance_of(&channel);
+                command.arg(self.config.namespace_for(&channel).history_size).arg(self.run_id(instance));
                 (self.instance_of(&channel), command, AnswerKind::ChannelInfo { channel })
             }
             Query::History { channel, since_epoch, since_offset, limit } => {
+                let instance = self.instance_of(&channel);
                 let keys = [&*self.keys.meta(&channel), &*self.keys.history(&channel)];
                 let mut command = evalsha(&SCRIPTS.history, &keys);
                 command
                     .arg(i64::try_from(since_offset).unwrap_or(i64::MAX))
                     .arg(limit)
-                    .arg(since_epoch.as_deref().unwrap_or(""));
+                    .arg(since_epoch.as_deref().unwrap_or(""))
+                    .arg(self.config.namespace_for(&channel).history_size)
+                    .arg(self.run_id(instance));
                 (self.instance_of(&channel), command, AnswerKind::History { channel, limit })
             }
             Query::Disconnect { user, code, reason, revoke_before_s } => {
@@ -732,7 +787,6 @@ impl ClusterGateway {
                     .arg(revoke_before_s)
                     .arg(code)
                     .arg(&*reason)
-                    .arg(now_ms)
                     .arg(self.keys.node_topic_prefix())
                     .arg(self.publish_command(self.instance_of(&user)))
                     .arg(self.config.users.last_seen_ttl_ms);
@@ -808,7 +862,7 @@ impl ClusterGateway {
                 .arg(self.config.users.last_seen_ttl_ms);
             let then = Then::Part { gather, index, kind: PartKind::SendUser };
             if let Err(failure) = self.submit(instance, &command, then) {
-                self.part_failed(gather, failure);
+                self.part_failed(gather, index, failure);
             }
         }
     }
@@ -821,25 +875,19 @@ impl ClusterGateway {
             command.arg(self.keys.user(&user)).arg("c").arg("seen");
             let then = Then::Part { gather, index, kind: PartKind::UserStatus };
             if let Err(failure) = self.submit(instance, &command, then) {
-                self.part_failed(gather, failure);
+                self.part_failed(gather, index, failure);
             }
         }
     }
 
     fn channels(&mut self, reply: ReplyTo, prefix: &str, cursor: Option<&str>, limit: usize) {
         let gather = self.start_gather(reply, self.instances.len(), GatherKind::Channels { limit });
-        let now_ms = unix_time_ms();
         for instance in 0..self.instances.len() {
             let mut command = evalsha(&SCRIPTS.channels, &[&self.keys.nodes()]);
-            command
-                .arg(now_ms)
-                .arg(self.keys.node_subscribers_prefix())
-                .arg(prefix)
-                .arg(cursor.unwrap_or(""))
-                .arg(limit);
+            command.arg(self.keys.node_subscribers_prefix()).arg(prefix).arg(cursor.unwrap_or("")).arg(limit);
             let then = Then::Part { gather, index: instance as u32, kind: PartKind::Channels };
             if let Err(failure) = self.submit(instance, &command, then) {
-                self.part_failed(gather, failure);
+                self.part_failed(gather, instance as u32, failure);
             }
         }
     }
@@ -847,23 +895,25 @@ impl ClusterGateway {
     fn node_stats(&mut self, reply: ReplyTo) {
         let gather = self.start_gather(reply, 1, GatherKind::Nodes);
         let mut command = evalsha(&SCRIPTS.node_stats, &[&self.keys.nodes()]);
-        command.arg(unix_time_ms()).arg(format!("{}:st:", self.config.cluster.key_prefix));
+        command.arg(format!("{}:st:", self.config.cluster.key_prefix));
         if let Err(failure) = self.submit(0, &command, Then::Part { gather, index: 0, kind: PartKind::NodeStats }) {
-            self.part_failed(gather, failure);
+            self.part_failed(gather, 0, failure);
         }
     }
 
-    fn part_failed(&mut self, gather: u64, failure: ClusterFailure) {
-        let message = match failure {
-            ClusterFailure::Unavailable => "the cluster's Redis is unreachable",
-            ClusterFailure::Overloaded => "too many requests wait for Redis",
-        };
-        let kind = match failure {
-            ClusterFailure::Unavailable => FailureKind::Unavailable,
-            ClusterFailure::Overloaded => FailureKind::Overloaded,
-        };
-        self.part_done(gather, |g| {
-            g.failure.get_or_insert(Failure { kind, message: message.into() });
+    /// One part of a gathered query failed. Per-user rows say so in the row
+    /// (the other users' messages went out); other queries fail whole.
+    fn part_failed(&mut self, gather: u64, index: u32, failure: ClusterFailure) {
+        let Answer::Failed(failure) = failure_answer(failure) else { return };
+        self.part_done(gather, |g| match g.kind {
+            GatherKind::Rows => {
+                if let Some((_, row)) = g.rows.iter_mut().find(|(i, _)| *i == index) {
+                    row["error"] = json!({"code": failure.client_code().as_str(), "message": failure.message});
+                }
+            }
+            GatherKind::Channels { .. } | GatherKind::Nodes => {
+                g.failure.get_or_insert(failure);
+            }
         });
     }
 
@@ -899,21 +949,48 @@ impl ClusterGateway {
     // ---- replies and pushes ------------------------------------------------
 
     fn on_value(&mut self, instance: usize, value: Value) {
-        if let Value::Push { kind, data } = value {
-            return self.on_push(instance, kind, data);
-        }
+        let value = match value {
+            Value::Push { kind, data } => {
+                let confirmation = matches!(
+                    kind,
+                    PushKind::Subscribe | PushKind::SSubscribe | PushKind::Unsubscribe | PushKind::SUnsubscribe
+                );
+                if !confirmation {
+                    return self.on_push(instance, kind, data);
+                }
+                // The answer to a (S)SUBSCRIBE or (S)UNSUBSCRIBE, in its turn.
+                Value::Push { kind, data }
+            }
+            other => other,
+        };
         let Some(waiting) = self.instances[instance].pending.pop_front() else {
             tracing::error!(redis = %self.instances[instance].target.display(), ?value, "a reply nobody asked for; reconnecting");
             return self.drop_link(instance, "unexpected reply".into());
         };
+        // A subscription is answered by a push, or refused by an error.
+        let subscription_answer = matches!(value, Value::Push { .. } | Value::ServerError(_));
+        let confirmation = matches!(value, Value::Push { .. });
+        let expected = if matches!(waiting.then, Then::SubscribeAck) { subscription_answer } else { !confirmation };
+        if !expected {
+            // Replies and requests no longer line up: nothing after this can be trusted.
+            tracing::error!(redis = %self.instances[instance].target.display(), ?value, "reply out of step with requests; reconnecting");
+            self.fail(waiting.then, ClusterFailure::InFlight);
+            return self.drop_link(instance, "reply out of step".into());
+        }
         if let Value::ServerError(error) = &value {
             if error.code() == "NOSCRIPT" {
                 // Scripts were flushed: a new connection loads them again.
                 self.fail(waiting.then, ClusterFailure::Unavailable);
                 return self.drop_link(instance, "scripts were flushed (NOSCRIPT)".into());
             }
+            if matches!(waiting.then, Then::SubscribeAck) {
+                return self.complete(instance, waiting.then, &value);
+            }
             tracing::warn!(redis = %self.instances[instance].target.display(), error = ?error, "Redis refused a cluster command");
-            return self.fail(waiting.then, ClusterFailure::Unavailable);
+            return self.fail(waiting.then, ClusterFailure::Refused);
+        }
+        if matches!(waiting.then, Then::SubscribeAck) {
+            return;
         }
         self.complete(instance, waiting.then, &value);
     }
@@ -963,21 +1040,27 @@ impl ClusterGateway {
         match then {
             Then::Publish { reply } => {
                 let refusal = match failure {
-                    ClusterFailure::Unavailable => PublishRefusal::Unavailable,
+                    ClusterFailure::Unavailable | ClusterFailure::Refused => PublishRefusal::Unavailable,
                     ClusterFailure::Overloaded => PublishRefusal::Overloaded,
+                    ClusterFailure::InFlight => PublishRefusal::OutcomeUnknown,
                 };
                 self.publish_reply(reply, Err(refusal));
             }
             Then::CatchUp { channel, owner, token } => {
                 self.send_to_shard(usize::from(owner), FromCluster::CaughtUp { channel, token, result: Err(failure) });
             }
-            Then::UserConnect { request, owner } => {
+            Then::UserConnect { request, owner, .. } => {
                 let result = Err(UserRefusal::Failed(failure));
-                self.send_to_shard(usize::from(owner), FromCluster::UserConnected { request, result });
+                let message = FromCluster::UserConnected { request, result, reregister: false };
+                self.send_to_shard(usize::from(owner), message);
             }
             Then::Answer { reply, .. } => self.answer(reply, failure_answer(failure)),
-            Then::Part { gather, .. } => self.part_failed(gather, failure),
-            Then::Ignore | Then::UserCount { .. } | Then::Heartbeat => {}
+            Then::Part { gather, index, .. } => self.part_failed(gather, index, failure),
+            Then::Ignore | Then::UserCount { .. } | Then::Heartbeat { .. } | Then::SubscribeAck => {}
+            // Refused while Redis is reachable (an error reply): register
+            // everything again rather than leave counts wrong.
+            Then::Registration if failure == ClusterFailure::Refused => self.reset_soon(),
+            Then::Registration => {}
             Then::ReapLock { member, .. } | Then::Reap { member, .. } => {
                 for instance in &mut self.instances {
                     instance.reaping.remove(&member);
@@ -1015,7 +1098,7 @@ impl ClusterGateway {
                 let result = Ok(ChannelPosition { epoch, top, publications });
                 self.send_to_shard(usize::from(owner), FromCluster::CaughtUp { channel, token, result });
             }
-            Then::UserConnect { request, owner } => {
+            Then::UserConnect { request, owner, incarnation } => {
                 let parts = items(value);
                 let result = match parts.first().and_then(int) {
                     Some(1) => {
@@ -1035,7 +1118,10 @@ impl ClusterGateway {
                     }
                     _ => Err(UserRefusal::Revoked),
                 };
-                self.send_to_shard(usize::from(owner), FromCluster::UserConnected { request, result });
+                // A reset came in between: the count went to the previous
+                // incarnation, and the shard registers it again.
+                let reregister = incarnation != self.incarnation;
+                self.send_to_shard(usize::from(owner), FromCluster::UserConnected { request, result, reregister });
             }
             Then::UserCount { user, events } => {
                 let parts = items(value);
@@ -1048,7 +1134,20 @@ impl ClusterGateway {
                     _ => {}
                 }
             }
-            Then::Heartbeat => {
+            Then::SubscribeAck => {
+                // A refused subscription: the cluster cannot work without them.
+                tracing::error!(
+                    redis = %self.instances[instance].target.display(),
+                    reply = ?value,
+                    "Redis refused SUBSCRIBE (ACL channel permissions? the user needs &* or &PREFIX:*)"
+                );
+                self.drop_link(instance, "SUBSCRIBE refused".into());
+            }
+            Then::Registration => {}
+            // Replies for an earlier incarnation say nothing about this one.
+            Then::Heartbeat { member } if member != self.member => {}
+            Then::Heartbeat { .. } => {
+                self.instances[instance].backoff = Duration::from_millis(RECONNECT_FIRST_MS);
                 let parts = items(value);
                 let added = parts.first().and_then(int) == Some(1);
                 let was_registered = self.instances[instance].registered;
@@ -1249,12 +1348,14 @@ impl ClusterGateway {
                 });
             }
             PartKind::NodeStats => {
-                let member = self.member.clone();
+                let node_id = self.node_id.clone();
                 let nodes: Vec<serde_json::Value> = parts
                     .chunks(2)
                     .filter_map(|pair| {
                         let other = text(pair.first()?)?;
-                        if other == member {
+                        // This node's own figures are the fresh ones; its
+                        // earlier incarnations are not other nodes.
+                        if node_of_member(other) == node_id {
                             return None;
                         }
                         let mut document: serde_json::Value = serde_json::from_slice(bytes(pair.get(1)?)?).ok()?;
@@ -1312,11 +1413,14 @@ impl ClusterGateway {
                 let entry = &mut self.instances[instance];
                 entry.connecting = false;
                 entry.link = Some(link);
-                entry.backoff = Duration::from_millis(RECONNECT_FIRST_MS);
+                // The backoff starts over only once the connection proved
+                // itself (its first heartbeat came back), so one that fails
+                // at once (refused subscriptions) is not retried at full speed.
                 entry.last_error = None;
                 entry.registered = false;
                 entry.topics.clear();
                 entry.node_topic = None;
+                entry.retired_topics.clear();
                 self.note_first_attempt();
                 // Redis may have lost what this node registered (or never had
                 // it): every connection starts a new incarnation.
@@ -1368,6 +1472,7 @@ impl ClusterGateway {
         entry.connecting = false;
         entry.topics.clear();
         entry.node_topic = None;
+        entry.retired_topics.clear();
         entry.registered = false;
         entry.reaping.clear();
         let backoff_max = Duration::from_millis(self.config.cluster.reconnect_backoff_max_ms);
@@ -1379,8 +1484,14 @@ impl ClusterGateway {
         entry.last_error = Some(error);
         let pending = std::mem::take(&mut entry.pending);
         for waiting in pending {
-            self.fail(waiting.then, ClusterFailure::Unavailable);
+            self.fail(waiting.then, ClusterFailure::InFlight);
         }
+    }
+
+    /// A reset asked for by a refused registration, at most once per
+    /// `RESET_INTERVAL` (a Redis out of memory would refuse the next ones too).
+    fn reset_soon(&mut self) {
+        self.reset_wanted = true;
     }
 
     /// A new incarnation: subscribe its node topic everywhere, tell every
@@ -1395,15 +1506,14 @@ impl ClusterGateway {
             if !self.instances[instance].is_up() {
                 continue;
             }
+            // The old topic stays subscribed until every shard has
+            // registered under the new one: messages for users still listed
+            // under the old incarnation keep arriving meanwhile.
             if let Some(old_topic) = self.instances[instance].node_topic.take() {
-                let mut command = redis::cmd(self.subscribe_command(instance, false));
-                command.arg(old_topic);
-                self.submit_unanswered(instance, &command);
+                self.instances[instance].retired_topics.push(old_topic);
             }
             let topic = self.keys.node_topic(&self.member);
-            let mut command = redis::cmd(self.subscribe_command(instance, true));
-            command.arg(&topic);
-            self.submit_unanswered(instance, &command);
+            self.submit_subscription(instance, &topic, true);
             self.instances[instance].node_topic = Some(topic);
             self.instances[instance].registered = false;
             self.heartbeat(instance);
@@ -1419,13 +1529,9 @@ impl ClusterGateway {
         let keys =
             [&*self.keys.nodes(), &*self.keys.node_subscribers(&self.member), &*self.keys.node_stats(&self.member)];
         let mut command = evalsha(&SCRIPTS.heartbeat, &keys);
-        command
-            .arg(&self.member)
-            .arg(unix_time_ms())
-            .arg(self.config.cluster.node_timeout_ms)
-            .arg(stats)
-            .arg(DEAD_LISTED_MAX);
-        let _ = self.submit(instance, &command, Then::Heartbeat);
+        command.arg(&self.member).arg(self.config.cluster.node_timeout_ms).arg(stats).arg(DEAD_LISTED_MAX);
+        let member = self.member.clone();
+        let _ = self.submit(instance, &command, Then::Heartbeat { member });
     }
 
     fn start_reap(&mut self, instance: usize, member: String) {
@@ -1465,7 +1571,13 @@ impl ClusterGateway {
     /// Redis that stopped answering.
     fn timers(&mut self, now: Instant) {
         self.connect_due(now);
-        if now >= self.next_heartbeat {
+        if self.reset_wanted && now >= self.next_reset_allowed {
+            self.reset_wanted = false;
+            self.next_reset_allowed = now + RESET_INTERVAL;
+            tracing::warn!("Redis refused a registration: registering everything again");
+            self.reset();
+        }
+        if now >= self.next_heartbeat && !self.stopping {
             self.next_heartbeat = now + Duration::from_millis(self.config.cluster.heartbeat_interval_ms);
             for instance in 0..self.instances.len() {
                 if self.instances[instance].is_up() {
@@ -1504,7 +1616,8 @@ impl ClusterGateway {
     fn update_busy(&mut self) {
         let max = self.config.limits.fanout_backlog_max;
         let backlog = self.shared.fanout_backlog.iter().map(|b| b.load(Ordering::Relaxed)).max().unwrap_or(0);
-        let busy = if self.busy { backlog > max / 2 } else { backlog > max };
+        // Shards not taking what the gateway forwards count as behind too.
+        let busy = self.bus.overloaded() || if self.busy { backlog > max / 2 } else { backlog > max };
         if busy != self.busy {
             self.busy = busy;
             tracing::debug!(busy, backlog, "fan-out load changed");
@@ -1515,13 +1628,10 @@ impl ClusterGateway {
     /// Says in every Redis whether this node is behind (refreshed with each
     /// heartbeat while it is; it lapses by itself if the node dies).
     fn write_busy(&mut self) {
-        let until_ms = unix_time_ms() + self.config.cluster.node_timeout_ms;
+        let timeout_ms = if self.busy { self.config.cluster.node_timeout_ms } else { 0 };
         for instance in 0..self.instances.len() {
-            let mut command = redis::cmd(if self.busy { "HSET" } else { "HDEL" });
-            command.arg(self.keys.busy()).arg(&self.member);
-            if self.busy {
-                command.arg(until_ms);
-            }
+            let mut command = evalsha(&SCRIPTS.busy, &[&self.keys.busy()]);
+            command.arg(&self.member).arg(timeout_ms);
             let _ = self.submit(instance, &command, Then::Ignore);
         }
     }
@@ -1631,7 +1741,9 @@ impl ClusterGateway {
     /// connections (presence, users), then leaves the node list and reaps
     /// its own registrations, so the others need not wait for the timeout.
     fn goodbye(&mut self) {
-        while self.bus.has_inbound() || !self.events.is_empty() {
+        self.stopping = true;
+        let deadline = Instant::now() + GOODBYE_WAIT;
+        while (self.bus.has_inbound() || !self.events.is_empty()) && Instant::now() < deadline {
             self.turn();
         }
         for instance in 0..self.instances.len() {

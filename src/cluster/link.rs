@@ -100,6 +100,11 @@ pub struct Link {
     written: usize,
     /// Redis 7+: sharded pub/sub (SSUBSCRIBE/SPUBLISH).
     pub sharded_pubsub: bool,
+    /// This Redis process's run id: it changes when Redis restarts (from a
+    /// snapshot, perhaps older than what nodes saw) or fails over to a
+    /// replica. Channels whose epoch was written under another run id get a
+    /// new epoch (scripts.rs), so reused offsets never pass for old ones.
+    pub run_id: String,
 }
 
 impl Link {
@@ -214,6 +219,9 @@ fn open(target: &Target, timeout: Duration, client_name: &str) -> Result<(Link, 
         load.arg("LOAD").arg(script.source);
         handshake.push(load);
     }
+    let mut info = redis::cmd("INFO");
+    info.arg("server");
+    handshake.push(info);
     let mut bytes = Vec::new();
     for command in &handshake {
         command.write_packed_command(&mut bytes);
@@ -223,20 +231,39 @@ fn open(target: &Target, timeout: Duration, client_name: &str) -> Result<(Link, 
     let mut reader = BufReader::with_capacity(READ_BUFFER_BYTES, stream.try_clone().map_err(|e| e.to_string())?);
     let mut parser = redis::Parser::new();
     let mut version = String::new();
+    let mut run_id = String::new();
     for (index, _) in handshake.iter().enumerate() {
         let value = parser.parse_value(&mut reader).map_err(|e| format!("{address}: {e}"))?;
         if let Value::ServerError(error) = &value {
-            let what = if index == 0 { "HELLO 3 (Redis 6 or later is needed)" } else { "handshake" };
+            let what = if index == 0 { "HELLO 3 (Redis 6.2 or later is needed)" } else { "handshake" };
             return Err(format!("{address}: {what} refused: {error:?}"));
         }
         if index == 0 {
             version = hello_version(&value).unwrap_or_default();
         }
+        if index == handshake.len() - 1 {
+            run_id = info_field(&value, "run_id").unwrap_or_default();
+        }
+    }
+    if run_id.is_empty() {
+        return Err(format!("{address}: INFO server gave no run_id"));
     }
     stream.set_read_timeout(None).map_err(|e| e.to_string())?;
     let major: u32 = version.split('.').next().and_then(|v| v.parse().ok()).unwrap_or(0);
     tracing::info!(redis = %target.display(), %version, "connected to Redis");
-    Ok((Link { stream, output: Vec::new(), written: 0, sharded_pubsub: major >= 7 }, reader))
+    Ok((Link { stream, output: Vec::new(), written: 0, sharded_pubsub: major >= 7, run_id }, reader))
+}
+
+/// A `field:value` line of an INFO reply.
+fn info_field(value: &Value, field: &str) -> Option<String> {
+    let text = match value {
+        Value::BulkString(bytes) => String::from_utf8_lossy(bytes).into_owned(),
+        Value::VerbatimString { text, .. } => text.clone(),
+        Value::SimpleString(text) => text.clone(),
+        _ => return None,
+    };
+    let prefix = format!("{field}:");
+    text.lines().find_map(|line| line.strip_prefix(&prefix).map(|v| v.trim().to_owned()))
 }
 
 /// The `version` field of a HELLO reply.

@@ -23,26 +23,32 @@ impl Script {
 }
 
 /// Assigns the next offset, keeps the publication in history and
-/// publishes it; creates the channel's epoch when it has none. History is
-/// trimmed approximately (`MAXLEN ~`: whole stream nodes, so up to about
-/// 100 entries more are kept; 1.5x the publications/s of exact trimming,
-/// measured); readers keep only the last `history size` offsets.
-/// Subscriber counts per node live in the meta hash (`s:MEMBER`), so one
-/// HGETALL gives the epoch, the count for the reply, and the nodes to ask
-/// about load: a publication is refused (load shedding) when a node with
-/// subscribers of the channel says it is behind (`P:busy`).
+/// publishes it. A channel gets a new epoch when it has none, or when its
+/// epoch was written before Redis last started (`b`, Redis's run id: a
+/// restart from a snapshot or a failover to a replica may have taken its
+/// offsets back, and reused offsets must never look like ones clients saw).
+/// History is trimmed approximately (`MAXLEN ~`: whole stream nodes, 1.5x
+/// the publications/s of exact trimming, measured); readers keep only the
+/// last `history size` offsets. Subscriber counts per node live in the meta
+/// hash (`s:MEMBER`), so one HGETALL gives the epoch, the count for the
+/// reply, and the nodes to ask about load: a publication is refused (load
+/// shedding) when a node with subscribers of the channel says it is behind
+/// (`P:busy`, by Redis's clock).
 /// KEYS: meta, history, busy nodes. ARGV: topic, publish command, event,
 /// data, user ("" none), history size, history ttl ms, meta ttl ms, only if
-/// exists ("1"), now ms, new epoch, sheddable ("1").
+/// exists ("1"), now ms (the stored time), new epoch, sheddable ("1"),
+/// Redis run id.
 /// Returns {0} (no such channel, only-if-exists), {2} (a subscribed node is
 /// overloaded) or {1, epoch, offset, subscribers}.
 const PUBLISH: &str = r#"
 local meta = redis.call('HGETALL', KEYS[1])
-local epoch, subscribers, members = nil, 0, {}
+local epoch, boot, subscribers, members = nil, nil, 0, {}
 for i = 1, #meta, 2 do
   local field = meta[i]
   if field == 'e' then
     epoch = meta[i + 1]
+  elseif field == 'b' then
+    boot = meta[i + 1]
   elseif string.sub(field, 1, 2) == 's:' then
     local count = tonumber(meta[i + 1])
     subscribers = subscribers + count
@@ -50,15 +56,17 @@ for i = 1, #meta, 2 do
   end
 end
 if ARGV[12] == '1' and subscribers > 0 then
+  local time = redis.call('TIME')
+  local now = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
   local busy = redis.call('HGETALL', KEYS[3])
   for i = 1, #busy, 2 do
-    if members[busy[i]] and tonumber(busy[i + 1]) > tonumber(ARGV[10]) then return {2} end
+    if members[busy[i]] and tonumber(busy[i + 1]) > now then return {2} end
   end
 end
-if not epoch then
-  if ARGV[9] == '1' then return {0} end
+if not epoch and subscribers == 0 and ARGV[9] == '1' then return {0} end
+if not epoch or boot ~= ARGV[13] then
   epoch = ARGV[11]
-  redis.call('HSET', KEYS[1], 'e', epoch, 'o', 0)
+  redis.call('HSET', KEYS[1], 'e', epoch, 'o', 0, 'b', ARGV[13])
   redis.call('DEL', KEYS[2])
 end
 local offset = string.format('%.0f', redis.call('HINCRBY', KEYS[1], 'o', 1))
@@ -72,15 +80,18 @@ return {1, epoch, tonumber(offset), subscribers}
 "#;
 
 /// A node's subscriber counts: in its own hash (for CHANNELS and reaping)
-/// and in each channel's meta hash (for publish replies and shedding).
-/// KEYS: this node's subscriber counts. ARGV: member, meta key prefix, then
-/// channel, count pairs (count 0: none left).
+/// and in each channel's meta hash (for publish replies and shedding). A
+/// followed channel's meta is kept alive this way, quiet or not (nodes
+/// report their counts again well within the meta TTL).
+/// KEYS: this node's subscriber counts. ARGV: member, meta key prefix, meta
+/// ttl ms, then channel, count pairs (count 0: none left).
 const SUBSCRIBER_COUNTS: &str = r#"
-for i = 3, #ARGV, 2 do
+for i = 4, #ARGV, 2 do
   local channel, count = ARGV[i], tonumber(ARGV[i + 1])
   if count > 0 then
     redis.call('HSET', KEYS[1], channel, count)
     redis.call('HSET', ARGV[2] .. channel, 's:' .. ARGV[1], count)
+    redis.call('PEXPIRE', ARGV[2] .. channel, ARGV[3])
   else
     redis.call('HDEL', KEYS[1], channel)
     redis.call('HDEL', ARGV[2] .. channel, 's:' .. ARGV[1])
@@ -89,26 +100,27 @@ end
 return 0
 "#;
 
-/// A channel's epoch and last offset (creating the epoch when missing, so
-/// subscribers and publishers agree on it), and the history after `after`
-/// when the epoch is the known one.
+/// A channel's epoch and last offset (creating, or renewing as PUBLISH
+/// does, the epoch, so subscribers and publishers agree on it), and the
+/// history after `after` when the epoch is the known one: at most the last
+/// `history size` offsets (approximate trimming keeps more).
 /// KEYS: meta, history. ARGV: new epoch, meta ttl ms, after (-1: position
-/// only), known epoch, most entries. Returns {epoch, top, entries}.
+/// only), known epoch, history size, Redis run id. Returns {epoch, top, entries}.
 const CATCH_UP: &str = r#"
-local epoch = redis.call('HGET', KEYS[1], 'e')
-local top = 0
-if not epoch then
+local meta = redis.call('HMGET', KEYS[1], 'e', 'o', 'b')
+local epoch, top = meta[1], tonumber(meta[2] or '0')
+if not epoch or meta[3] ~= ARGV[6] then
   epoch = ARGV[1]
-  redis.call('HSET', KEYS[1], 'e', epoch, 'o', 0)
+  top = 0
+  redis.call('HSET', KEYS[1], 'e', epoch, 'o', 0, 'b', ARGV[6])
   redis.call('DEL', KEYS[2])
-else
-  top = tonumber(redis.call('HGET', KEYS[1], 'o'))
 end
 redis.call('PEXPIRE', KEYS[1], ARGV[2])
 local after = tonumber(ARGV[3])
 local entries = {}
 if after >= 0 and epoch == ARGV[4] and top > after then
-  entries = redis.call('XRANGE', KEYS[2], string.format('%.0f', after + 1) .. '-0', '+', 'COUNT', ARGV[5])
+  local first = math.max(after + 1, top - tonumber(ARGV[5]) + 1)
+  entries = redis.call('XRANGE', KEYS[2], string.format('%.0f', first) .. '-0', '+', 'COUNT', ARGV[5])
 end
 return {epoch, top, entries}
 "#;
@@ -173,54 +185,61 @@ const PRESENCE_STATS: &str = r#"
 return {redis.call('HLEN', KEYS[1]), tonumber(redis.call('GET', KEYS[3]) or '0'), tonumber(redis.call('GET', KEYS[2]) or '0')}
 "#;
 
-/// KEYS: meta, history, presence users.
+/// KEYS: meta, history, presence users. ARGV: history size, Redis run id.
 /// Returns {epoch or nil, offset, history length, presence users, subscribers}.
 const CHANNEL_INFO: &str = r#"
 local meta = redis.call('HGETALL', KEYS[1])
-local epoch, offset, subscribers = false, 0, 0
+local epoch, offset, boot, subscribers = false, 0, nil, 0
 for i = 1, #meta, 2 do
   if meta[i] == 'e' then epoch = meta[i + 1]
   elseif meta[i] == 'o' then offset = tonumber(meta[i + 1])
+  elseif meta[i] == 'b' then boot = meta[i + 1]
   elseif string.sub(meta[i], 1, 2) == 's:' then subscribers = subscribers + tonumber(meta[i + 1]) end
 end
-return {epoch, offset, redis.call('XLEN', KEYS[2]), redis.call('HLEN', KEYS[3]), subscribers}
+if boot ~= ARGV[2] then epoch = false offset = 0 end
+local history = 0
+if epoch then history = math.min(redis.call('XLEN', KEYS[2]), tonumber(ARGV[1]), offset) end
+return {epoch, offset, history, redis.call('HLEN', KEYS[3]), subscribers}
 "#;
 
-/// A page of history, without creating anything.
-/// KEYS: meta, history. ARGV: after, most entries, known epoch ("" any).
-/// Returns {epoch or nil, top, entries, epoch changed (1/0)}; with another
-/// epoch than the known one, the page starts at the oldest entry.
+/// A page of history, without creating anything: at most `limit` entries
+/// among the last `history size` offsets, after `after`. With another epoch
+/// than the known one, the page starts at the oldest entry. An epoch from
+/// before Redis last started counts as none (it will be renewed).
+/// KEYS: meta, history. ARGV: after, limit, known epoch ("" any), history
+/// size, Redis run id. Returns {epoch or nil, top, entries, epoch changed (1/0)}.
 const HISTORY: &str = r#"
-local meta = redis.call('HMGET', KEYS[1], 'e', 'o')
-if not meta[1] then return {false, 0, {}, 0} end
+local meta = redis.call('HMGET', KEYS[1], 'e', 'o', 'b')
+if not meta[1] or meta[3] ~= ARGV[5] then return {false, 0, {}, 0} end
 local top = tonumber(meta[2] or '0')
 local after = tonumber(ARGV[1])
 local changed = 0
 if ARGV[3] ~= '' and ARGV[3] ~= meta[1] then after = 0 changed = 1 end
+local first = math.max(after + 1, top - tonumber(ARGV[4]) + 1)
 local entries = {}
-if top > after then
-  entries = redis.call('XRANGE', KEYS[2], string.format('%.0f', after + 1) .. '-0', '+', 'COUNT', ARGV[2])
+if top >= first then
+  entries = redis.call('XRANGE', KEYS[2], string.format('%.0f', first) .. '-0', '+', 'COUNT', ARGV[2])
 end
 return {meta[1], top, entries, changed}
 "#;
 
 /// Channels with subscribers on live nodes, by name prefix, after a cursor.
-/// KEYS: nodes. ARGV: now ms, subscriber-count key prefix, name prefix,
-/// cursor ("" none), limit. Returns a flat list {name, subscribers, ...}
+/// KEYS: nodes. ARGV: subscriber-count key prefix, name prefix, cursor
+/// ("" none), limit. Returns a flat list {name, subscribers, ...}
 /// of at most limit + 1 channels in name order. Reads every live node's
 /// counts (admin use; see docs/cluster.md).
-const CHANNELS: &str = r#"
+const CHANNELS_BODY: &str = r#"
 local counts = {}
-local pattern = ARGV[3] .. '*'
-for _, member in ipairs(redis.call('ZRANGEBYSCORE', KEYS[1], ARGV[1], '+inf')) do
+local pattern = ARGV[2] .. '*'
+for _, member in ipairs(redis.call('ZRANGEBYSCORE', KEYS[1], redis_now(), '+inf')) do
   local cursor = '0'
   repeat
-    local page = redis.call('HSCAN', ARGV[2] .. member, cursor, 'MATCH', pattern, 'COUNT', 1000)
+    local page = redis.call('HSCAN', ARGV[1] .. member, cursor, 'MATCH', pattern, 'COUNT', 1000)
     cursor = page[1]
     local fields = page[2]
     for i = 1, #fields, 2 do
       local name = fields[i]
-      if ARGV[4] == '' or name > ARGV[4] then
+      if ARGV[3] == '' or name > ARGV[3] then
         counts[name] = (counts[name] or 0) + tonumber(fields[i + 1])
       end
     end
@@ -230,25 +249,46 @@ local names = {}
 for name, _ in pairs(counts) do table.insert(names, name) end
 table.sort(names)
 local result = {}
-for i = 1, math.min(#names, tonumber(ARGV[5]) + 1) do
+for i = 1, math.min(#names, tonumber(ARGV[4]) + 1) do
   table.insert(result, names[i])
   table.insert(result, counts[names[i]])
 end
 return result
 "#;
 
-/// Every live node's last STATS. KEYS: nodes. ARGV: now ms, stats key
-/// prefix. Returns a flat list {member, stats JSON, ...}.
-const NODE_STATS: &str = r#"
+/// Every live node's last STATS. KEYS: nodes. ARGV: stats key prefix. Returns a flat list {member, stats JSON, ...}.
+const NODE_STATS_BODY: &str = r#"
 local result = {}
-for _, member in ipairs(redis.call('ZRANGEBYSCORE', KEYS[1], ARGV[1], '+inf')) do
-  local stats = redis.call('GET', ARGV[2] .. member)
+for _, member in ipairs(redis.call('ZRANGEBYSCORE', KEYS[1], redis_now(), '+inf')) do
+  local stats = redis.call('GET', ARGV[1] .. member)
   if stats then
     table.insert(result, member)
     table.insert(result, stats)
   end
 end
 return result
+"#;
+
+/// Node liveness and load flags use Redis's clock (TIME), never a node's:
+/// nodes whose clocks differ by more than `node_timeout_ms` must not take
+/// each other for dead.
+const REDIS_NOW: &str = r#"
+local function redis_now()
+  local time = redis.call('TIME')
+  return tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
+end
+"#;
+
+/// A node says it is behind with its fan-out until Redis's now plus a
+/// timeout (it lapses by itself if the node dies), or that it no longer is.
+/// KEYS: busy nodes. ARGV: member, timeout ms ("0": not behind).
+const BUSY_BODY: &str = r#"
+if ARGV[2] == '0' then
+  redis.call('HDEL', KEYS[1], ARGV[1])
+else
+  redis.call('HSET', KEYS[1], ARGV[1], redis_now() + tonumber(ARGV[2]))
+end
+return 0
 "#;
 
 /// Shared by the inbox scripts: drops inbox entries stored at or before
@@ -355,8 +395,9 @@ local connections = tonumber(redis.call('HGET', KEYS[1], 'c') or '0')
 if connections == 0 then redis.call('PEXPIRE', KEYS[1], ARGV[11]) end
 local payload = 'u\n' .. ARGV[1] .. '\n' .. seq .. '\n' .. ARGV[2] .. '\n' .. ARGV[3]
 local nodes = redis.call('HGETALL', KEYS[2])
+local alive_after = redis_now()
 for i = 1, #nodes, 2 do
-  if tonumber(nodes[i + 1]) > 0 and tonumber(redis.call('ZSCORE', KEYS[5], nodes[i]) or '0') >= now then
+  if tonumber(nodes[i + 1]) > 0 and tonumber(redis.call('ZSCORE', KEYS[5], nodes[i]) or '0') >= alive_after then
     redis.call(ARGV[10], ARGV[9] .. nodes[i], payload)
   end
 end
@@ -376,20 +417,19 @@ return 0
 /// Closes a user's connections on every node, optionally refusing tokens
 /// issued before a time from now on.
 /// KEYS: user, user nodes, nodes. ARGV: user, revoke before (s, 0 none),
-/// close code, reason, now ms, node topic prefix, publish command, last
-/// seen ttl ms. Returns the user's connections.
-const DISCONNECT: &str = r#"
+/// close code, reason, node topic prefix, publish command, last seen ttl ms. Returns the user's connections.
+const DISCONNECT_BODY: &str = r#"
 if tonumber(ARGV[2]) > 0 then
   local rev = tonumber(redis.call('HGET', KEYS[1], 'rev') or '0')
   if tonumber(ARGV[2]) > rev then redis.call('HSET', KEYS[1], 'rev', ARGV[2]) end
-  if tonumber(redis.call('HGET', KEYS[1], 'c') or '0') == 0 then redis.call('PEXPIRE', KEYS[1], ARGV[8]) end
+  if tonumber(redis.call('HGET', KEYS[1], 'c') or '0') == 0 then redis.call('PEXPIRE', KEYS[1], ARGV[7]) end
 end
-local now = tonumber(ARGV[5])
+local now = redis_now()
 local payload = 'x\n' .. ARGV[1] .. '\n' .. ARGV[3] .. '\n' .. ARGV[4]
 local nodes = redis.call('HGETALL', KEYS[2])
 for i = 1, #nodes, 2 do
   if tonumber(nodes[i + 1]) > 0 and tonumber(redis.call('ZSCORE', KEYS[3], nodes[i]) or '0') >= now then
-    redis.call(ARGV[7], ARGV[6] .. nodes[i], payload)
+    redis.call(ARGV[6], ARGV[5] .. nodes[i], payload)
   end
 end
 return tonumber(redis.call('HGET', KEYS[1], 'c') or '0')
@@ -397,12 +437,13 @@ return tonumber(redis.call('HGET', KEYS[1], 'c') or '0')
 
 /// A node says it is alive (and, on the first Redis, leaves its stats).
 /// KEYS: nodes, (unused), this node's stats.
-/// ARGV: member, now ms, node timeout ms, stats ("" none), most dead to list.
+/// ARGV: member, node timeout ms, stats ("" none), most dead to list.
 /// Returns {newly registered (1/0), dead members}.
-const HEARTBEAT: &str = r#"
-local added = redis.call('ZADD', KEYS[1], tonumber(ARGV[2]) + tonumber(ARGV[3]), ARGV[1])
-if ARGV[4] ~= '' then redis.call('SET', KEYS[3], ARGV[4], 'PX', 2 * tonumber(ARGV[3])) end
-local dead = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', '(' .. ARGV[2], 'LIMIT', 0, ARGV[5])
+const HEARTBEAT_BODY: &str = r#"
+local now = redis_now()
+local added = redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), ARGV[1])
+if ARGV[3] ~= '' then redis.call('SET', KEYS[3], ARGV[3], 'PX', 2 * tonumber(ARGV[2])) end
+local dead = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', '(' .. now, 'LIMIT', 0, ARGV[4])
 return {added, dead}
 "#;
 
@@ -412,8 +453,13 @@ return {added, dead}
 /// node's subscriber counts, reap lock. ARGV: dead member, batch size, key
 /// prefix ("P:"), now ms, last seen ttl ms, lock value.
 /// Returns {0} (lock lost) or {1, done, left (channel, user pairs), offline users}.
-const REAP: &str = r#"
+const REAP_BODY: &str = r#"
 if redis.call('GET', KEYS[5]) ~= ARGV[6] then return {0} end
+-- Alive again (it heartbeated since it was listed as dead): not reaped.
+if tonumber(redis.call('ZSCORE', KEYS[1], ARGV[1]) or '0') >= redis_now() then
+  redis.call('DEL', KEYS[5])
+  return {0}
+end
 redis.call('ZREM', KEYS[1], ARGV[1])
 local prefix, dead = ARGV[3], ARGV[1]
 local left, offline = {}, {}
@@ -484,10 +530,11 @@ pub struct Scripts {
     pub channels: Script,
     pub node_stats: Script,
     pub subscriber_counts: Script,
+    pub busy: Script,
 }
 
 impl Scripts {
-    pub fn all(&self) -> [&Script; 17] {
+    pub fn all(&self) -> [&Script; 18] {
         [
             &self.publish,
             &self.catch_up,
@@ -506,13 +553,20 @@ impl Scripts {
             &self.channels,
             &self.node_stats,
             &self.subscriber_counts,
+            &self.busy,
         ]
     }
 }
 
 /// Sources that share the inbox helper, built once.
 static USER_CONNECT: LazyLock<String> = LazyLock::new(|| format!("{EXPIRE_INBOX}{USER_CONNECT_BODY}"));
-static USER_SEND: LazyLock<String> = LazyLock::new(|| format!("{EXPIRE_INBOX}{USER_SEND_BODY}"));
+static USER_SEND: LazyLock<String> = LazyLock::new(|| format!("{REDIS_NOW}{EXPIRE_INBOX}{USER_SEND_BODY}"));
+static CHANNELS: LazyLock<String> = LazyLock::new(|| format!("{REDIS_NOW}{CHANNELS_BODY}"));
+static NODE_STATS: LazyLock<String> = LazyLock::new(|| format!("{REDIS_NOW}{NODE_STATS_BODY}"));
+static DISCONNECT: LazyLock<String> = LazyLock::new(|| format!("{REDIS_NOW}{DISCONNECT_BODY}"));
+static HEARTBEAT: LazyLock<String> = LazyLock::new(|| format!("{REDIS_NOW}{HEARTBEAT_BODY}"));
+static REAP: LazyLock<String> = LazyLock::new(|| format!("{REDIS_NOW}{REAP_BODY}"));
+static BUSY: LazyLock<String> = LazyLock::new(|| format!("{REDIS_NOW}{BUSY_BODY}"));
 
 pub static SCRIPTS: LazyLock<Scripts> = LazyLock::new(|| Scripts {
     publish: Script::new("publish", PUBLISH),
@@ -525,11 +579,12 @@ pub static SCRIPTS: LazyLock<Scripts> = LazyLock::new(|| Scripts {
     user_count: Script::new("user_count", USER_COUNT),
     user_send: Script::new("user_send", USER_SEND.as_str()),
     user_ack: Script::new("user_ack", USER_ACK),
-    disconnect: Script::new("disconnect", DISCONNECT),
-    heartbeat: Script::new("heartbeat", HEARTBEAT),
-    reap: Script::new("reap", REAP),
+    disconnect: Script::new("disconnect", DISCONNECT.as_str()),
+    heartbeat: Script::new("heartbeat", HEARTBEAT.as_str()),
+    reap: Script::new("reap", REAP.as_str()),
     history: Script::new("history", HISTORY),
-    channels: Script::new("channels", CHANNELS),
-    node_stats: Script::new("node_stats", NODE_STATS),
+    channels: Script::new("channels", CHANNELS.as_str()),
+    node_stats: Script::new("node_stats", NODE_STATS.as_str()),
     subscriber_counts: Script::new("subscriber_counts", SUBSCRIBER_COUNTS),
+    busy: Script::new("busy", BUSY.as_str()),
 });

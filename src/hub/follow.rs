@@ -86,7 +86,10 @@ pub fn merge(known: Option<&Position>, caught_up: CaughtUp, held: Vec<Arc<Public
     let mut steps = Vec::new();
     let start = match known {
         None => top,
-        Some(known) if *known.epoch != *epoch => {
+        // Another epoch, or the same one with offsets taken back (Redis
+        // restored from an older snapshot, should its run id not tell):
+        // what subscribers hold no longer lines up with Redis.
+        Some(known) if *known.epoch != *epoch || top < known.offset => {
             steps.push(Step::Lost { reason: RecoveryFailure::EpochChanged, epoch: Arc::clone(&epoch), offset: top });
             top
         }
@@ -228,6 +231,13 @@ mod tests {
         let (at, steps) = merge(Some(&known), caught_up, vec![publication("e", 4)]);
         assert_eq!(losses(&steps), vec![(RecoveryFailure::EpochChanged, 2)]);
         assert_eq!(at, position("f", 2));
+
+        // Same epoch, offsets taken back (a restore from an older snapshot):
+        // the offsets to come are not the ones subscribers have seen.
+        let caught_up = CaughtUp { epoch: "e".into(), top: 1, publications: vec![] };
+        let (at, steps) = merge(Some(&known), caught_up, vec![]);
+        assert_eq!(losses(&steps), vec![(RecoveryFailure::EpochChanged, 1)]);
+        assert_eq!(at, position("e", 1));
     }
 
     #[test]

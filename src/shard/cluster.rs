@@ -27,6 +27,9 @@ use crate::hub::publication::Publication;
 use crate::util::unix_time_ms;
 use kometa_protocol::client::{CommandError, ErrorCode};
 
+/// Followed channels' counts are reported again at least this often.
+const META_REFRESH_MAX_MS: u64 = 3_600_000;
+
 /// A shard's cluster state.
 #[derive(Debug)]
 pub struct ClusterSide {
@@ -43,6 +46,9 @@ pub struct ClusterSide {
     /// Followed channels whose catch-up failed (Redis unreachable), retried
     /// at each counts tick.
     retry: HashSet<Arc<str>>,
+    /// When every followed channel's count is reported again (which keeps
+    /// its meta alive in Redis).
+    next_meta_refresh_ms: u64,
 }
 
 impl ClusterSide {
@@ -54,6 +60,7 @@ impl ClusterSide {
             dirty_counts: HashSet::new(),
             next_counts_ms: 0,
             retry: HashSet::new(),
+            next_meta_refresh_ms: META_REFRESH_MAX_MS,
         }
     }
 
@@ -88,7 +95,7 @@ impl Follower {
 
 fn failure_error(request_id: Option<kometa_protocol::client::RequestId>, failure: ClusterFailure) -> CommandError {
     match failure {
-        ClusterFailure::Unavailable => {
+        ClusterFailure::Unavailable | ClusterFailure::InFlight | ClusterFailure::Refused => {
             CommandError::new(request_id, ErrorCode::Unavailable, "the cluster's Redis is unreachable; retry")
         }
         ClusterFailure::Overloaded => CommandError::new(request_id, ErrorCode::Overloaded, "server busy, retry"),
@@ -120,7 +127,9 @@ impl Shard {
                 }
             }
             FromCluster::CaughtUp { channel, token, result } => self.caught_up(&channel, token, result),
-            FromCluster::UserConnected { request, result } => self.cluster_user_connected(request, result),
+            FromCluster::UserConnected { request, result, reregister } => {
+                self.cluster_user_connected(request, result, reregister)
+            }
             FromCluster::UserMessage { user, push } => {
                 for shard in self.users.connections(&user).1 {
                     self.bus.send(shard, Message::UserDeliver { user: Arc::clone(&user), push: Arc::clone(&push) });
@@ -448,6 +457,7 @@ impl Shard {
         &mut self,
         request: UserConnectRequest,
         result: Result<Vec<Arc<Publication>>, UserRefusal>,
+        reregister: bool,
     ) {
         let shard = usize::from(request.conn.shard);
         let result = match result {
@@ -467,6 +477,12 @@ impl Shard {
         if result.is_ok() {
             // Local routing only: revocation lives in Redis, so this never refuses.
             let _ = self.users.connect(&request.user, shard, u64::MAX, unix_time_ms());
+            if reregister {
+                // Counted under the incarnation before a reset, after this
+                // shard had registered its users afresh: count it again.
+                let user = Arc::clone(&request.user);
+                self.send_to_gateway(ToCluster::UserCount { user, change: CountChange::Delta(1) });
+            }
         }
         let UserConnectRequest { user, conn, request_id, via_command, .. } = request;
         let reply = UserConnectReply { conn, user, request_id, via_command, result };
@@ -558,12 +574,27 @@ impl Shard {
     /// catch-ups that failed retried, every `subscriber_counts_interval_ms`.
     pub(crate) fn cluster_tick(&mut self) {
         let interval_ms = self.config.cluster.subscriber_counts_interval_ms;
+        let meta_refresh_ms = (self.config.cluster.channel_meta_ttl_ms / 4).clamp(1_000, META_REFRESH_MAX_MS);
         let now_ms = self.now_ms;
         let Some(cluster) = self.cluster.as_mut() else { return };
         if now_ms < cluster.next_counts_ms {
             return;
         }
         cluster.next_counts_ms = now_ms + interval_ms;
+        // Every followed channel's meta lives on in Redis while followed,
+        // however quiet: counts are reported again well within its TTL.
+        if now_ms >= cluster.next_meta_refresh_ms {
+            cluster.next_meta_refresh_ms = now_ms + meta_refresh_ms;
+            let followed: Vec<Arc<str>> = cluster.followers.keys().cloned().collect();
+            cluster.dirty_counts.extend(followed);
+        }
+        // While a Redis is down, failed catch-ups wait: the reset after it
+        // comes back catches every channel up anyway.
+        if self.shared.cluster_degraded.load(Ordering::Acquire) {
+            self.flush_subscriber_counts();
+            return;
+        }
+        let Some(cluster) = self.cluster.as_mut() else { return };
         let retry: Vec<Arc<str>> = cluster.retry.drain().collect();
         for channel in retry {
             let after = self.owned.get(&channel).map(|s| (Arc::clone(&s.epoch), s.last_offset));

@@ -275,6 +275,10 @@ impl Shard {
                             PublishRefusal::Unavailable => {
                                 (ErrorCode::Unavailable, "the cluster's Redis is unreachable; retry")
                             }
+                            PublishRefusal::OutcomeUnknown => (
+                                ErrorCode::UnknownOutcome,
+                                "Redis went away with the publication in flight: it may or may not have been published",
+                            ),
                         };
                         self.reply_error(key, &CommandError::new(request_id, code, message));
                     }

@@ -455,17 +455,29 @@ impl RedisServer {
     /// Starts (or restarts, after `kill`) on `port`, with no persistence.
     pub fn start_on(port: u16) -> RedisServer {
         let dir = temp_dir("redis");
-        let child = Command::new("redis-server")
-            .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
-            .arg("--dir")
-            .arg(&dir)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot start redis-server ({e}); run scripts/install-test-deps.sh"));
+        let child = RedisServer::spawn(port, &dir);
         let server = RedisServer { child: Some(child), port, dir };
         server.wait_ready();
         server
+    }
+
+    /// Restarts on the same port and directory: a snapshot taken with SAVE
+    /// is loaded, as after a crash of a Redis with RDB persistence.
+    pub fn restart(&mut self) {
+        self.kill();
+        self.child = Some(RedisServer::spawn(self.port, &self.dir));
+        self.wait_ready();
+    }
+
+    fn spawn(port: u16, dir: &std::path::Path) -> Child {
+        Command::new("redis-server")
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .arg("--dir")
+            .arg(dir)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start redis-server ({e}); run scripts/install-test-deps.sh"))
     }
 
     fn wait_ready(&self) {

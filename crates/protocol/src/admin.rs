@@ -61,6 +61,10 @@ pub enum ErrorCode {
     /// Cluster mode: the Redis this request needs is unreachable. Nothing was
     /// done (a publication was not accepted); retry.
     Unavailable = 12,
+    /// Cluster mode: Redis went away with the request in flight: it may or
+    /// may not have been carried out (a publication retried may then be
+    /// published twice).
+    UnknownOutcome = 13,
 }
 
 impl ErrorCode {
@@ -78,6 +82,7 @@ impl ErrorCode {
             10 => ErrorCode::Internal,
             11 => ErrorCode::LimitReached,
             12 => ErrorCode::Unavailable,
+            13 => ErrorCode::UnknownOutcome,
             _ => return None,
         })
     }
@@ -96,6 +101,7 @@ impl ErrorCode {
             ErrorCode::Internal => "internal",
             ErrorCode::LimitReached => "limit_reached",
             ErrorCode::Unavailable => "unavailable",
+            ErrorCode::UnknownOutcome => "unknown_outcome",
         }
     }
 }

@@ -49,6 +49,9 @@ pub enum ErrorCode {
     NotAvailable,
     /// Cluster mode: the Redis this command needs is unreachable; retry later.
     Unavailable,
+    /// Cluster mode: Redis went away with the publication in flight: it may
+    /// or may not have been published.
+    UnknownOutcome,
 }
 
 impl ErrorCode {
@@ -70,6 +73,7 @@ impl ErrorCode {
             ErrorCode::Internal => "internal",
             ErrorCode::NotAvailable => "not_available",
             ErrorCode::Unavailable => "unavailable",
+            ErrorCode::UnknownOutcome => "unknown_outcome",
         }
     }
 }
