@@ -62,7 +62,9 @@ for agent, cases in index.items():
             bad.append(f"  {case}: behavior={behavior} behaviorClose={close}")
 total = sum(verdicts.values())
 summary = ", ".join(f"{count} {verdict}" for verdict, count in sorted(verdicts.items()))
-print(f"autobahn: {total} cases: {summary}")
+import os
+driver = os.environ.get("KOMETA_IO_DRIVER", "auto")
+print(f"autobahn: {total} cases: {summary} (io.driver = {driver})")
 if bad or total == 0:
     print("autobahn: FAILED cases:")
     print("\n".join(bad) or "  (no cases ran)")

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The whole test suite, as CI runs it:
 #   1. unit and property tests, integration tests against a real server over
-#      real sockets (cargo test)
-#   2. Autobahn WebSocket conformance against the real server
+#      real sockets (cargo test), once with each I/O driver (io_uring, epoll)
+#   2. Autobahn WebSocket conformance against the real server, each driver
 #   3. the JavaScript client in headless Chromium against real servers
 # Installs what it needs first (scripts/install-test-deps.sh,
 # scripts/install-browser-deps.sh).
@@ -12,18 +12,27 @@ cd "$(dirname "$0")/.."
 started=$(date +%s)
 scripts/install-test-deps.sh
 
-echo "== cargo test"
 cargo build --quiet --bins
-set +e
-cargo test --workspace --no-fail-fast 2>&1 | tee target/cargo-test.log
-cargo_status=${PIPESTATUS[0]}
-set -e
+cargo_status=0
+autobahn_status=0
+: > target/cargo-test.log
+: > target/autobahn.log
+# The servers the tests start take KOMETA_IO_DRIVER from the environment.
+for driver in io_uring epoll; do
+    echo "== cargo test (io.driver = $driver)"
+    set +e
+    KOMETA_IO_DRIVER=$driver cargo test --workspace --no-fail-fast 2>&1 | tee -a target/cargo-test.log
+    status=${PIPESTATUS[0]}
+    set -e
+    [ "$status" -eq 0 ] || cargo_status=$status
 
-echo "== autobahn"
-set +e
-scripts/autobahn.sh target/debug/kometa 2>&1 | tee target/autobahn.log
-autobahn_status=${PIPESTATUS[0]}
-set -e
+    echo "== autobahn (io.driver = $driver)"
+    set +e
+    KOMETA_IO_DRIVER=$driver scripts/autobahn.sh target/debug/kometa 2>&1 | tee -a target/autobahn.log
+    status=${PIPESTATUS[0]}
+    set -e
+    [ "$status" -eq 0 ] || autobahn_status=$status
+done
 
 echo "== browser"
 set +e
@@ -36,7 +45,7 @@ passed=$(count passed)
 failed=$(count failed)
 echo
 echo "== summary ($(( $(date +%s) - started )) s)"
-echo "cargo test: ${passed} passed, ${failed} failed (exit ${cargo_status})"
+echo "cargo test: ${passed} passed, ${failed} failed over both I/O drivers (exit ${cargo_status})"
 grep -E '^autobahn: [0-9]+ cases' target/autobahn.log || echo "autobahn: no summary"
 grep -E '^browser tests:' target/browser.log || echo "browser tests: no summary (exit ${browser_status})"
 if [ "$cargo_status" -ne 0 ] || [ "$autobahn_status" -ne 0 ] || [ "$browser_status" -ne 0 ]; then

@@ -137,6 +137,21 @@ impl Default for UsersConfig {
     }
 }
 
+/// `[io]`: how shards learn that sockets are ready.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct IoConfig {
+    /// `auto` (io_uring where the kernel allows it, else epoll, said once in
+    /// the log), `io_uring` or `epoll`. See docs/architecture.md.
+    pub driver: crate::shard::io::DriverKind,
+}
+
+impl Default for IoConfig {
+    fn default() -> Self {
+        IoConfig { driver: crate::shard::io::DriverKind::Auto }
+    }
+}
+
 /// What a cluster node does while a Redis it needs is unreachable.
 #[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
 #[serde(rename_all = "snake_case")]
@@ -278,6 +293,13 @@ pub struct Config {
     /// khugepaged then refills the pages freed after a connection burst,
     /// so idle connections cost 20-40% more memory (docs/benchmarks.md).
     pub transparent_huge_pages: bool,
+    /// Pin each shard's thread to one CPU. Off by default: measured on a
+    /// host where anything else is busy (the load generator, Redis, other
+    /// Kometa nodes sharing the host), pinned shards queue behind it on
+    /// their CPU instead of moving: handshakes/s fell from ~29,000 to
+    /// 12,000-22,000 (docs/benchmarks.md). On a host that runs nothing
+    /// else, pinning saves the odd migration.
+    pub pin_shards: bool,
     pub limits: Limits,
     pub timeouts: Timeouts,
     /// Channel-prefix rules; replaces the built-in list when given. A
@@ -286,6 +308,7 @@ pub struct Config {
     pub inbox: InboxConfig,
     pub users: UsersConfig,
     pub cluster: ClusterConfig,
+    pub io: IoConfig,
 }
 
 impl Default for Config {
@@ -302,12 +325,14 @@ impl Default for Config {
             token_secret: None,
             token_secret_previous: None,
             transparent_huge_pages: false,
+            pin_shards: false,
             limits: Limits::default(),
             timeouts: Timeouts::default(),
             namespaces: Namespace::defaults(),
             inbox: InboxConfig::default(),
             users: UsersConfig::default(),
             cluster: ClusterConfig::default(),
+            io: IoConfig::default(),
         }
     }
 }

@@ -160,6 +160,9 @@ struct ServeArgs {
     /// This node's name in the cluster (default: generated).
     #[arg(long, env = "KOMETA_NODE_ID")]
     node_id: Option<String>,
+    /// I/O driver: auto, io_uring or epoll.
+    #[arg(long, env = "KOMETA_IO_DRIVER")]
+    io_driver: Option<String>,
 }
 
 #[derive(Args)]
@@ -210,6 +213,14 @@ fn load_config(args: &ServeArgs) -> Result<Config, String> {
     }
     if let Some(node_id) = &args.node_id {
         config.cluster.node_id = Some(node_id.clone());
+    }
+    if let Some(driver) = &args.io_driver {
+        config.io.driver = match driver.as_str() {
+            "auto" => kometa::shard::io::DriverKind::Auto,
+            "io_uring" => kometa::shard::io::DriverKind::IoUring,
+            "epoll" => kometa::shard::io::DriverKind::Epoll,
+            other => return Err(format!("--io-driver / KOMETA_IO_DRIVER: `{other}` is not auto, io_uring or epoll")),
+        };
     }
     config.validate().map_err(|e| e.to_string())?;
     Ok(config)

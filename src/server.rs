@@ -304,8 +304,12 @@ pub fn serve(config: Config) -> Result<(), ServeError> {
         let config = Arc::clone(&config);
         let shared = Arc::clone(&shared);
         let listener: OwnedFd = listener.into();
-        let cpu = cpus[id % cpus.len()];
-        let handle = glommio::LocalExecutorBuilder::new(glommio::Placement::Fixed(cpu))
+        let placement = if config.pin_shards {
+            glommio::Placement::Fixed(cpus[id % cpus.len()])
+        } else {
+            glommio::Placement::Unbound
+        };
+        let handle = glommio::LocalExecutorBuilder::new(placement)
             .name(&format!("kometa-shard-{id}"))
             .io_memory(EXECUTOR_IO_MEMORY_BYTES)
             .spawn(move || async move {

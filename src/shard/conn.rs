@@ -19,6 +19,15 @@ use kometa_protocol::ws;
 /// A kept remainder with more spare capacity than this is shrunk.
 const REMAINDER_SHRINK_BYTES: usize = 64 * 1024;
 
+/// Generations stay below this: the I/O driver keeps the top bits of a
+/// token for its own requests (io.rs).
+const GENERATION_LIMIT: u32 = 1 << 30;
+
+/// The driver token of a connection: its generation, then its slab key.
+pub(crate) fn conn_token(key: ConnKey, generation: u32) -> u64 {
+    (u64::from(generation) << 32) | u64::from(key)
+}
+
 /// Sent, best effort, to a connection refused at the connection cap.
 const REFUSED_RESPONSE: &[u8] =
     b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain\r\nContent-Length: 24\r\nRetry-After: 5\r\nConnection: close\r\n\r\nserver connection limit\n";
@@ -47,6 +56,22 @@ impl Shard {
         }
     }
 
+    /// A socket the driver accepted (io_uring's multishot accept).
+    pub(crate) fn accepted(&mut self, fd: OwnedFd) {
+        if self.listener.is_none() {
+            // Stopped accepting (shutdown) while this one was on its way.
+            return;
+        }
+        self.admit(fd);
+    }
+
+    /// Accepting stopped on an error (out of descriptors or memory): pause,
+    /// then start again.
+    pub(crate) fn accept_failed(&mut self, error: &io::Error) {
+        tracing::warn!(shard = self.id, %error, "accept failed; pausing accepts for 100 ms");
+        self.pause_accepting();
+    }
+
     fn admit(&mut self, fd: OwnedFd) {
         let open = self.shared.connections.fetch_add(1, Ordering::Relaxed) + 1;
         if open > self.shared.connections_max || self.is_draining() || self.conns.len() >= (u32::MAX - 2) as usize {
@@ -70,7 +95,8 @@ impl Shard {
     /// The next connection generation (never 0).
     pub(crate) fn take_generation(&mut self) -> u32 {
         let generation = self.next_generation;
-        self.next_generation = self.next_generation.wrapping_add(1).max(1);
+        self.next_generation = (self.next_generation + 1) % GENERATION_LIMIT;
+        self.next_generation = self.next_generation.max(1);
         generation
     }
 
@@ -80,10 +106,9 @@ impl Shard {
         let generation = self.take_generation();
         let entry = self.conns.vacant_entry();
         let key = entry.key() as ConnKey;
-        let token = (u64::from(generation) << 32) | u64::from(key);
-        let interest = sys::EPOLLIN | sys::EPOLLOUT | sys::EPOLLRDHUP | sys::EPOLLET;
-        if let Err(error) = self.epoll.add(fd.as_raw_fd(), interest, token) {
-            tracing::warn!(shard = self.id, %error, "epoll registration failed");
+        let token = conn_token(key, generation);
+        if let Err(error) = self.driver.watch_socket(fd.as_raw_fd(), token) {
+            tracing::warn!(shard = self.id, %error, "cannot watch a new socket");
             self.shared.connections.fetch_sub(1, Ordering::Relaxed);
             return None;
         }
@@ -104,7 +129,7 @@ impl Shard {
     pub(crate) fn migrate(&mut self, key: ConnKey, shard: usize, input: &[u8]) {
         let Some(mut conn) = self.conns.try_remove(key as usize) else { return };
         let Some(fd) = conn.fd.take() else { return };
-        let _ = self.epoll.delete(fd.as_raw_fd());
+        self.driver.unwatch_socket(fd.as_raw_fd(), conn_token(key, conn.session.generation), false);
         self.bus.send(shard, crate::bus::Message::Adopt { fd, input: input.into() });
     }
 
@@ -573,6 +598,9 @@ impl Shard {
     /// Removes the connection: unsubscribes it everywhere and closes the socket.
     pub(crate) fn close_conn(&mut self, key: ConnKey) {
         let Some(mut conn) = self.conns.try_remove(key as usize) else { return };
+        if let Some(fd) = &conn.fd {
+            self.driver.unwatch_socket(fd.as_raw_fd(), conn_token(key, conn.session.generation), true);
+        }
         if let Some(role) = conn.session.http.take() {
             self.release_http_role(key, *role);
         }

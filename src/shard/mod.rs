@@ -11,6 +11,7 @@
 
 mod cluster;
 mod conn;
+pub mod io;
 mod owner;
 mod queries;
 mod sweep;
@@ -36,7 +37,6 @@ use crate::hub::publication::Publication;
 use crate::hub::user::{OwnedUsers, UserLimits};
 use crate::session::{Flags, Session};
 use kometa_protocol::token::Verifier;
-use sys::Epoll;
 
 /// Bytes read per `recv` into the shard's scratch buffer.
 const SCRATCH_BYTES: usize = 64 * 1024;
@@ -67,10 +67,6 @@ pub const DESCRIPTORS_RESERVED: usize = 64;
 const TOKEN_LISTENER: u64 = u32::MAX as u64;
 const TOKEN_WAKEUP: u64 = (u32::MAX - 1) as u64;
 const TOKEN_TICKER: u64 = (u32::MAX - 2) as u64;
-/// Without a sleeper (the fallback, sleeping through glommio's reactor, which
-/// is dear): ticks (each one non-blocking epoll_wait) a shard keeps polling
-/// after its last work before it sleeps, as a burst rarely pauses longer.
-const SPIN_TICKS_BEFORE_PARK: u32 = 64;
 /// A busy shard lets its executor's reactor run at least this often.
 const YIELD_INTERVAL: Duration = Duration::from_micros(250);
 /// A shard about to sleep returns freed memory to the OS at most this often
@@ -176,7 +172,8 @@ pub struct Shard {
     pub(crate) started: Instant,
     /// Milliseconds since the shard started; updated once per tick.
     pub now_ms: u64,
-    pub(crate) epoll: Epoll,
+    /// Where readiness comes from: io_uring or epoll (`io.driver`).
+    pub(crate) driver: io::Driver,
     /// Wakes the shard every `sweep_interval_ms` for the timer sweep (and to
     /// resume accepting after an EMFILE pause).
     pub(crate) ticker: sys::Ticker,
@@ -201,7 +198,7 @@ pub struct Shard {
     pub(crate) ready: VecDeque<(ConnKey, u32)>,
     /// Reads land here; only a partial frame is copied to the connection.
     pub(crate) scratch: Vec<u8>,
-    pub(crate) events: Vec<libc::epoll_event>,
+    pub(crate) events: Vec<io::IoEvent>,
     pub metrics: Metrics,
     /// Shards owning channels and users (the bus also has the admin gateway).
     shard_count: usize,
@@ -219,11 +216,15 @@ impl Shard {
         listener: OwnedFd,
         bus: Endpoint,
     ) -> std::io::Result<Shard> {
-        let epoll = Epoll::new()?;
-        epoll.add(listener.as_raw_fd(), sys::EPOLLIN, TOKEN_LISTENER)?;
-        epoll.add(bus.wakeup().fd(), sys::EPOLLIN, TOKEN_WAKEUP)?;
+        let (mut driver, fallback) = io::Driver::new(config.io.driver)?;
+        if let (Some(reason), 0) = (fallback, id) {
+            tracing::warn!("{reason}");
+        }
+        driver.start_accepting(listener.as_raw_fd(), TOKEN_LISTENER)?;
+        driver.watch_readable(bus.wakeup().fd(), TOKEN_WAKEUP)?;
         let ticker = sys::Ticker::new(Duration::from_millis(config.timeouts.sweep_interval_ms))?;
-        epoll.add(ticker.fd(), sys::EPOLLIN, TOKEN_TICKER)?;
+        driver.watch_readable(ticker.fd(), TOKEN_TICKER)?;
+        tracing::debug!(shard = id, driver = driver.name(), "I/O driver");
         // After the shards come the admin gateway's endpoint and, in
         // cluster mode, the cluster gateway's.
         let gateways = if config.cluster.enabled() { 2 } else { 1 };
@@ -243,7 +244,7 @@ impl Shard {
             shared,
             started: Instant::now(),
             now_ms: 0,
-            epoll,
+            driver,
             ticker,
             listener: Some(listener),
             accept_paused_until_ms: None,
@@ -259,7 +260,7 @@ impl Shard {
             fanouts: VecDeque::new(),
             ready: VecDeque::new(),
             scratch: vec![0; SCRATCH_BYTES],
-            events: vec![libc::epoll_event { events: 0, u64: 0 }; EVENTS_PER_TICK],
+            events: Vec::with_capacity(EVENTS_PER_TICK),
             metrics: Metrics::default(),
             shard_count,
             lifecycle: Lifecycle::Running,
@@ -337,24 +338,25 @@ impl Shard {
 
     fn poll_events(&mut self) -> usize {
         let mut events = std::mem::take(&mut self.events);
-        let count = match self.epoll.poll(&mut events) {
-            Ok(count) => count,
-            Err(error) => {
-                tracing::error!(shard = self.id, %error, "epoll_wait failed");
-                0
-            }
-        };
-        for event in &events[..count] {
-            let (token, flags) = (event.u64, event.events);
-            match token {
-                TOKEN_LISTENER => self.accept_connections(),
-                TOKEN_WAKEUP => self.bus.wakeup().drain(),
-                TOKEN_TICKER => self.ticker.drain(),
-                _ => {
-                    let key = (token & 0xFFFF_FFFF) as ConnKey;
-                    let generation = (token >> 32) as u32;
-                    self.connection_event(key, generation, flags);
-                }
+        if let Err(error) = self.driver.poll(&mut events, EVENTS_PER_TICK) {
+            tracing::error!(shard = self.id, %error, driver = self.driver.name(), "polling for readiness failed");
+        }
+        let count = events.len();
+        for event in events.drain(..) {
+            match event {
+                io::IoEvent::Ready { token, flags } => match token {
+                    TOKEN_LISTENER => self.accept_connections(),
+                    TOKEN_WAKEUP => self.bus.wakeup().drain(),
+                    TOKEN_TICKER => self.ticker.drain(),
+                    _ => {
+                        let key = (token & 0xFFFF_FFFF) as ConnKey;
+                        let generation = (token >> 32) as u32;
+                        self.connection_event(key, generation, flags);
+                    }
+                },
+                io::IoEvent::Accepted(fd) => self.accepted(fd),
+                io::IoEvent::AcceptFailed(error) => self.accept_failed(&error),
+                io::IoEvent::WatchEnded { token } => self.rewatch(token),
             }
         }
         self.events = events;
@@ -516,13 +518,13 @@ impl Shard {
 
     pub(crate) fn stop_accepting(&mut self) {
         if let Some(listener) = self.listener.take() {
-            let _ = self.epoll.delete(listener.as_raw_fd());
+            self.driver.stop_accepting(listener.as_raw_fd(), TOKEN_LISTENER);
         }
     }
 
     pub(crate) fn pause_accepting(&mut self) {
         if let Some(listener) = &self.listener {
-            let _ = self.epoll.modify(listener.as_raw_fd(), 0, TOKEN_LISTENER);
+            self.driver.stop_accepting(listener.as_raw_fd(), TOKEN_LISTENER);
             self.accept_paused_until_ms = Some(self.now_ms + 100);
         }
     }
@@ -530,45 +532,55 @@ impl Shard {
     fn resume_accepting(&mut self) {
         self.accept_paused_until_ms = None;
         if let Some(listener) = &self.listener {
-            let _ = self.epoll.modify(listener.as_raw_fd(), sys::EPOLLIN, TOKEN_LISTENER);
+            if let Err(error) = self.driver.start_accepting(listener.as_raw_fd(), TOKEN_LISTENER) {
+                tracing::warn!(shard = self.id, %error, "cannot start accepting again; retrying in 100 ms");
+                self.accept_paused_until_ms = Some(self.now_ms + 100);
+            }
         }
     }
 
-    pub fn epoll_fd(&self) -> std::os::fd::RawFd {
-        self.epoll.fd()
+    /// A watch that ended by itself (io_uring) is armed again while its
+    /// descriptor is still in use.
+    fn rewatch(&mut self, token: u64) {
+        let result = match token {
+            TOKEN_LISTENER => return,
+            TOKEN_WAKEUP => self.driver.watch_readable(self.bus.wakeup().fd(), TOKEN_WAKEUP),
+            TOKEN_TICKER => self.driver.watch_readable(self.ticker.fd(), TOKEN_TICKER),
+            _ => {
+                let (key, generation) = ((token & 0xFFFF_FFFF) as ConnKey, (token >> 32) as u32);
+                let Some(fd) = self.conn_mut(key, generation).and_then(|conn| conn.fd.as_ref().map(AsRawFd::as_raw_fd))
+                else {
+                    return;
+                };
+                self.driver.watch_socket(fd, token)
+            }
+        };
+        if let Err(error) = result {
+            tracing::error!(shard = self.id, %error, "cannot watch a descriptor again");
+        }
     }
 }
 
 /// Runs a shard's event loop until shutdown completes.
 /// The shard's executor runs no other task, so when idle the loop blocks
-/// its thread in `epoll_wait` on an outer set (cheap) instead of sleeping in
-/// glommio's reactor (a poll request per sleep, a descriptor dup, io_uring
-/// submissions and a task switch: 50-75% more CPU per handshake, measured).
+/// its thread in its I/O driver (epoll_wait on an outer set, or an
+/// io_uring enter) instead of sleeping in glommio's reactor (a poll request
+/// per sleep, a descriptor dup and a task switch: 50-75% more CPU per
+/// handshake, measured).
 pub async fn run(shard: Rc<RefCell<Shard>>) {
-    let (epoll_fd, wakeup_index, shared, sweep_ms) = {
+    let (wakeup_index, shared, sweep_ms) = {
         let shard = shard.borrow();
-        (shard.epoll_fd(), shard.id, Arc::clone(&shard.shared), shard.config.timeouts.sweep_interval_ms)
-    };
-    let sleeper = match sys::Sleeper::new(&shard.borrow().epoll) {
-        Ok(sleeper) => Some(sleeper),
-        Err(error) => {
-            tracing::warn!(%error, "cannot create the shard's sleeper; sleeping through glommio");
-            None
-        }
+        (shard.id, Arc::clone(&shard.shared), shard.config.timeouts.sweep_interval_ms)
     };
     let wakeup = &shared.wakeups[wakeup_index];
-    let mut idle_ticks = 0u32;
     let mut last_yield = Instant::now();
     let mut last_memory_return = Instant::now();
     loop {
         let outcome = shard.borrow_mut().tick();
         match outcome {
             TickOutcome::Finished => break,
-            TickOutcome::Busy => idle_ticks = 0,
-            // Sleeping through glommio is dear: poll a while first.
-            TickOutcome::Idle if sleeper.is_none() && idle_ticks < SPIN_TICKS_BEFORE_PARK => idle_ticks += 1,
+            TickOutcome::Busy => {}
             TickOutcome::Idle => {
-                idle_ticks = 0;
                 wakeup.prepare_park();
                 if shard.borrow().bus.has_inbound() {
                     wakeup.cancel_park();
@@ -578,11 +590,8 @@ pub async fn run(shard: Rc<RefCell<Shard>>) {
                     sys::return_freed_memory();
                     last_memory_return = Instant::now();
                 }
-                match &sleeper {
-                    // The ticker fires every sweep interval, so the timeout is a backstop.
-                    Some(sleeper) => sleeper.sleep(i32::try_from(sweep_ms * 2).unwrap_or(i32::MAX)),
-                    None => sys::readable(epoll_fd).await,
-                }
+                // The ticker fires every sweep interval, so the timeout is a backstop.
+                shard.borrow_mut().driver.wait(i32::try_from(sweep_ms * 2).unwrap_or(i32::MAX));
                 wakeup.cancel_park();
                 last_yield = Instant::now();
                 continue;
