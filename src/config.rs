@@ -137,18 +137,28 @@ impl Default for UsersConfig {
     }
 }
 
+/// Which driver, as configured.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DriverKind {
+    /// io_uring where the kernel allows it, else epoll (said once in the log).
+    Auto,
+    IoUring,
+    Epoll,
+}
+
 /// `[io]`: how shards learn that sockets are ready.
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields, default)]
 pub struct IoConfig {
     /// `auto` (io_uring where the kernel allows it, else epoll, said once in
     /// the log), `io_uring` or `epoll`. See docs/architecture.md.
-    pub driver: crate::shard::io::DriverKind,
+    pub driver: DriverKind,
 }
 
 impl Default for IoConfig {
     fn default() -> Self {
-        IoConfig { driver: crate::shard::io::DriverKind::Auto }
+        IoConfig { driver: DriverKind::Auto }
     }
 }
 

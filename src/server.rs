@@ -19,8 +19,9 @@ use socket2::{Domain, Socket, Type};
 use crate::admin::gateway::Gateway;
 use crate::admin::server::Transport;
 use crate::bus;
+use crate::bus::Shared;
 use crate::config::{AdminAddress, Config};
-use crate::shard::{self, Shard, Shared, DESCRIPTORS_RESERVED};
+use crate::shard::{self, Shard, DESCRIPTORS_RESERVED};
 
 /// Memory glommio registers for its own I/O buffers per executor. Kometa's
 /// socket I/O does not use them, so a small pool keeps RSS and locked memory low.

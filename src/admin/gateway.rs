@@ -17,11 +17,12 @@ use std::sync::Arc;
 
 use futures_channel::oneshot;
 
-use crate::admin::query::Answer;
+use crate::admin::sys;
 use crate::bus::message::{PublishOk, PublishRefusal, QueryAnswer, ReplyTo};
+use crate::bus::query::Answer;
+use crate::bus::Shared;
 use crate::bus::{Endpoint, Message};
 use crate::config::Config;
-use crate::shard::{sys, Shared};
 
 /// What an admin request is waiting for.
 pub enum AdminWait {

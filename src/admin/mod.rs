@@ -2,8 +2,8 @@
 //! 0600), TCP with a shared key as an option. Never on the public port.
 
 pub mod gateway;
-pub mod query;
 pub mod server;
+pub mod sys;
 
 /// The blocking admin client lives in its own crate (the CLI, the load
 /// generator and backends in Rust use it); re-exported for the CLI.

@@ -14,11 +14,11 @@ use futures_channel::oneshot;
 use futures_lite::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use crate::admin::gateway::{AdminWait, Gateway};
-use crate::admin::query::{first_failure, merge_channels, merge_rows, merge_stats, Answer, Query};
+use crate::admin::sys;
 use crate::bus::message::{PublishOk, PublishRefusal, PublishRequest, QueryRequest, ReplyTo, ShardStats};
+use crate::bus::query::{first_failure, merge_channels, merge_rows, merge_stats, stats_document, Answer, Query};
 use crate::bus::Message;
 use crate::hub::owner_of;
-use crate::shard::sys;
 use kometa_protocol::admin::{opcode, split_frame, AdminError, ErrorCode, FrameWriter, RawFrame, Reader};
 use kometa_protocol::{client, json, ws};
 
@@ -224,27 +224,6 @@ fn cluster_stats(local: serde_json::Value, node: &str, others: Vec<serde_json::V
     }
     document["nodes"] = nodes.into();
     document
-}
-
-/// The `STATS` document of this process.
-pub fn stats_document(shards: &[ShardStats]) -> serde_json::Value {
-    let sum = |field: fn(&ShardStats) -> u64| shards.iter().map(field).sum::<u64>();
-    serde_json::json!({
-        "connections": sum(|s| s.connections),
-        "websockets": sum(|s| s.websockets),
-        "users": sum(|s| s.users_online),
-        "authenticated": sum(|s| s.authenticated),
-        "http_sessions": sum(|s| s.http_sessions),
-        "channels": sum(|s| s.channels_owned),
-        "subscriptions": sum(|s| s.subscriptions),
-        "messages_in": sum(|s| s.messages_in),
-        "messages_out": sum(|s| s.messages_out),
-        "publications": sum(|s| s.publications),
-        "slow_consumers_closed": sum(|s| s.slow_consumers_closed),
-        "protocol_errors": sum(|s| s.protocol_errors),
-        "publications_refused": sum(|s| s.publications_refused),
-        "shards": shards,
-    })
 }
 
 /// Writes `bytes`; false if the write failed or the backend did not take

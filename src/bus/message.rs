@@ -6,7 +6,7 @@ use std::sync::Arc;
 use serde::Serialize;
 
 use super::cluster::{FromCluster, ToCluster};
-use crate::admin::query::{Answer, Query};
+use crate::bus::query::{Answer, Query};
 use crate::hub::history::RecoveryFailure;
 use crate::hub::publication::Publication;
 use kometa_protocol::client::{CommandError, Position, RequestId};

@@ -13,15 +13,42 @@
 
 pub mod cluster;
 pub mod message;
+pub mod query;
 
 use std::collections::VecDeque;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
-use std::sync::atomic::{fence, AtomicBool, Ordering};
+use std::sync::atomic::{fence, AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use crossbeam_channel::{Receiver, Sender, TryRecvError, TrySendError};
 
 pub use message::Message;
+
+/// State shared by every thread of the process: counters the shards
+/// update, flags the signal thread and gateways set, wake-ups.
+pub struct Shared {
+    /// Open public connections over all shards.
+    pub connections: AtomicUsize,
+    /// Effective cap: `connections_max`, lowered to what the open-files
+    /// limit allows.
+    pub connections_max: usize,
+    /// Per shard: deliveries queued but not yet written. Owners refuse new
+    /// publications for a shard past `limits.fanout_backlog_max`.
+    pub fanout_backlog: Box<[AtomicUsize]>,
+    /// Set once by the signal handler thread.
+    pub shutting_down: AtomicBool,
+    /// Set when every shard has finished: the admin gateway stops.
+    pub gateway_stop: AtomicBool,
+    /// HTTP sessions over all shards (bounded by `limits.http_sessions_max`).
+    pub http_sessions: AtomicUsize,
+    /// One per shard, to wake them (shutdown, bus).
+    pub wakeups: Arc<[Wakeup]>,
+    /// Cluster mode: true while any Redis is unreachable (for
+    /// `cluster.on_redis_down = "refuse"` and /health).
+    pub cluster_degraded: AtomicBool,
+    /// Cluster mode: the cluster part of /health (JSON), kept by the gateway.
+    pub cluster_health: std::sync::Mutex<String>,
+}
 
 /// Wakes one shard's event loop through an eventfd in its epoll set.
 #[derive(Debug)]

@@ -20,14 +20,14 @@ use super::keys::{instance_of, node_of_member, Keys};
 use super::link::{self, EventSink, Link, LinkEvent, Target};
 use super::payload::Push;
 use super::scripts::{Script, SCRIPTS};
-use crate::admin::query::{Answer, Failure, FailureKind, Query, QUERY_ITEMS_MAX};
 use crate::bus::cluster::{ChannelPosition, ClusterFailure, CountChange, FromCluster, ToCluster, UserRefusal};
 use crate::bus::message::{PublishOk, PublishRefusal, PublishRequest, QueryAnswer, QueryRequest, ReplyTo, ShardStats};
+use crate::bus::query::{Answer, Failure, FailureKind, Query, QUERY_ITEMS_MAX};
+use crate::bus::Shared;
 use crate::bus::{Endpoint, Message, Wakeup};
 use crate::config::{user_status_channel, Config};
 use crate::hub::owner_of;
 use crate::hub::publication::{Publication, PushFields};
-use crate::shard::Shared;
 use crate::util::unix_time_ms;
 
 /// Link events handled per loop turn before the bus gets its turn.
@@ -1639,7 +1639,7 @@ impl ClusterGateway {
     /// The node's own STATS document (as the admin STATS of a single node,
     /// plus its id), kept in Redis for the other nodes.
     fn node_document(&self, shards: &[ShardStats]) -> serde_json::Value {
-        let mut document = crate::admin::server::stats_document(shards);
+        let mut document = crate::bus::query::stats_document(shards);
         document["node"] = self.node_id.clone().into();
         document
     }

@@ -118,7 +118,7 @@ impl Link {
     /// socket). Returns false when the connection is broken.
     pub fn flush(&mut self) -> bool {
         while self.written < self.output.len() {
-            match crate::shard::sys::send(self.stream.as_raw_fd(), &self.output[self.written..]) {
+            match kometa_sys::send(self.stream.as_raw_fd(), &self.output[self.written..]) {
                 Ok(sent) => self.written += sent,
                 Err(error) if error.kind() == std::io::ErrorKind::WouldBlock => break,
                 Err(error) if error.kind() == std::io::ErrorKind::Interrupted => continue,

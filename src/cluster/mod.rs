@@ -25,8 +25,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::bus::Endpoint;
+use crate::bus::Shared;
 use crate::config::Config;
-use crate::shard::Shared;
 
 /// Starts the cluster gateway's thread and waits (at most `connect_timeout_ms`
 /// plus a second) until it has tried every Redis once, so a node that

@@ -14,12 +14,12 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use super::Shard;
-use crate::admin::query::Query;
 use crate::bus::cluster::{ChannelPosition, ClusterFailure, CountChange, FromCluster, ToCluster, UserRefusal};
 use crate::bus::message::{
     PublishRefusal, PublishRequest, QueryRequest, ReplyTo, SubscribeOk, SubscribeReply, SubscribeRequest,
     UserConnectReply, UserConnectRequest,
 };
+use crate::bus::query::Query;
 use crate::bus::Message;
 use crate::hub::follow::{self, Arrival, CaughtUp, Position, Step};
 use crate::hub::history::RecoveryFailure;

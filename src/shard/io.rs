@@ -33,15 +33,7 @@ pub const ERROR: u32 = sys::EPOLLERR;
 /// What a socket is watched for.
 const SOCKET_INTEREST: u32 = READABLE | WRITABLE | PEER_CLOSED;
 
-/// Which driver, as configured.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum DriverKind {
-    /// io_uring where the kernel allows it, else epoll (said once in the log).
-    Auto,
-    IoUring,
-    Epoll,
-}
+pub use crate::config::DriverKind;
 
 /// One thing the driver reports.
 #[derive(Debug)]

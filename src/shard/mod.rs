@@ -22,14 +22,14 @@ use std::cell::RefCell;
 use std::collections::{HashMap, VecDeque};
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::rc::Rc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use slab::Slab;
 
 use crate::bus::message::ShardStats;
-use crate::bus::{Endpoint, Wakeup};
+use crate::bus::Endpoint;
 use crate::config::Config;
 use crate::hub::channel::OwnedChannels;
 use crate::hub::index::{ConnKey, LocalChannelId, LocalIndex};
@@ -73,30 +73,7 @@ const YIELD_INTERVAL: Duration = Duration::from_micros(250);
 /// (see `sys::return_freed_memory`).
 const RETURN_MEMORY_INTERVAL: Duration = Duration::from_millis(1000);
 
-/// State shared by all shards of the process.
-pub struct Shared {
-    /// Open public connections over all shards.
-    pub connections: AtomicUsize,
-    /// Effective cap: `connections_max`, lowered to what the open-files
-    /// limit allows.
-    pub connections_max: usize,
-    /// Per shard: deliveries queued but not yet written. Owners refuse new
-    /// publications for a shard past `limits.fanout_backlog_max`.
-    pub fanout_backlog: Box<[AtomicUsize]>,
-    /// Set once by the signal handler thread.
-    pub shutting_down: AtomicBool,
-    /// Set when every shard has finished: the admin gateway stops.
-    pub gateway_stop: AtomicBool,
-    /// HTTP sessions over all shards (bounded by `limits.http_sessions_max`).
-    pub http_sessions: AtomicUsize,
-    /// One per shard, to wake them (shutdown, bus).
-    pub wakeups: Arc<[Wakeup]>,
-    /// Cluster mode: true while any Redis is unreachable (for
-    /// `cluster.on_redis_down = "refuse"` and /health).
-    pub cluster_degraded: AtomicBool,
-    /// Cluster mode: the cluster part of /health (JSON), kept by the gateway.
-    pub cluster_health: std::sync::Mutex<String>,
-}
+pub use crate::bus::Shared;
 
 /// An accepted socket and its session, or (`fd` None) an HTTP session
 /// that outlives the requests serving it.

@@ -299,7 +299,7 @@ impl Shard {
         }
     }
 
-    pub(crate) fn send_answer(&mut self, reply: ReplyTo, answer: crate::admin::query::Answer) {
+    pub(crate) fn send_answer(&mut self, reply: ReplyTo, answer: crate::bus::query::Answer) {
         if let Some(destination) = reply.shard() {
             self.bus.send(destination, Message::Answer(Box::new(QueryAnswer { reply, answer })));
         }

@@ -7,8 +7,8 @@ use std::sync::Arc;
 use serde_json::{json, Map, Value};
 
 use super::Shard;
-use crate::admin::query::{Answer, Failure, FailureKind, Query};
 use crate::bus::message::{QueryAnswer, ReplyTo};
+use crate::bus::query::{Answer, Failure, FailureKind, Query};
 use crate::bus::Message;
 use crate::hub::publication::Publication;
 use crate::hub::user::Status;

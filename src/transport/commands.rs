@@ -6,8 +6,8 @@
 use std::borrow::Cow;
 use std::sync::Arc;
 
-use crate::admin::query::Query;
 use crate::bus::message::{ConnRef, PublishRequest, QueryRequest, ReplyTo, SubscribeRequest};
+use crate::bus::query::Query;
 use crate::bus::Message;
 use crate::config::Namespace;
 use crate::hub::index::ConnKey;

@@ -178,6 +178,27 @@ pub fn merge_stats(answers: Vec<Answer>) -> Vec<ShardStats> {
     stats
 }
 
+/// The `STATS` document of this process.
+pub fn stats_document(shards: &[ShardStats]) -> serde_json::Value {
+    let sum = |field: fn(&ShardStats) -> u64| shards.iter().map(field).sum::<u64>();
+    serde_json::json!({
+        "connections": sum(|s| s.connections),
+        "websockets": sum(|s| s.websockets),
+        "users": sum(|s| s.users_online),
+        "authenticated": sum(|s| s.authenticated),
+        "http_sessions": sum(|s| s.http_sessions),
+        "channels": sum(|s| s.channels_owned),
+        "subscriptions": sum(|s| s.subscriptions),
+        "messages_in": sum(|s| s.messages_in),
+        "messages_out": sum(|s| s.messages_out),
+        "publications": sum(|s| s.publications),
+        "slow_consumers_closed": sum(|s| s.slow_consumers_closed),
+        "protocol_errors": sum(|s| s.protocol_errors),
+        "publications_refused": sum(|s| s.publications_refused),
+        "shards": shards,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
