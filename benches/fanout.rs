@@ -19,9 +19,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use kometa::connection::outbox::{Admission, OutItem, Outbox, Wire};
 use kometa::hub::index::{LocalIndex, Subscriber};
 use kometa::hub::publication::{Publication, PushFields};
-use kometa::session::outbox::{Admission, OutItem, Outbox, Wire};
 
 const SUBSCRIBERS: u32 = 10_000;
 const OUTBOX_BYTES_MAX: usize = 1 << 20;

@@ -5,22 +5,27 @@
 # target/bench-kometa/TIMESTAMP/NAME.txt (plus NAME.json).
 #
 # Usage: scripts/bench-kometa.sh [-n CONNECTIONS] [--only "idle broadcast-10 ..."]
+#                               [--drivers "io_uring epoll"]
+# Each scenario runs once per I/O driver (io.driver), side by side; reports
+# are NAME-DRIVER.txt/json.
 # Scenarios: idle idle-4ch broadcast-10 broadcast-max broadcast-2 broadcast-5k
 #            broadcast-10subs churn connect connect-subscribe
 # Bounded: every scenario has a duration and a drain; all of them take about
-# 5 minutes for 15,000 connections. Run on a quiet machine: before each
+# 10 minutes (both drivers) for 15,000 connections. Run on a quiet machine: before each
 # scenario the script measures how busy the CPUs were over one second and
 # warns above 10% (the load average would still count the previous scenario).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 connections=15000
+drivers="io_uring epoll"
 only="idle idle-4ch broadcast-10 broadcast-max broadcast-2 broadcast-5k broadcast-10subs churn connect connect-subscribe"
 while [ $# -gt 0 ]; do
     case "$1" in
         -n) connections=$2; shift 2 ;;
         --only) only=$2; shift 2 ;;
-        -h|--help) sed -n '2,13p' "$0"; exit 0 ;;
+        --drivers) drivers=$2; shift 2 ;;
+        -h|--help) sed -n '2,16p' "$0"; exit 0 ;;
         *) echo "bench-kometa: unknown argument $1" >&2; exit 2 ;;
     esac
 done
@@ -42,7 +47,7 @@ cpu_busy_percent() {
 }
 
 run() {
-    local name=$1 scenario=$2
+    local name=$1-$driver scenario=$2
     shift 2
     local busy
     busy=$(cpu_busy_percent)
@@ -52,7 +57,7 @@ run() {
     fi
     local dir="$out/$name"
     mkdir -p "$dir"
-    "$kometa" serve --listen 127.0.0.1:0 --admin "unix:$dir/admin.sock" > "$dir/stdout" 2> "$dir/stderr" &
+    "$kometa" serve --io-driver "$driver" --listen 127.0.0.1:0 --admin "unix:$dir/admin.sock" > "$dir/stdout" 2> "$dir/stderr" &
     server_pid=$!
     local port=""
     for _ in $(seq 1 100); do
@@ -74,6 +79,7 @@ run() {
 
 n=$connections
 for name in $only; do
+  for driver in $drivers; do
     case "$name" in
         idle) run idle idle -n "$n" --ramp-rate 5000 --settle 5s --duration 10s ;;
         idle-4ch) run idle-4ch idle -n "$n" --channels 4 --channel-pool 1000 --ramp-rate 5000 --settle 5s --duration 10s ;;
@@ -87,5 +93,6 @@ for name in $only; do
         connect-subscribe) run connect-subscribe connect -n 20000 --in-flight 64 --duration 20s --subscribe ;;
         *) echo "bench-kometa: unknown scenario $name" >&2; exit 2 ;;
     esac
+  done
 done
 echo "bench-kometa: reports in $out"

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Kometa side by side with what users would otherwise pick, in one run on
 # one machine, on loopback:
-#   kometa   Kometa, release build, --shards = cores
+#   kometa-io_uring, kometa-epoll
+#            Kometa, release build, --shards = cores, with each I/O driver
+#            (io.driver; plain "kometa" runs the default driver)
 #   nchan    Nginx with the Nchan module (Debian: nginx-light, libnginx-mod-nchan), 2 workers
 #   node-ws  a Node `ws` broadcast server (npm ws, scripts/peers/node-ws)
 #   floor    kometa-floor: a plain loop writing one pre-encoded frame to every socket
@@ -13,16 +15,16 @@
 # then scripts/peers/report.py prints the figures and the ratios the
 # performance targets are about, and draws SVG plots.
 #
-# Usage: scripts/bench-peers.sh [-n CONNECTIONS] [--servers "kometa nchan node-ws floor"] [--docs]
+# Usage: scripts/bench-peers.sh [-n CONNECTIONS] [--servers "kometa-io_uring kometa-epoll nchan node-ws floor"] [--docs]
 #   --docs  also copy the plots and the summary into docs/ (docs/img/peers-*.svg)
 # Bounded: every scenario has a duration and a drain; the whole run takes
-# about 8 minutes for 15,000 connections. Needs root or sudo only to install
+# about 10 minutes for 15,000 connections. Needs root or sudo only to install
 # missing Debian packages.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 connections=15000
-servers="kometa nchan node-ws floor"
+servers="kometa-io_uring kometa-epoll nchan node-ws floor"
 docs=false
 while [ $# -gt 0 ]; do
     case "$1" in
@@ -81,8 +83,10 @@ start_server() {
     local name=$1 dir="$out/$1"
     mkdir -p "$dir"
     case "$name" in
-        kometa)
-            "$kometa" serve --listen 127.0.0.1:0 --admin "unix:$dir/admin.sock" > "$dir/stdout" 2> "$dir/stderr" &
+        kometa|kometa-*)
+            local driver=auto
+            [ "$name" = kometa ] || driver=${name#kometa-}
+            "$kometa" serve --io-driver "$driver" --listen 127.0.0.1:0 --admin "unix:$dir/admin.sock" > "$dir/stdout" 2> "$dir/stderr" &
             server_pid=$!
             wait_ready "$dir/stdout"
             target=(--url "ws://127.0.0.1:$port/ws")

@@ -13,35 +13,42 @@
 //! | `kometa-sys`          | checked wrappers over the socket, epoll and timer calls    |
 //! | `kometa-loadgen`      | `kometa load` and the floor server                         |
 //!
-//! This crate is the server:
+//! This crate is the server, in layers (a module imports only those
+//! above it in this table):
 //!
-//! | module      | does                                                                 |
-//! |-------------|----------------------------------------------------------------------|
-//! | [`session`] | per-connection state machine, timers from an injected clock, bounded outbox |
-//! | [`hub`]     | channels, offsets, history, presence, the shard-local subscriber index |
-//! | [`bus`]     | cross-shard bounded queues with eventfd wake-ups; message types     |
-//! | [`shard`]   | the event loop per core: accept, read, write, fan-out, sweep         |
-//! | [`transport`] | HTTP routing and the WebSocket adapter over the shard             |
-//! | [`admin`]   | the admin listener, on its own thread                                |
-//! | [`cluster`] | cluster mode: the Redis gateway thread, scripts, key layout          |
-//! | [`config`], [`limits`] | every setting with its default; validation names the key  |
-//! | [`server`]  | process start: limits, listeners, executors, signals                 |
+//! | module         | does                                                              |
+//! |----------------|-------------------------------------------------------------------|
+//! | [`util`], [`limits`] | clocks, ids; every limit with its default                   |
+//! | [`config`]     | every setting with its default; validation names the key          |
+//! | [`hub`]        | channels, offsets, history, presence, users, the subscriber index |
+//! | [`bus`]        | cross-shard bounded queues with eventfd wake-ups; message and query types |
+//! | [`connection`] | one connection as a sans-io state machine: HTTP head, WebSocket, SSE, long-poll, closing; timers from a passed clock; bounded outbox |
+//! | [`shard`]      | the driver per core: I/O driver (io_uring or epoll), slab, reads, writes, fan-out, sweep |
+//! | [`app`]        | what requests and messages mean: routes, client commands, HTTP sessions, channel owners, users, queries |
+//! | [`admin`]      | the admin listener, on its own thread                             |
+//! | [`cluster`]    | cluster mode: the Redis gateway thread, scripts, key layout       |
+//! | [`server`]     | process start: limits, listeners, executors, signals              |
 //!
-//! Data flows: a socket's bytes land in its shard's scratch buffer,
-//! `kometa-protocol` turns them into commands, the command goes over the
-//! `bus` to the channel's owner shard, which assigns an offset (or, in a
+//! `app` is `impl Shard` blocks: the shard calls into it for each request
+//! and message, and it writes only through the connection.
+//!
+//! Data flows: a socket's bytes land in its shard's scratch buffer, the
+//! connection turns them into requests and messages (with
+//! `kometa-protocol`), `app` turns those into commands, a command goes over
+//! the `bus` to the channel's owner shard, which assigns an offset (or, in a
 //! cluster, asks Redis for one), encodes the push once and sends an `Arc`
 //! of it to every shard with subscribers; each shard writes the same bytes
 //! to its local subscribers. docs/architecture.md has the whole picture.
 
 pub mod admin;
+pub mod app;
 pub mod bus;
 pub mod cluster;
 pub mod config;
+pub mod connection;
 pub mod hub;
 pub mod limits;
 pub mod server;
-pub mod session;
 pub mod shard;
-pub mod transport;
+
 pub mod util;

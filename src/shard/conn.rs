@@ -6,18 +6,17 @@ use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use super::{sys, Conn, Shard, ACCEPTS_PER_TICK, READ_BYTES_PER_CONN_PER_TICK};
+use std::os::fd::RawFd;
+
+use super::{sys, Conn, Metrics, Shard, ACCEPTS_PER_TICK, READ_BYTES_PER_CONN_PER_TICK};
 use crate::bus::Message;
+use crate::connection::http::BufItem;
+use crate::connection::outbox::{OutItem, Wire};
+use crate::connection::{Broken, Connection, Context, Count, Io, Marks, Phase, Step, Verdict, PENDING_SLOT};
 use crate::hub::index::ConnKey;
 use crate::hub::owner_of;
 use crate::hub::publication::Publication;
-use crate::session::http::BufItem;
-use crate::session::outbox::{Admission, OutItem, Outbox, Wire};
-use crate::session::{Flags, Phase, Session, PENDING_SLOT};
 use kometa_protocol::ws;
-
-/// A kept remainder with more spare capacity than this is shrunk.
-const REMAINDER_SHRINK_BYTES: usize = 64 * 1024;
 
 /// Generations stay below this: the I/O driver keeps the top bits of a
 /// token for its own requests (io.rs).
@@ -112,7 +111,8 @@ impl Shard {
             self.shared.connections.fetch_sub(1, Ordering::Relaxed);
             return None;
         }
-        entry.insert(Conn { fd: Some(fd), session: Session::new(generation, self.now_ms, &self.config.timeouts) });
+        let cx = Context { now_ms: self.now_ms, limits: &self.config.limits, timeouts: &self.config.timeouts };
+        entry.insert(Conn { fd: Some(fd), state: Connection::new(generation, &cx) });
         Some((key, generation))
     }
 
@@ -129,17 +129,17 @@ impl Shard {
     pub(crate) fn migrate(&mut self, key: ConnKey, shard: usize, input: &[u8]) {
         let Some(mut conn) = self.conns.try_remove(key as usize) else { return };
         let Some(fd) = conn.fd.take() else { return };
-        self.driver.unwatch_socket(fd.as_raw_fd(), conn_token(key, conn.session.generation), false);
+        self.driver.unwatch_socket(fd.as_raw_fd(), conn_token(key, conn.state.generation()), false);
         self.bus.send(shard, crate::bus::Message::Adopt { fd, input: input.into() });
     }
 
     /// The connection at `key`, if it is still the one with `generation`.
     pub(crate) fn conn_mut(&mut self, key: ConnKey, generation: u32) -> Option<&mut Conn> {
-        self.conns.get_mut(key as usize).filter(|conn| conn.session.generation == generation)
+        self.conns.get_mut(key as usize).filter(|conn| conn.state.generation() == generation)
     }
 
     pub(crate) fn alive(&self, key: ConnKey, generation: u32) -> bool {
-        self.conns.get(key as usize).is_some_and(|conn| conn.session.generation == generation)
+        self.conns.get(key as usize).is_some_and(|conn| conn.state.generation() == generation)
     }
 
     pub(crate) fn connection_event(&mut self, key: ConnKey, generation: u32, events: u32) {
@@ -151,14 +151,14 @@ impl Shard {
         }
         if events & (sys::EPOLLIN | sys::EPOLLRDHUP | sys::EPOLLHUP | sys::EPOLLERR) != 0 {
             let Some(conn) = self.conn_mut(key, generation) else { return };
-            conn.session.flags.remove(Flags::INPUT_DRAINED);
+            conn.state.marks.remove(Marks::INPUT_DRAINED);
             if events & (sys::EPOLLRDHUP | sys::EPOLLHUP) != 0 {
-                conn.session.flags.insert(Flags::PEER_SHUT_WRITE);
+                conn.state.marks.insert(Marks::PEER_SHUT_WRITE);
             }
             // Already waiting for its turn to read (its budget ran out): the
             // new data is read then, not now with a fresh budget.
             let waiting_turn =
-                conn.session.flags.contains(Flags::QUEUED) && conn.session.flags.contains(Flags::READ_PENDING);
+                conn.state.marks.contains(Marks::QUEUED) && conn.state.marks.contains(Marks::READ_PENDING);
             if !waiting_turn {
                 self.read_connection(key, generation);
             }
@@ -169,19 +169,18 @@ impl Shard {
     /// unread socket data.
     pub(crate) fn resume_connection(&mut self, key: ConnKey, generation: u32) {
         let Some(conn) = self.conn_mut(key, generation) else { return };
-        if conn.session.flags.contains(Flags::AWAITING_REPLY) {
+        if conn.state.marks.contains(Marks::AWAITING_REPLY) {
             return;
         }
-        if conn.session.phase == Phase::Session {
+        if conn.state.phase() == Phase::Session {
             self.run_session_commands(key, generation);
             return;
         }
-        let has_remainder = conn.session.rx.as_ref().is_some_and(|rx| !rx.remainder.is_empty());
-        if has_remainder {
+        if conn.state.has_input_remainder() {
             self.feed(key, generation, &mut []);
         }
         let read_pending = self.conn_mut(key, generation).is_some_and(|conn| {
-            conn.session.flags.contains(Flags::READ_PENDING) && !conn.session.flags.contains(Flags::AWAITING_REPLY)
+            conn.state.marks.contains(Marks::READ_PENDING) && !conn.state.marks.contains(Marks::AWAITING_REPLY)
         });
         if read_pending {
             self.read_connection(key, generation);
@@ -197,7 +196,8 @@ impl Shard {
         loop {
             let now_ms = self.now_ms;
             let Some(conn) = self.conn_mut(key, generation) else { break };
-            if conn.session.phase == Phase::Polling && conn.session.flags.contains(Flags::PEER_SHUT_WRITE) {
+            let state = &mut conn.state;
+            if state.phase() == Phase::Polling && state.marks.contains(Marks::PEER_SHUT_WRITE) {
                 // The client gave up on its waiting poll (browsers never
                 // half-close a request): free the socket now rather than at
                 // the poll timeout. Its session keeps every message until
@@ -205,13 +205,13 @@ impl Shard {
                 self.peer_closed(key);
                 break;
             }
-            if conn.session.flags.contains(Flags::AWAITING_REPLY) || conn.session.phase == Phase::Polling {
+            if state.marks.contains(Marks::AWAITING_REPLY) || state.phase() == Phase::Polling {
                 // Paused until the reply (or the poll's answer) goes out.
-                conn.session.flags.insert(Flags::READ_PENDING);
+                state.marks.insert(Marks::READ_PENDING);
                 break;
             }
             if overloaded || budget == 0 {
-                conn.session.flags.insert(Flags::READ_PENDING);
+                state.marks.insert(Marks::READ_PENDING);
                 self.mark_ready(key, generation);
                 break;
             }
@@ -222,14 +222,15 @@ impl Shard {
                     break;
                 }
                 Ok(count) => {
-                    conn.session.on_input(now_ms);
-                    conn.session.flags.remove(Flags::READ_PENDING);
+                    let state = &mut conn.state;
+                    state.on_input(now_ms);
+                    state.marks.remove(Marks::READ_PENDING);
                     if count < scratch.len() {
-                        conn.session.flags.insert(Flags::INPUT_DRAINED);
+                        state.marks.insert(Marks::INPUT_DRAINED);
                     } else {
-                        conn.session.flags.remove(Flags::INPUT_DRAINED);
+                        state.marks.remove(Marks::INPUT_DRAINED);
                     }
-                    let peer_shut_write = conn.session.flags.contains(Flags::PEER_SHUT_WRITE);
+                    let peer_shut_write = state.marks.contains(Marks::PEER_SHUT_WRITE);
                     budget = budget.saturating_sub(count);
                     self.feed(key, generation, &mut scratch[..count]);
                     // A short read drained the socket; edge-triggered epoll
@@ -240,8 +241,8 @@ impl Shard {
                     }
                 }
                 Err(error) if error.kind() == io::ErrorKind::WouldBlock => {
-                    conn.session.flags.remove(Flags::READ_PENDING);
-                    conn.session.flags.insert(Flags::INPUT_DRAINED);
+                    conn.state.marks.remove(Marks::READ_PENDING);
+                    conn.state.marks.insert(Marks::INPUT_DRAINED);
                     break;
                 }
                 Err(error) if error.kind() == io::ErrorKind::Interrupted => continue,
@@ -261,27 +262,27 @@ impl Shard {
     /// checkers, proxies) still reads the whole response.
     fn peer_closed(&mut self, key: ConnKey) {
         let Some(conn) = self.conns.get_mut(key as usize) else { return };
-        if conn.session.outbox.is_none() {
+        if !conn.state.has_output() {
             self.close_conn(key);
             return;
         }
-        if conn.session.flags.contains(Flags::CLOSE_AFTER_FLUSH) {
+        if conn.state.is_ending() {
             // Already ending, with its own deadline.
             return;
         }
         // A poll or stream leaves its session now, so nothing more is
         // written into a connection that only finishes its output.
-        if let Some(role) = conn.session.http.take() {
+        if let Some(role) = conn.state.http.take() {
             self.release_http_role(key, *role);
         }
         self.end_after_flush(key);
     }
 
-    /// Hands fresh bytes (after any kept remainder) to the protocol layer
-    /// and keeps what it could not use yet.
+    /// Hands fresh bytes (after any kept remainder) to the connection and
+    /// keeps what it could not use yet.
     pub(crate) fn feed(&mut self, key: ConnKey, generation: u32, fresh: &mut [u8]) {
         let Some(conn) = self.conn_mut(key, generation) else { return };
-        let mut remainder = conn.session.rx.as_mut().map(|rx| std::mem::take(&mut rx.remainder)).unwrap_or_default();
+        let mut remainder = conn.state.take_remainder();
         if remainder.is_empty() {
             // The common case: parse straight from the scratch buffer.
             let consumed = self.consume(key, generation, fresh);
@@ -293,27 +294,10 @@ impl Shard {
             let consumed = self.consume(key, generation, &mut remainder);
             remainder.drain(..consumed);
         }
-        let cap = self.remainder_cap();
+        let cap_bytes = self.remainder_cap();
         let Some(conn) = self.conn_mut(key, generation) else { return };
-        if remainder.len() > cap {
-            // The codecs check declared lengths before asking for more, so
-            // this means a bug, not a hostile peer; end only this connection.
-            tracing::error!(key, bytes = remainder.len(), "input remainder over its cap");
+        if conn.state.keep_remainder(remainder, cap_bytes) == Verdict::Close {
             self.close_conn(key);
-            return;
-        }
-        if remainder.is_empty() {
-            if let Some(rx) = conn.session.rx.as_mut() {
-                rx.remainder = Vec::new();
-            }
-            conn.session.shrink_rx();
-        } else {
-            // Give back memory a large frame left behind, but not while a
-            // frame is still growing (that would copy it on every read).
-            if remainder.capacity() > REMAINDER_SHRINK_BYTES && remainder.len() < remainder.capacity() / 4 {
-                remainder.shrink_to_fit();
-            }
-            conn.session.rx.get_or_insert_with(Default::default).remainder = remainder;
         }
     }
 
@@ -326,44 +310,83 @@ impl Shard {
         http.max(websocket) + super::SCRATCH_BYTES
     }
 
-    /// Runs complete requests or frames from `input`; returns bytes used.
+    /// Steps the connection through `input`, handing its requests and
+    /// messages to the application; returns the bytes used.
     fn consume(&mut self, key: ConnKey, generation: u32, input: &mut [u8]) -> usize {
         let mut position = 0;
         while position < input.len() {
-            let Some(conn) = self.conn_mut(key, generation) else { return input.len() };
-            let flags = conn.session.flags;
-            if flags.contains(Flags::CLOSE_AFTER_FLUSH) {
-                // Ending: nothing more is read from this connection.
-                return input.len();
-            }
-            if flags.contains(Flags::AWAITING_REPLY) {
-                break;
-            }
-            let used = match conn.session.phase {
-                Phase::Http => self.http_input(key, generation, &mut input[position..]),
-                Phase::WebSocket | Phase::Closing => self.ws_input(key, generation, &mut input[position..]),
-                // A waiting poll: keep what follows for after its answer.
-                Phase::Polling => break,
-                // An SSE stream: the client has nothing more to say on it.
-                // Lingering: the rest of a refused request is discarded.
-                Phase::Stream | Phase::Session | Phase::Lingering => return input.len(),
+            let rest = &mut input[position..];
+            let step = {
+                let Some(conn) = self.conns.get_mut(key as usize).filter(|c| c.state.generation() == generation) else {
+                    return input.len();
+                };
+                let cx = Context { now_ms: self.now_ms, limits: &self.config.limits, timeouts: &self.config.timeouts };
+                let mut io = SocketIo::new(conn.raw_fd(), &mut self.metrics);
+                conn.state.step(rest, &mut io, &cx)
             };
-            match used {
-                Some(used) if used > 0 => position += used,
-                _ => break,
+            match step {
+                Step::Wait => break,
+                Step::Used(used) => position += used,
+                Step::Close => {
+                    self.close_conn(key);
+                    return input.len();
+                }
+                Step::Message { used, payload } => {
+                    self.metrics.messages_in += 1;
+                    self.client_command(key, generation, &payload);
+                    position += used;
+                }
+                Step::Request { used, request, body, input: whole } => {
+                    let keep_alive = request.keep_alive();
+                    let held = self.route(key, generation, &request, body, whole);
+                    if !held {
+                        self.drive(key, generation, |conn, _, cx| conn.request_answered(keep_alive, cx));
+                    }
+                    position += used;
+                }
             }
         }
         position
     }
 
-    /// Sends `item` now if the socket takes it, else queues it in the outbox;
-    /// a connection whose outbox would pass its cap is closed as a slow consumer.
+    /// Runs `action` on a connection with its socket and the shard's clock
+    /// and settings; removes the connection if the verdict says so. False
+    /// when the connection is gone (before or after).
+    pub(crate) fn drive(
+        &mut self,
+        key: ConnKey,
+        generation: u32,
+        action: impl FnOnce(&mut Connection, &mut SocketIo<'_>, &Context<'_>) -> Verdict,
+    ) -> bool {
+        let Some(conn) = self.conns.get_mut(key as usize).filter(|c| c.state.generation() == generation) else {
+            return false;
+        };
+        let cx = Context { now_ms: self.now_ms, limits: &self.config.limits, timeouts: &self.config.timeouts };
+        let mut io = SocketIo::new(conn.raw_fd(), &mut self.metrics);
+        match action(&mut conn.state, &mut io, &cx) {
+            Verdict::Keep => true,
+            Verdict::Close => {
+                self.close_conn(key);
+                false
+            }
+        }
+    }
+
+    /// `drive` for the connection at `key`, whatever its generation.
+    fn drive_key(
+        &mut self,
+        key: ConnKey,
+        action: impl FnOnce(&mut Connection, &mut SocketIo<'_>, &Context<'_>) -> Verdict,
+    ) -> bool {
+        let Some(generation) = self.conns.get(key as usize).map(|c| c.state.generation()) else { return false };
+        self.drive(key, generation, action)
+    }
+
+    /// Sends `item` to a connection (an HTTP session buffers it for its
+    /// stream or poll instead).
     pub(crate) fn send_item(&mut self, key: ConnKey, item: OutItem) {
-        debug_assert!(!item.bytes().is_empty());
-        let (bytes_max, messages_max) = (self.config.limits.outbox_bytes_max, self.config.limits.outbox_messages_max);
-        let Some(conn) = self.conns.get_mut(key as usize) else { return };
-        if conn.session.phase == Phase::Session {
-            // An HTTP session buffers and forwards to its stream or poll.
+        let Some(conn) = self.conns.get(key as usize) else { return };
+        if conn.state.phase() == Phase::Session {
             let item = match item {
                 OutItem::Publication(publication, _) => BufItem::Publication(publication),
                 OutItem::Owned(json) => BufItem::Json(json),
@@ -372,32 +395,7 @@ impl Shard {
             return;
         }
         self.metrics.messages_out += 1;
-        if let Some(outbox) = conn.session.outbox.as_mut() {
-            if outbox.push(item, bytes_max, messages_max) == Admission::OverLimit {
-                self.slow_consumer(key);
-            }
-            return;
-        }
-        let fd = conn.raw_fd();
-        loop {
-            let bytes = item.bytes();
-            match sys::send(fd, bytes) {
-                Ok(written) if written == bytes.len() => return,
-                Ok(written) => {
-                    conn.session.outbox = Some(Box::new(Outbox::with_partial(item, written)));
-                    return;
-                }
-                Err(error) if error.kind() == io::ErrorKind::WouldBlock => {
-                    conn.session.outbox = Some(Box::new(Outbox::with_partial(item, 0)));
-                    return;
-                }
-                Err(error) if error.kind() == io::ErrorKind::Interrupted => continue,
-                Err(_) => {
-                    self.close_conn(key);
-                    return;
-                }
-            }
-        }
+        self.drive_key(key, |conn, io, cx| conn.send(item, io, cx));
     }
 
     pub(crate) fn send_owned(&mut self, key: ConnKey, bytes: Vec<u8>) {
@@ -409,7 +407,7 @@ impl Shard {
     /// Writes a publication to a subscriber.
     pub(crate) fn deliver(&mut self, key: ConnKey, publication: &Arc<Publication>) {
         let Some(conn) = self.conns.get(key as usize) else { return };
-        if !matches!(conn.session.phase, Phase::WebSocket | Phase::Session) {
+        if !matches!(conn.state.phase(), Phase::WebSocket | Phase::Session) {
             return;
         }
         self.send_item(key, OutItem::Publication(Arc::clone(publication), Wire::WebSocket));
@@ -419,205 +417,74 @@ impl Shard {
     /// when the socket is idle, the rest queued if it pushes back.
     pub(crate) fn deliver_all(&mut self, key: ConnKey, publications: &[Arc<Publication>]) {
         let Some(conn) = self.conns.get(key as usize) else { return };
-        let direct = conn.session.phase == Phase::WebSocket && conn.session.outbox.is_none();
-        if publications.len() < 2 || !direct {
-            for publication in publications {
-                self.deliver(key, publication);
+        match conn.state.phase() {
+            Phase::WebSocket => {
+                self.metrics.messages_out += publications.len() as u64;
+                self.drive_key(key, |conn, io, cx| conn.send_publications(publications, io, cx));
             }
-            return;
-        }
-        let fd = conn.raw_fd();
-        self.metrics.messages_out += publications.len() as u64;
-        let written = loop {
-            match sys::send_vectored(fd, publications.iter().map(|p| p.ws_frame())) {
-                Ok(written) => break written,
-                Err(error) if error.kind() == io::ErrorKind::Interrupted => continue,
-                Err(error) if error.kind() == io::ErrorKind::WouldBlock => break 0,
-                Err(_) => {
-                    self.close_conn(key);
-                    return;
+            Phase::Session => {
+                for publication in publications {
+                    self.deliver(key, publication);
                 }
             }
-        };
-        // Whatever the socket did not take waits in the outbox, in order.
-        let mut remaining = written;
-        let mut rest = publications.iter();
-        for publication in rest.by_ref() {
-            let len = publication.ws_frame().len();
-            if remaining >= len {
-                remaining -= len;
-                continue;
-            }
-            let item = OutItem::Publication(Arc::clone(publication), Wire::WebSocket);
-            if let Some(conn) = self.conns.get_mut(key as usize) {
-                conn.session.outbox = Some(Box::new(Outbox::with_partial(item, remaining)));
-            }
-            break;
-        }
-        let (bytes_max, messages_max) = (self.config.limits.outbox_bytes_max, self.config.limits.outbox_messages_max);
-        for publication in rest {
-            let Some(outbox) = self.conns.get_mut(key as usize).and_then(|c| c.session.outbox.as_mut()) else { return };
-            let item = OutItem::Publication(Arc::clone(publication), Wire::WebSocket);
-            if outbox.push(item, bytes_max, messages_max) == Admission::OverLimit {
-                self.slow_consumer(key);
-                return;
-            }
+            _ => {}
         }
     }
 
     /// Writes queued bytes as the socket accepts them.
     pub(crate) fn flush(&mut self, key: ConnKey) {
-        loop {
-            let Some(conn) = self.conns.get_mut(key as usize) else { return };
-            let fd = conn.raw_fd();
-            let Some(outbox) = conn.session.outbox.as_mut() else { return };
-            match sys::send_vectored(fd, outbox.chunks(sys::IOVECS_MAX)) {
-                Ok(written) => {
-                    outbox.advance(written);
-                    if outbox.is_empty() {
-                        conn.session.outbox = None;
-                        if conn.session.flags.contains(Flags::CLOSE_AFTER_FLUSH) {
-                            self.finish_after_flush(key);
-                        }
-                        return;
-                    }
-                }
-                Err(error) if error.kind() == io::ErrorKind::WouldBlock => return,
-                Err(error) if error.kind() == io::ErrorKind::Interrupted => continue,
-                Err(_) => {
-                    self.close_conn(key);
-                    return;
-                }
-            }
-        }
+        self.drive_key(key, |conn, io, _| conn.flush(io));
     }
 
-    /// Closes the connection once everything queued has been written.
-    /// The outbox of an ending connection is empty: close it, or for a
-    /// lingering one send our FIN and wait for the peer's.
-    fn finish_after_flush(&mut self, key: ConnKey) {
-        let Some(conn) = self.conns.get_mut(key as usize) else { return };
-        if conn.session.phase != Phase::Lingering || conn.fd.is_none() {
-            self.close_conn(key);
-            return;
-        }
-        if sys::shutdown_write(conn.raw_fd()).is_err() {
-            self.close_conn(key);
-        }
-    }
-
-    /// Like `end_after_flush` for a response sent before the whole request
-    /// was read (the client may still be sending): see `Phase::Lingering`.
-    /// Bounded by `close_timeout_ms` like any other ending connection.
-    pub(crate) fn end_after_flush_lingering(&mut self, key: ConnKey) {
-        let now_ms = self.now_ms;
-        let close_timeout_ms = self.config.timeouts.close_timeout_ms;
-        let Some(conn) = self.conns.get_mut(key as usize) else { return };
-        conn.session.flags.insert(Flags::CLOSE_AFTER_FLUSH);
-        conn.session.phase = Phase::Lingering;
-        conn.session.deadline_ms = now_ms + close_timeout_ms;
-        if conn.session.outbox.is_none() {
-            self.finish_after_flush(key);
-        }
-    }
-
+    /// Ends the connection once what is queued has been written.
     pub(crate) fn end_after_flush(&mut self, key: ConnKey) {
-        let now_ms = self.now_ms;
-        let close_timeout_ms = self.config.timeouts.close_timeout_ms;
-        let Some(conn) = self.conns.get_mut(key as usize) else { return };
-        if conn.session.outbox.is_none() {
-            self.close_conn(key);
-            return;
-        }
-        conn.session.flags.insert(Flags::CLOSE_AFTER_FLUSH);
-        conn.session.phase = match conn.session.phase {
-            Phase::Http => Phase::Http,
-            _ => Phase::Closing,
-        };
-        conn.session.deadline_ms = now_ms + close_timeout_ms;
+        self.drive_key(key, |conn, _, cx| conn.end_after_flush(cx));
     }
 
-    /// Starts the WebSocket closing handshake: sends our close frame and
-    /// waits (up to `close_timeout_ms`) for the peer's.
+    /// Starts the WebSocket closing handshake (an HTTP session ends instead).
     pub(crate) fn close_websocket(&mut self, key: ConnKey, code: u16, reason: &str) {
-        let Some(conn) = self.conns.get_mut(key as usize) else { return };
-        if conn.session.phase == Phase::Session {
+        let Some(conn) = self.conns.get(key as usize) else { return };
+        if conn.state.phase() == Phase::Session {
             self.end_session(key, code, reason);
             return;
         }
-        if conn.session.flags.contains(Flags::CLOSE_SENT) {
-            return;
-        }
-        conn.session.flags.insert(Flags::CLOSE_SENT);
-        conn.session.start_closing(self.now_ms, &self.config.timeouts);
-        self.send_owned(key, ws::encode_close(code, reason));
+        self.drive_key(key, |conn, io, cx| conn.close_websocket(code, reason, io, cx));
     }
 
-    /// The outbox passed its cap: drop what is queued (finishing a partly
-    /// written frame), send 1008, and close once that is out.
-    fn slow_consumer(&mut self, key: ConnKey) {
-        self.metrics.slow_consumers_closed += 1;
-        let now_ms = self.now_ms;
-        let close_timeout_ms = self.config.timeouts.close_timeout_ms;
-        let Some(conn) = self.conns.get_mut(key as usize) else { return };
-        tracing::debug!(shard = self.id, key, "closing slow consumer");
-        if !matches!(conn.session.phase, Phase::WebSocket | Phase::Closing) {
-            // An SSE stream or an HTTP response: no close frame to send; the
-            // session (if any) detaches and its client resumes from its buffer.
-            self.close_conn(key);
-            return;
-        }
-        let close_frame = OutItem::Owned(
-            ws::encode_close(ws::close::SLOW_CONSUMER, "slow consumer: outbox limit reached").into_boxed_slice(),
-        );
-        if let Some(outbox) = conn.session.outbox.as_mut() {
-            outbox.cut_after_front();
-            outbox.push_unbounded(close_frame);
-        }
-        conn.session.flags.insert(Flags::CLOSE_SENT);
-        conn.session.flags.insert(Flags::CLOSE_AFTER_FLUSH);
-        conn.session.phase = Phase::Closing;
-        conn.session.deadline_ms = now_ms + close_timeout_ms;
-    }
-
-    /// On shutdown: WebSockets get 1001, anything else is closed.
+    /// On shutdown: WebSockets get 1001, sessions end, idle HTTP closes.
     pub(crate) fn close_for_shutdown(&mut self, key: ConnKey, generation: u32) {
         let Some(conn) = self.conn_mut(key, generation) else { return };
-        match conn.session.phase {
-            Phase::WebSocket => {
-                self.close_websocket(key, ws::close::GOING_AWAY, "server shutting down");
-                self.end_after_flush(key);
-            }
+        if conn.state.phase() == Phase::Session {
             // Ending the session ends its stream or poll too.
-            Phase::Session => self.end_session(key, ws::close::GOING_AWAY, "server shutting down"),
-            Phase::Closing | Phase::Stream | Phase::Polling | Phase::Lingering => {}
-            Phase::Http => self.close_conn(key),
+            self.end_session(key, ws::close::GOING_AWAY, "server shutting down");
+            return;
         }
+        self.drive(key, generation, |conn, io, cx| conn.shutdown(io, cx));
     }
 
     /// Removes the connection: unsubscribes it everywhere and closes the socket.
     pub(crate) fn close_conn(&mut self, key: ConnKey) {
         let Some(mut conn) = self.conns.try_remove(key as usize) else { return };
         if let Some(fd) = &conn.fd {
-            self.driver.unwatch_socket(fd.as_raw_fd(), conn_token(key, conn.session.generation), true);
+            self.driver.unwatch_socket(fd.as_raw_fd(), conn_token(key, conn.state.generation()), true);
         }
-        if let Some(role) = conn.session.http.take() {
+        if let Some(role) = conn.state.http.take() {
             self.release_http_role(key, *role);
         }
         if conn.fd.is_some() {
             self.shared.connections.fetch_sub(1, Ordering::Relaxed);
         }
-        if conn.session.flags.contains(Flags::UPGRADED) {
+        if conn.state.marks.contains(Marks::UPGRADED) {
             self.metrics.websockets -= 1;
         }
-        let user = conn.session.user().cloned();
-        if conn.session.identity.is_some() {
+        let user = conn.state.user().cloned();
+        if conn.state.identity.is_some() {
             self.metrics.authenticated -= 1;
         }
-        if let (true, Some(user)) = (conn.session.flags.contains(Flags::REGISTERED), &user) {
+        if let (true, Some(user)) = (conn.state.marks.contains(Marks::REGISTERED), &user) {
             self.unregister_user(key, user);
         }
-        for subscription in &conn.session.subscriptions {
+        for subscription in &conn.state.subscriptions {
             // Pending subscriptions are settled when the owner's reply
             // finds the connection gone.
             if subscription.slot == PENDING_SLOT {
@@ -629,10 +496,48 @@ impl Shard {
             let owner = owner_of(&name, self.shard_count());
             self.bus.send(owner, Message::Unsubscribe { channel: name, shard: self.id as u16, user: user.clone() });
         }
-        if conn.fd.is_some() && !conn.session.flags.contains(Flags::INPUT_DRAINED) {
+        if conn.fd.is_some() && !conn.state.marks.contains(Marks::INPUT_DRAINED) {
             sys::discard_unread_input(conn.raw_fd());
         }
         // Dropping the descriptor closes it and removes it from the epoll set.
         drop(conn);
+    }
+}
+
+/// A connection's socket as its state machine sees it, and the shard's
+/// counters it reports to.
+pub(crate) struct SocketIo<'a> {
+    /// -1 for a socket-less HTTP session: any syscall fails with EBADF.
+    fd: RawFd,
+    metrics: &'a mut Metrics,
+}
+
+impl<'a> SocketIo<'a> {
+    pub(crate) fn new(fd: RawFd, metrics: &'a mut Metrics) -> Self {
+        SocketIo { fd, metrics }
+    }
+}
+
+impl Io for SocketIo<'_> {
+    fn send_vectored<'a>(&mut self, chunks: impl Iterator<Item = &'a [u8]> + Clone) -> Result<usize, Broken> {
+        loop {
+            match sys::send_vectored(self.fd, chunks.clone()) {
+                Ok(written) => return Ok(written),
+                Err(error) if error.kind() == io::ErrorKind::WouldBlock => return Ok(0),
+                Err(error) if error.kind() == io::ErrorKind::Interrupted => continue,
+                Err(_) => return Err(Broken),
+            }
+        }
+    }
+
+    fn shutdown_write(&mut self) -> Result<(), Broken> {
+        sys::shutdown_write(self.fd).map_err(|_| Broken)
+    }
+
+    fn count(&mut self, what: Count) {
+        match what {
+            Count::ProtocolError => self.metrics.protocol_errors += 1,
+            Count::SlowConsumer => self.metrics.slow_consumers_closed += 1,
+        }
     }
 }

@@ -1,22 +1,26 @@
-//! A shard: one glommio executor pinned to one core, owning its listener,
-//! its connections (a `Slab`), its channel index, the channels and users it
-//! owns, and its end of the bus. This is the only code that awaits sockets.
+//! A shard: one glommio executor on one core (pinned when `pin_shards`),
+//! owning its listener, its connections (a `Slab` of `Connection` state
+//! machines and their sockets), its channel index, the channels and users it
+//! owns, and its end of the bus. This is the only code that touches sockets.
 //!
 //! One task per shard runs the event loop (`Shard::tick`): bus messages,
-//! socket readiness from an edge-triggered epoll set, pending fan-outs and
-//! the timer sweep, each with a budget per tick, yielding to the executor
-//! between ticks. Because that one task is the only one that mutates
-//! connections and subscriptions, no locks or `RefCell` juggling across
-//! awaits are needed; admin tasks only send bus messages and await replies.
+//! socket readiness from the I/O driver (`io`: io_uring multishot poll and
+//! accept, or edge-triggered epoll), pending fan-outs and the timer sweep,
+//! each with a budget per tick, yielding to the executor between ticks.
+//! Because that one task is the only one that mutates connections and
+//! subscriptions, no locks or `RefCell` juggling across awaits are needed;
+//! admin tasks only send bus messages and await replies.
+//!
+//! The shard is the driver: it reads into its scratch buffer, steps the
+//! connection through the bytes, hands requests and messages to `app`, and
+//! applies the connection's verdicts (`conn.rs`). `cluster.rs` follows this
+//! shard's channels in Redis in cluster mode.
 
 mod cluster;
 mod conn;
 pub mod io;
-mod owner;
-mod queries;
 mod sweep;
 pub mod sys;
-mod users;
 
 use std::cell::RefCell;
 use std::collections::{HashMap, VecDeque};
@@ -31,11 +35,11 @@ use slab::Slab;
 use crate::bus::message::ShardStats;
 use crate::bus::Endpoint;
 use crate::config::Config;
+use crate::connection::{Connection, Marks};
 use crate::hub::channel::OwnedChannels;
 use crate::hub::index::{ConnKey, LocalChannelId, LocalIndex};
 use crate::hub::publication::Publication;
 use crate::hub::user::{OwnedUsers, UserLimits};
-use crate::session::{Flags, Session};
 use kometa_protocol::token::Verifier;
 
 /// Bytes read per `recv` into the shard's scratch buffer.
@@ -79,7 +83,7 @@ pub use crate::bus::Shared;
 /// that outlives the requests serving it.
 pub struct Conn {
     pub fd: Option<OwnedFd>,
-    pub session: Session,
+    pub state: Connection,
 }
 
 impl Conn {
@@ -343,10 +347,10 @@ impl Shard {
     /// Puts a connection on the ready list for another turn.
     pub(crate) fn mark_ready(&mut self, key: ConnKey, generation: u32) {
         let Some(conn) = self.conn_mut(key, generation) else { return };
-        if conn.session.flags.contains(Flags::QUEUED) {
+        if conn.state.marks.contains(Marks::QUEUED) {
             return;
         }
-        conn.session.flags.insert(Flags::QUEUED);
+        conn.state.marks.insert(Marks::QUEUED);
         self.ready.push_back((key, generation));
     }
 
@@ -357,7 +361,7 @@ impl Shard {
             // A stale entry (the connection closed, its slot maybe reused)
             // finds no connection of its generation and does nothing.
             if let Some(conn) = self.conn_mut(key, generation) {
-                conn.session.flags.remove(Flags::QUEUED);
+                conn.state.marks.remove(Marks::QUEUED);
             }
             self.resume_connection(key, generation);
         }
@@ -442,12 +446,7 @@ impl Shard {
 
     /// Counters and gauges for `STATS`.
     pub fn stats(&self) -> ShardStats {
-        let outbox_bytes = self
-            .conns
-            .iter()
-            .filter_map(|(_, conn)| conn.session.outbox.as_ref())
-            .map(|outbox| outbox.pending_bytes() as u64)
-            .sum();
+        let outbox_bytes = self.conns.iter().map(|(_, conn)| conn.state.output_bytes() as u64).sum();
         ShardStats {
             shard: self.id,
             connections: self.conns.len() as u64,
@@ -478,7 +477,7 @@ impl Shard {
         self.stop_accepting();
         self.lifecycle = Lifecycle::Draining { deadline_ms: self.now_ms + self.config.timeouts.shutdown_timeout_ms };
         let keys: Vec<(ConnKey, u32)> =
-            self.conns.iter().map(|(key, conn)| (key as ConnKey, conn.session.generation)).collect();
+            self.conns.iter().map(|(key, conn)| (key as ConnKey, conn.state.generation())).collect();
         for (key, generation) in keys {
             self.close_for_shutdown(key, generation);
         }

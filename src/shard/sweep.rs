@@ -6,16 +6,15 @@
 
 use std::sync::Arc;
 
+use super::conn::SocketIo;
 use super::{Shard, SWEEP_CONNS_PER_TICK};
+use crate::connection::{Context, Phase, Timer};
 use crate::hub::index::ConnKey;
-use crate::session::{Phase, TimerAction};
 use crate::util::unix_time_ms;
 use kometa_protocol::ws;
 
 /// Owned channels are swept at most this often (history TTLs are minutes).
 const CHANNEL_SWEEP_INTERVAL_MS: u64 = 5_000;
-/// A ping with an empty payload.
-const PING_FRAME: [u8; 2] = [0x80 | ws::OPCODE_PING, 0];
 
 impl Shard {
     /// Examines up to `SWEEP_CONNS_PER_TICK` connections; returns how many.
@@ -23,45 +22,35 @@ impl Shard {
         let start = self.sweep_cursor;
         let capacity = self.conns.capacity();
         let end = (start + SWEEP_CONNS_PER_TICK).min(capacity);
-        let timeouts = self.config.timeouts.clone();
+        let sweep_interval_ms = self.config.timeouts.sweep_interval_ms;
         let unix_s = unix_time_ms() / 1000;
         for index in start..end {
             let now_ms = self.now_ms;
             let Some(conn) = self.conns.get_mut(index) else { continue };
             let key = index as ConnKey;
             let token_expired = conn
-                .session
+                .state
                 .identity
                 .as_ref()
                 .is_some_and(|identity| identity.expires_at_s.is_some_and(|exp| unix_s >= exp));
-            if token_expired && matches!(conn.session.phase, Phase::WebSocket | Phase::Session) {
+            if token_expired && matches!(conn.state.phase(), Phase::WebSocket | Phase::Session) {
                 self.close_websocket(key, ws::close::TOKEN_EXPIRED, "token expired");
                 continue;
             }
-            let has_partial_input = conn.session.rx.is_some();
-            let action = conn.session.on_timer(now_ms, &timeouts);
-            match action {
-                TimerAction::Nothing => {}
-                TimerAction::SendPing => self.send_owned(key, PING_FRAME.to_vec()),
-                TimerAction::Close(code, reason) => self.close_websocket(key, code, reason),
-                TimerAction::Heartbeat => self.sse_heartbeat(key),
-                TimerAction::PollTimeout => self.poll_timeout(key),
-                TimerAction::SessionExpired => self.close_conn(key),
-                TimerAction::HttpTimeout if has_partial_input => {
-                    self.respond(key, 408, &[], "request head not received in time", false, true);
-                    // The client may still be sending: see Phase::Lingering.
-                    self.end_after_flush_lingering(key);
-                }
-                // An idle keep-alive connection: close quietly.
-                TimerAction::HttpTimeout | TimerAction::Drop => self.close_conn(key),
+            let cx = Context { now_ms, limits: &self.config.limits, timeouts: &self.config.timeouts };
+            let mut io = SocketIo::new(conn.raw_fd(), &mut self.metrics);
+            match conn.state.on_timer(&mut io, &cx) {
+                Timer::Nothing => {}
+                Timer::PollTimeout => self.poll_timeout(key),
+                Timer::Close => self.close_conn(key),
             }
         }
         self.sweep_cursor = end;
         if end >= capacity {
             self.sweep_cursor = 0;
-            self.next_sweep_ms = self.now_ms + timeouts.sweep_interval_ms;
+            self.next_sweep_ms = self.now_ms + sweep_interval_ms;
             if self.now_ms >= self.next_channel_sweep_ms {
-                self.next_channel_sweep_ms = self.now_ms + CHANNEL_SWEEP_INTERVAL_MS.max(timeouts.sweep_interval_ms);
+                self.next_channel_sweep_ms = self.now_ms + CHANNEL_SWEEP_INTERVAL_MS.max(sweep_interval_ms);
                 let config = Arc::clone(&self.config);
                 let dropped = if self.is_cluster() {
                     self.cluster_sweep_channels();

@@ -92,7 +92,7 @@ impl Outbox {
     }
 
     /// The unwritten bytes, in order, at most `max_chunks` slices (for writev).
-    pub fn chunks(&self, max_chunks: usize) -> impl Iterator<Item = &[u8]> {
+    pub fn chunks(&self, max_chunks: usize) -> impl Iterator<Item = &[u8]> + Clone {
         self.items.iter().take(max_chunks).enumerate().map(|(i, item)| {
             let bytes = item.bytes();
             if i == 0 {

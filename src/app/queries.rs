@@ -6,12 +6,12 @@ use std::sync::Arc;
 
 use serde_json::{json, Map, Value};
 
-use super::Shard;
 use crate::bus::message::{QueryAnswer, ReplyTo};
 use crate::bus::query::{Answer, Failure, FailureKind, Query};
 use crate::bus::Message;
 use crate::hub::publication::Publication;
 use crate::hub::user::Status;
+use crate::shard::Shard;
 use crate::util::unix_time_ms;
 use kometa_protocol::client::CommandError;
 

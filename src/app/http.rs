@@ -1,77 +1,29 @@
-//! HTTP requests on the public port: health checks, WebSocket upgrades,
-//! and a status with a reason for everything else.
+//! HTTP requests on the public port, once the connection has parsed them:
+//! health checks, WebSocket upgrades, and a status with a reason for
+//! everything else.
 
 use std::sync::atomic::Ordering;
 
+use crate::app::sessions::Handled;
 use crate::config::RedisDownPolicy;
+use crate::connection::Context;
 use crate::hub::index::ConnKey;
-use crate::session::Flags;
 use crate::shard::Shard;
-use crate::transport::sessions::Handled;
 use crate::util::unix_time_ms;
-use kometa_protocol::http::{self, HeadLimits, Method, Request};
+use kometa_protocol::http::{self, Method, Request};
 use kometa_protocol::ws;
 
 impl Shard {
-    /// Handles one complete request from the start of `input`; returns the
-    /// bytes it used, or `None` when the request is not complete yet.
-    pub(crate) fn http_input(&mut self, key: ConnKey, generation: u32, input: &mut [u8]) -> Option<usize> {
-        let limits = HeadLimits {
-            head_bytes_max: self.config.limits.http_head_bytes_max,
-            headers_max: self.config.limits.http_headers_max,
-        };
-        let request = match http::parse_head(input, limits) {
-            Ok(None) => return None,
-            Ok(Some(request)) => request,
-            Err(error) => {
-                self.metrics.protocol_errors += 1;
-                self.respond(key, error.status(), &[], error.reason(), false, true);
-                self.end_after_flush_lingering(key);
-                return Some(input.len());
-            }
-        };
-        if request.transfer_encoding {
-            self.metrics.protocol_errors += 1;
-            self.respond(key, 501, &[], "chunked request bodies are not supported; send Content-Length", false, true);
-            self.end_after_flush_lingering(key);
-            return Some(input.len());
-        }
-        let body_bytes = request.content_length.unwrap_or(0);
-        if body_bytes > self.config.limits.http_body_bytes_max as u64 {
-            self.metrics.protocol_errors += 1;
-            self.respond(key, 413, &[], "request body too large", false, true);
-            self.end_after_flush_lingering(key);
-            return Some(input.len());
-        }
-        // Within http_body_bytes_max, so it fits in usize.
-        let total = request.head_len + body_bytes as usize;
-        if input.len() < total {
-            return None;
-        }
-        let keep_alive = request.keep_alive();
-        let body = &input[request.head_len..total];
-        let held = self.route(key, generation, &request, body, &input[..]);
-        if !held && self.alive(key, generation) {
-            if keep_alive {
-                let now_ms = self.now_ms;
-                let timeouts = self.config.timeouts.clone();
-                if let Some(conn) = self.conn_mut(key, generation) {
-                    // Unless the route already decided to end it (a refused
-                    // upgrade): its close deadline stands.
-                    if !conn.session.flags.contains(Flags::CLOSE_AFTER_FLUSH) {
-                        conn.session.keep_alive(now_ms, &timeouts);
-                    }
-                }
-            } else {
-                self.end_after_flush(key);
-            }
-        }
-        Some(total)
-    }
-
     /// Answers a request; returns true if the connection is now held by
     /// something else (a WebSocket, an SSE stream, a poll, another shard).
-    fn route(&mut self, key: ConnKey, generation: u32, request: &Request<'_>, body: &[u8], input: &[u8]) -> bool {
+    pub(crate) fn route(
+        &mut self,
+        key: ConnKey,
+        generation: u32,
+        request: &Request<'_>,
+        body: &[u8],
+        input: &[u8],
+    ) -> bool {
         let keep_alive = request.keep_alive();
         let with_body = request.method != Method::Head;
         match request.path {
@@ -153,16 +105,12 @@ impl Shard {
         let mut response = Vec::with_capacity(160);
         ws::write_upgrade_response(&mut response, &upgrade);
         self.send_owned(key, response);
-        let now_ms = self.now_ms;
+        let cx = Context { now_ms: self.now_ms, limits: &self.config.limits, timeouts: &self.config.timeouts };
         let Some(conn) = self.conns.get_mut(key as usize) else { return false };
-        conn.session.open(now_ms);
-        conn.session.flags.insert(Flags::UPGRADED);
-        if echo {
-            conn.session.flags.insert(Flags::ECHO);
-        }
+        conn.state.upgraded(echo, &cx);
         self.metrics.websockets += 1;
         if let Some(identity) = identity {
-            let generation = conn.session.generation;
+            let generation = conn.state.generation();
             self.register_user(key, generation, identity, None, false);
         }
         true

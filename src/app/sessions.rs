@@ -15,10 +15,10 @@ use std::sync::Arc;
 
 use serde_json::value::RawValue;
 
+use crate::connection::http::{Attachment, BufItem, HttpRole, HttpSession, SessionKind};
+use crate::connection::outbox::OutItem;
+use crate::connection::{Connection, Context, Marks, Phase};
 use crate::hub::index::ConnKey;
-use crate::session::http::{Attachment, BufItem, HttpRole, HttpSession, SessionKind};
-use crate::session::outbox::OutItem;
-use crate::session::{Flags, Phase, Session};
 use crate::shard::{Conn, Shard};
 use crate::util::{random_bytes, unix_time_ms};
 use kometa_protocol::http::{self, Method, Request};
@@ -36,7 +36,6 @@ pub(crate) enum Handled {
 }
 
 const SSE_HEAD_RETRY: &[u8] = b"retry: 2000\n\n";
-const SSE_HEARTBEAT: &[u8] = b": ping\n\n";
 
 /// Static files served on the public port.
 const CLIENT_JS: &str = include_str!("../../client/kometa.js");
@@ -182,7 +181,7 @@ impl Shard {
             if shard >= self.shard_count() {
                 return Located::Unknown;
             }
-            let has_output = self.conns.get(key as usize).is_some_and(|c| c.session.outbox.is_some());
+            let has_output = self.conns.get(key as usize).is_some_and(|c| c.state.has_output());
             if has_output {
                 // A pipelined earlier response is still queued here; moving
                 // the socket now would reorder it. Rare: ask the client to retry.
@@ -194,7 +193,7 @@ impl Shard {
             return Located::Migrated;
         }
         let found = self.conn_mut(session_key, session_generation).is_some_and(|conn| {
-            matches!(conn.session.http.as_deref(), Some(HttpRole::Session(session)) if crate::util::constant_time_eq(session.id.as_bytes(), id.as_bytes()))
+            matches!(conn.state.http.as_deref(), Some(HttpRole::Session(session)) if crate::util::constant_time_eq(session.id.as_bytes(), id.as_bytes()))
         });
         if found {
             Located::Here(session_key, session_generation)
@@ -214,11 +213,9 @@ impl Shard {
         let entry = self.conns.vacant_entry();
         let key = entry.key() as ConnKey;
         let id = make_session_id(self.id, key, generation, &random_bytes::<16>());
-        let mut session = Session::new(generation, self.now_ms, &self.config.timeouts);
-        session.phase = Phase::Session;
-        session.deadline_ms = self.now_ms + self.config.timeouts.session_grace_ms;
-        session.http = Some(Box::new(HttpRole::Session(HttpSession::new(id, kind))));
-        entry.insert(Conn { fd: None, session });
+        let cx = Context { now_ms: self.now_ms, limits: &self.config.limits, timeouts: &self.config.timeouts };
+        let state = Connection::session(generation, HttpSession::new(id, kind), &cx);
+        entry.insert(Conn { fd: None, state });
         self.metrics.http_sessions += 1;
         Some((key, generation))
     }
@@ -292,11 +289,11 @@ impl Shard {
     }
 
     fn session_role(&mut self, key: ConnKey) -> Option<&mut HttpRole> {
-        self.conns.get_mut(key as usize).and_then(|conn| conn.session.http.as_deref_mut())
+        self.conns.get_mut(key as usize).and_then(|conn| conn.state.http.as_deref_mut())
     }
 
     fn session_id(&self, key: ConnKey) -> Option<String> {
-        match self.conns.get(key as usize).and_then(|conn| conn.session.http.as_deref()) {
+        match self.conns.get(key as usize).and_then(|conn| conn.state.http.as_deref()) {
             Some(HttpRole::Session(session)) => Some(session.id.to_string()),
             _ => None,
         }
@@ -369,7 +366,7 @@ impl Shard {
             self.release_request(previous, false);
         }
         if let Some(conn) = self.conn_mut(session, session_generation) {
-            conn.session.deadline_ms = u64::MAX;
+            conn.state.session_served();
         }
         let mut headers: Vec<(&str, &str)> = vec![
             ("Content-Type", "text/event-stream; charset=utf-8"),
@@ -386,11 +383,9 @@ impl Shard {
             write_sse_event(&mut head, &id, *seq, json);
         }
         self.send_owned(stream, head);
-        let now_ms = self.now_ms;
-        if let Some(conn) = self.conn_mut(stream, stream_generation) {
-            conn.session.phase = Phase::Stream;
-            conn.session.last_ping_ms = now_ms;
-            conn.session.http = Some(Box::new(HttpRole::Stream { session, generation: session_generation }));
+        let cx = Context { now_ms: self.now_ms, limits: &self.config.limits, timeouts: &self.config.timeouts };
+        if let Some(conn) = self.conns.get_mut(stream as usize).filter(|c| c.state.generation() == stream_generation) {
+            conn.state.serve_stream(HttpRole::Stream { session, generation: session_generation }, &cx);
         }
         true
     }
@@ -447,17 +442,14 @@ impl Shard {
         if let Some(previous) = previous {
             self.release_request(previous, false);
         }
-        let now_ms = self.now_ms;
-        let poll_timeout_ms = self.config.timeouts.poll_timeout_ms;
         if let Some(conn) = self.conn_mut(session, session_generation) {
-            conn.session.deadline_ms = u64::MAX;
+            conn.state.session_served();
         }
-        if let Some(conn) = self.conn_mut(key, generation) {
-            conn.session.phase = Phase::Polling;
-            conn.session.deadline_ms = now_ms + poll_timeout_ms;
+        let cx = Context { now_ms: self.now_ms, limits: &self.config.limits, timeouts: &self.config.timeouts };
+        if let Some(conn) = self.conns.get_mut(key as usize).filter(|c| c.state.generation() == generation) {
             let cors = cors.map(Box::from);
-            conn.session.http =
-                Some(Box::new(HttpRole::Poll { session, generation: session_generation, cursor, keep_alive, cors }));
+            let role = HttpRole::Poll { session, generation: session_generation, cursor, keep_alive, cors };
+            conn.state.serve_poll(role, &cx);
         }
         Handled::Held
     }
@@ -502,12 +494,9 @@ impl Shard {
             }
         }
         self.detached_now(session);
-        let now_ms = self.now_ms;
-        let timeouts = self.config.timeouts.clone();
-        if let Some(conn) = self.conn_mut(key, generation) {
-            conn.session.http = None;
-            conn.session.phase = Phase::Http;
-            conn.session.keep_alive(now_ms, &timeouts);
+        let cx = Context { now_ms: self.now_ms, limits: &self.config.limits, timeouts: &self.config.timeouts };
+        if let Some(conn) = self.conns.get_mut(key as usize).filter(|c| c.state.generation() == generation) {
+            conn.state.poll_answered(&cx);
         }
         self.respond_json(key, 200, cors, &body, keep_alive);
         if keep_alive {
@@ -520,11 +509,11 @@ impl Shard {
 
     /// The session has no stream or poll any more: its grace period starts.
     fn detached_now(&mut self, session: ConnKey) {
-        let deadline_ms = self.now_ms + self.config.timeouts.session_grace_ms;
+        let cx = Context { now_ms: self.now_ms, limits: &self.config.limits, timeouts: &self.config.timeouts };
         if let Some(conn) = self.conns.get_mut(session as usize) {
-            if let Some(HttpRole::Session(hs)) = conn.session.http.as_deref() {
+            if let Some(HttpRole::Session(hs)) = conn.state.http.as_deref() {
                 if hs.attached.is_none() {
-                    conn.session.deadline_ms = deadline_ms;
+                    conn.state.session_unserved(&cx);
                 }
             }
         }
@@ -535,14 +524,14 @@ impl Shard {
     fn release_request(&mut self, attachment: Attachment, with_messages: bool) {
         let Attachment { key, generation } = attachment;
         let Some(conn) = self.conn_mut(key, generation) else { return };
-        match conn.session.http.take().map(|role| *role) {
+        match conn.state.http.take().map(|role| *role) {
             Some(HttpRole::Stream { .. }) => self.end_after_flush(key),
             Some(HttpRole::Poll { session, cursor, keep_alive, cors, .. }) => {
                 self.answer_poll(key, generation, session, cursor, with_messages, cors.as_deref(), keep_alive);
             }
             other => {
                 if let Some(conn) = self.conn_mut(key, generation) {
-                    conn.session.http = other.map(Box::new);
+                    conn.state.http = other.map(Box::new);
                 }
             }
         }
@@ -612,10 +601,10 @@ impl Shard {
     pub(crate) fn run_session_commands(&mut self, key: ConnKey, generation: u32) {
         loop {
             let Some(conn) = self.conn_mut(key, generation) else { return };
-            if conn.session.flags.contains(Flags::AWAITING_REPLY) {
+            if conn.state.marks.contains(Marks::AWAITING_REPLY) {
                 return;
             }
-            let Some(HttpRole::Session(hs)) = conn.session.http.as_deref_mut() else { return };
+            let Some(HttpRole::Session(hs)) = conn.state.http.as_deref_mut() else { return };
             let Some(command) = hs.commands.pop_front() else { return };
             self.client_command(key, generation, &command);
         }
@@ -672,8 +661,8 @@ impl Shard {
                 if let Some(attachment) = session.attached {
                     // The session is gone: its stream ends, its poll closes.
                     if let Some(conn) = self.conn_mut(attachment.key, attachment.generation) {
-                        let phase = conn.session.phase;
-                        conn.session.http = None;
+                        let phase = conn.state.phase();
+                        conn.state.http = None;
                         match phase {
                             Phase::Stream => self.end_after_flush(attachment.key),
                             Phase::Polling => self.close_conn(attachment.key),
@@ -693,16 +682,11 @@ impl Shard {
         }
     }
 
-    /// Sweep: an SSE stream's heartbeat.
-    pub(crate) fn sse_heartbeat(&mut self, key: ConnKey) {
-        self.send_owned(key, SSE_HEARTBEAT.to_vec());
-    }
-
     /// Sweep: a poll waited its full time; it is answered with nothing.
     pub(crate) fn poll_timeout(&mut self, key: ConnKey) {
         let Some(conn) = self.conns.get(key as usize) else { return };
-        let generation = conn.session.generation;
-        match conn.session.http.as_deref() {
+        let generation = conn.state.generation();
+        match conn.state.http.as_deref() {
             Some(HttpRole::Poll { session, .. }) => {
                 let session = *session;
                 if let Some(HttpRole::Session(hs)) = self.session_role(session) {

@@ -9,15 +9,15 @@
 
 use std::sync::Arc;
 
-use super::Shard;
 use crate::bus::message::{ConnRef, PublishRequest, ReplyTo, UserConnectReply, UserConnectRequest};
 use crate::bus::Message;
 use crate::config::user_status_channel;
+use crate::connection::outbox::{OutItem, Wire};
+use crate::connection::Marks;
 use crate::hub::index::ConnKey;
 use crate::hub::owner_of;
 use crate::hub::publication::Publication;
-use crate::session::outbox::{OutItem, Wire};
-use crate::session::Flags;
+use crate::shard::Shard;
 use crate::util::unix_time_ms;
 use kometa_protocol::client::RequestId;
 use kometa_protocol::token::Identity;
@@ -37,8 +37,8 @@ impl Shard {
         let Some(conn) = self.conn_mut(key, generation) else { return };
         let user = Arc::clone(&identity.user);
         let issued_at_s = identity.issued_at_s;
-        conn.session.identity = Some(Box::new(identity));
-        conn.session.flags.insert(Flags::AWAITING_REPLY);
+        conn.state.identity = Some(Box::new(identity));
+        conn.state.marks.insert(Marks::AWAITING_REPLY);
         self.metrics.authenticated += 1;
         let owner = owner_of(&user, self.shard_count());
         let request = UserConnectRequest {
@@ -113,7 +113,7 @@ impl Shard {
         match result {
             Ok(inbox) => {
                 if let Some(conn) = self.conn_mut(key, generation) {
-                    conn.session.flags.insert(Flags::REGISTERED);
+                    conn.state.marks.insert(Marks::REGISTERED);
                 }
                 self.users_local.entry(Arc::clone(&user)).or_default().push(key);
                 if via_command {

@@ -10,10 +10,10 @@ use crate::bus::message::{ConnRef, PublishRequest, QueryRequest, ReplyTo, Subscr
 use crate::bus::query::Query;
 use crate::bus::Message;
 use crate::config::Namespace;
+use crate::connection::http::BufItem;
+use crate::connection::{Marks, Phase, Subscription, PENDING_SLOT};
 use crate::hub::index::ConnKey;
 use crate::hub::owner_of;
-use crate::session::http::BufItem;
-use crate::session::{Flags, Phase, Subscription, PENDING_SLOT};
 use crate::shard::Shard;
 use crate::util::unix_time_ms;
 use kometa_protocol::client::{self, Command, CommandError, ErrorCode, Position, RequestId};
@@ -78,7 +78,7 @@ impl Shard {
             .map_err(|why| refuse(ErrorCode::BadChannel, why))?;
         let config = Arc::clone(&self.config);
         let namespace = config.namespace_for(channel);
-        let identity = self.conns.get(key as usize).and_then(|conn| conn.session.identity.as_deref());
+        let identity = self.conns.get(key as usize).and_then(|conn| conn.state.identity.as_deref());
         match identity {
             None if namespace.private || !namespace.anonymous => {
                 return Err(refuse(ErrorCode::Unauthorized, "this channel needs a user token"));
@@ -101,15 +101,15 @@ impl Shard {
     ) -> Result<(), Refusal> {
         let config = self.channel_access(key, channel)?;
         let Some(conn) = self.conn_mut(key, generation) else { return Ok(()) };
-        let user = conn.session.user().cloned();
-        if conn.session.subscriptions.len() >= config.limits.channels_per_connection_max {
+        let user = conn.state.user().cloned();
+        if conn.state.subscriptions.len() >= config.limits.channels_per_connection_max {
             return Err(refuse(
                 ErrorCode::TooManyChannels,
                 format!("at most {} channels per connection", config.limits.channels_per_connection_max),
             ));
         }
         if let Some(local) = self.index.lookup(channel) {
-            let subscriptions = self.conns.get(key as usize).map(|c| &c.session.subscriptions);
+            let subscriptions = self.conns.get(key as usize).map(|c| &c.state.subscriptions);
             if subscriptions.is_some_and(|subscriptions| subscriptions.iter().any(|s| s.channel == local)) {
                 return Err(refuse(ErrorCode::AlreadySubscribed, "already subscribed"));
             }
@@ -120,8 +120,8 @@ impl Shard {
         let (local, name) = self.index.intern(channel);
         self.index.add_pending(local);
         let Some(conn) = self.conn_mut(key, generation) else { return Ok(()) };
-        conn.session.subscriptions.push(Subscription { channel: local, slot: PENDING_SLOT });
-        conn.session.flags.insert(Flags::AWAITING_REPLY);
+        conn.state.subscriptions.push(Subscription { channel: local, slot: PENDING_SLOT });
+        conn.state.marks.insert(Marks::AWAITING_REPLY);
         let owner = owner_of(channel, self.shard_count());
         let request = SubscribeRequest {
             channel: name,
@@ -147,13 +147,13 @@ impl Shard {
         let local = self.index.lookup(channel).ok_or_else(not_subscribed)?;
         let Some(conn) = self.conn_mut(key, generation) else { return Ok(()) };
         let position = conn
-            .session
+            .state
             .subscriptions
             .iter()
             .position(|s| s.channel == local && s.slot != PENDING_SLOT)
             .ok_or_else(not_subscribed)?;
-        let subscription = conn.session.subscriptions.swap_remove(position);
-        let user = conn.session.user().cloned();
+        let subscription = conn.state.subscriptions.swap_remove(position);
+        let user = conn.state.user().cloned();
         let name = self.index.get(local).map(|c| Arc::clone(&c.name));
         self.index.remove(local, subscription.slot);
         if let Some(name) = name {
@@ -189,8 +189,8 @@ impl Shard {
             return Err(refuse(ErrorCode::Overloaded, "server busy, retry"));
         }
         let Some(conn) = self.conn_mut(key, generation) else { return Ok(()) };
-        let user = conn.session.user().cloned();
-        conn.session.flags.insert(Flags::AWAITING_REPLY);
+        let user = conn.state.user().cloned();
+        conn.state.marks.insert(Marks::AWAITING_REPLY);
         let request = PublishRequest {
             channel: channel.into(),
             event: event.into(),
@@ -229,7 +229,7 @@ impl Shard {
             }
         };
         let Some(conn) = self.conn_mut(key, generation) else { return Ok(()) };
-        match conn.session.identity.as_mut() {
+        match conn.state.identity.as_mut() {
             Some(current) if current.user == identity.user => {
                 // A refreshed token: new expiry and grants, same registration.
                 **current = identity;
@@ -243,7 +243,7 @@ impl Shard {
             // Its subscriptions joined presence anonymously; counting their
             // leave against a user would corrupt presence (the owner has no
             // join to match). Authenticate first.
-            None if !conn.session.subscriptions.is_empty() => Err(refuse(
+            None if !conn.state.subscriptions.is_empty() => Err(refuse(
                 ErrorCode::BadRequest,
                 "connect before subscribing (or pass ?token=): this connection already subscribed anonymously",
             )),
@@ -256,7 +256,7 @@ impl Shard {
 
     fn ack(&mut self, key: ConnKey, generation: u32, id: Option<&RequestId>, seq: u64) -> Result<(), Refusal> {
         let Some(conn) = self.conn_mut(key, generation) else { return Ok(()) };
-        let Some(user) = conn.session.user().cloned() else {
+        let Some(user) = conn.state.user().cloned() else {
             return Err(refuse(ErrorCode::Unauthorized, "only authenticated connections have an inbox"));
         };
         let owner = owner_of(&user, self.shard_count());
@@ -295,7 +295,7 @@ impl Shard {
             },
         };
         let Some(conn) = self.conn_mut(key, generation) else { return Ok(()) };
-        conn.session.flags.insert(Flags::AWAITING_REPLY);
+        conn.state.marks.insert(Marks::AWAITING_REPLY);
         let reply = ReplyTo::Client { conn: ConnRef { shard: self.id as u16, key, generation }, request_id: id };
         let owner = owner_of(&channel, self.shard_count());
         self.bus.send(owner, Message::Query(Box::new(QueryRequest { reply, query })));
@@ -305,14 +305,14 @@ impl Shard {
     /// A reply came back: the connection's next commands may run.
     pub(crate) fn unpause(&mut self, key: ConnKey, generation: u32) {
         if let Some(conn) = self.conn_mut(key, generation) {
-            conn.session.flags.remove(Flags::AWAITING_REPLY);
+            conn.state.marks.remove(Marks::AWAITING_REPLY);
             self.mark_ready(key, generation);
         }
     }
 
     /// Sends one JSON text message to a client.
     pub(crate) fn send_json(&mut self, key: ConnKey, build: impl FnOnce(&mut Vec<u8>)) {
-        if self.conns.get(key as usize).is_some_and(|conn| conn.session.phase == Phase::Session) {
+        if self.conns.get(key as usize).is_some_and(|conn| conn.state.phase() == Phase::Session) {
             let mut json = Vec::with_capacity(96);
             build(&mut json);
             self.session_push(key, BufItem::Json(json.into_boxed_slice()));

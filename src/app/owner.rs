@@ -5,16 +5,16 @@
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use super::Shard;
 use crate::bus::message::{
     PublishOk, PublishRefusal, PublishRequest, QueryAnswer, ReplyTo, SubscribeOk, SubscribeReply, SubscribeRequest,
 };
 use crate::bus::Message;
 use crate::config::Namespace;
+use crate::connection::PENDING_SLOT;
 use crate::hub::index::Subscriber;
 use crate::hub::owner_of;
 use crate::hub::publication::{Publication, PushFields};
-use crate::session::PENDING_SLOT;
+use crate::shard::Shard;
 use kometa_protocol::client::{CommandError, ErrorCode};
 
 impl Shard {
@@ -211,7 +211,7 @@ impl Shard {
                 let slot = self.index.resolve_pending(local, Some(Subscriber { conn: key, after_offset: ok.offset }));
                 if let (Some(slot), Some(conn)) = (slot, self.conn_mut(key, generation)) {
                     if let Some(subscription) =
-                        conn.session.subscriptions.iter_mut().find(|s| s.channel == local && s.slot == PENDING_SLOT)
+                        conn.state.subscriptions.iter_mut().find(|s| s.channel == local && s.slot == PENDING_SLOT)
                     {
                         subscription.slot = slot;
                     }
@@ -240,9 +240,9 @@ impl Shard {
                 self.index.resolve_pending(local, None);
                 if let Some(conn) = self.conn_mut(key, generation) {
                     if let Some(position) =
-                        conn.session.subscriptions.iter().position(|s| s.channel == local && s.slot == PENDING_SLOT)
+                        conn.state.subscriptions.iter().position(|s| s.channel == local && s.slot == PENDING_SLOT)
                     {
-                        conn.session.subscriptions.swap_remove(position);
+                        conn.state.subscriptions.swap_remove(position);
                     }
                 }
                 self.reply_error(key, &error);
