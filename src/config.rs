@@ -162,6 +162,23 @@ impl Default for IoConfig {
     }
 }
 
+/// `[tls]`: TLS on the public listener. With both files set the listener
+/// speaks only TLS (wss://, https://); plain requests get a plain 400.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct TlsConfig {
+    /// PEM certificate chain, leaf first.
+    pub cert_file: Option<String>,
+    /// PEM private key of the leaf (PKCS#8, PKCS#1 or SEC1).
+    pub key_file: Option<String>,
+}
+
+impl TlsConfig {
+    pub fn enabled(&self) -> bool {
+        self.cert_file.is_some()
+    }
+}
+
 /// What a cluster node does while a Redis it needs is unreachable.
 #[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
 #[serde(rename_all = "snake_case")]
@@ -319,6 +336,7 @@ pub struct Config {
     pub users: UsersConfig,
     pub cluster: ClusterConfig,
     pub io: IoConfig,
+    pub tls: TlsConfig,
 }
 
 impl Default for Config {
@@ -343,6 +361,7 @@ impl Default for Config {
             users: UsersConfig::default(),
             cluster: ClusterConfig::default(),
             io: IoConfig::default(),
+            tls: TlsConfig::default(),
         }
     }
 }
@@ -412,6 +431,11 @@ impl Config {
                     format!("`{origin}` must look like https://host[:port] (no trailing slash)"),
                 ));
             }
+        }
+        match (&self.tls.cert_file, &self.tls.key_file) {
+            (Some(_), None) => return Err(error("tls.key_file", "required with tls.cert_file")),
+            (None, Some(_)) => return Err(error("tls.cert_file", "required with tls.key_file")),
+            _ => {}
         }
         if let Some(path) = &self.echo_path {
             if !path.starts_with('/') {

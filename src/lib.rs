@@ -19,6 +19,7 @@
 //! | module         | does                                                              |
 //! |----------------|-------------------------------------------------------------------|
 //! | [`util`], [`limits`] | clocks, ids; every limit with its default                   |
+//! | [`tls`]        | sans-io TLS sessions: rustls handshake, then a compact TLS 1.3 record layer |
 //! | [`config`]     | every setting with its default; validation names the key          |
 //! | [`hub`]        | channels, offsets, history, presence, users, the subscriber index |
 //! | [`bus`]        | cross-shard bounded queues with eventfd wake-ups; message and query types |
@@ -50,5 +51,6 @@ pub mod hub;
 pub mod limits;
 pub mod server;
 pub mod shard;
+pub mod tls;
 
 pub mod util;

@@ -163,6 +163,12 @@ struct ServeArgs {
     /// I/O driver: auto, io_uring or epoll.
     #[arg(long, env = "KOMETA_IO_DRIVER")]
     io_driver: Option<String>,
+    /// TLS certificate chain (PEM) for the public listener.
+    #[arg(long, env = "KOMETA_TLS_CERT_FILE")]
+    tls_cert_file: Option<String>,
+    /// TLS private key (PEM) for the public listener.
+    #[arg(long, env = "KOMETA_TLS_KEY_FILE")]
+    tls_key_file: Option<String>,
 }
 
 #[derive(Args)]
@@ -221,6 +227,12 @@ fn load_config(args: &ServeArgs) -> Result<Config, String> {
             "epoll" => kometa::shard::io::DriverKind::Epoll,
             other => return Err(format!("--io-driver / KOMETA_IO_DRIVER: `{other}` is not auto, io_uring or epoll")),
         };
+    }
+    if let Some(file) = &args.tls_cert_file {
+        config.tls.cert_file = Some(file.clone());
+    }
+    if let Some(file) = &args.tls_key_file {
+        config.tls.key_file = Some(file.clone());
     }
     config.validate().map_err(|e| e.to_string())?;
     Ok(config)

@@ -274,6 +274,10 @@ pub fn serve(config: Config) -> Result<(), ServeError> {
             .map_err(|e| fail(format!("cannot create the bus: {e}")))?;
     let cluster_endpoint = if clustered { endpoints.pop() } else { None };
     let gateway_endpoint = endpoints.pop().ok_or_else(|| fail("the bus has no gateway endpoint"))?;
+    let tls = match (&config.tls.cert_file, &config.tls.key_file) {
+        (Some(cert_file), Some(key_file)) => Some(crate::tls::server_config(cert_file, key_file).map_err(fail)?),
+        _ => None,
+    };
     let shared = Arc::new(Shared {
         connections: AtomicUsize::new(0),
         connections_max,
@@ -284,6 +288,8 @@ pub fn serve(config: Config) -> Result<(), ServeError> {
         wakeups: Arc::clone(&wakeups),
         cluster_degraded: AtomicBool::new(clustered),
         cluster_health: std::sync::Mutex::new(String::new()),
+        tls: std::sync::RwLock::new(tls),
+        tls_generation: std::sync::atomic::AtomicU64::new(0),
     });
 
     let signals = block_shutdown_signals();
@@ -342,7 +348,8 @@ pub fn serve(config: Config) -> Result<(), ServeError> {
         .map_err(|e| fail(format!("cannot start the admin gateway: {e}")))?;
 
     let node = if clustered { format!(" node={}", config.node_id()) } else { String::new() };
-    println!("kometa ready listen={bound} admin={} shards={shard_count}{node}", config.admin);
+    let tls = if config.tls.enabled() { " tls=on" } else { "" };
+    println!("kometa ready listen={bound} admin={} shards={shard_count}{node}{tls}", config.admin);
     let _ = std::io::stdout().flush();
     tracing::info!(listen = %bound, admin = %config.admin, shards = shard_count, connections_max, "serving");
 

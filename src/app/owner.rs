@@ -63,7 +63,7 @@ impl Shard {
                 self.send_answer(request.reply, answer);
             }
             Message::Answer(answer) => self.receive_answer(*answer),
-            Message::Adopt { fd, input } => self.adopt(fd, input),
+            Message::Adopt { fd, input, tls } => self.adopt(fd, input, tls),
             Message::ToCluster(_) | Message::FromCluster(_) => {
                 debug_assert!(false, "cluster message on a shard without a cluster");
             }

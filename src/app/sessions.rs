@@ -215,7 +215,7 @@ impl Shard {
         let id = make_session_id(self.id, key, generation, &random_bytes::<16>());
         let cx = Context { now_ms: self.now_ms, limits: &self.config.limits, timeouts: &self.config.timeouts };
         let state = Connection::session(generation, HttpSession::new(id, kind), &cx);
-        entry.insert(Conn { fd: None, state });
+        entry.insert(Conn { fd: None, state, tls: None });
         self.metrics.http_sessions += 1;
         Some((key, generation))
     }

@@ -192,6 +192,9 @@ pub struct ShardStats {
     pub users_tracked: u64,
     /// Connections with a verified user token.
     pub authenticated: u64,
+    /// TLS handshakes completed, and failed (bad client, plain HTTP on the TLS port).
+    pub tls_handshakes: u64,
+    pub tls_failures: u64,
 }
 
 /// Everything that crosses between shards.
@@ -254,6 +257,8 @@ pub enum Message {
     Adopt {
         fd: std::os::fd::OwnedFd,
         input: Box<[u8]>,
+        /// The connection's TLS session (keys, partial records), if any.
+        tls: Option<Box<crate::tls::TlsSession>>,
     },
 
     // Cluster mode: to and from the cluster gateway.

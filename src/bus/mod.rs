@@ -48,6 +48,10 @@ pub struct Shared {
     pub cluster_degraded: AtomicBool,
     /// Cluster mode: the cluster part of /health (JSON), kept by the gateway.
     pub cluster_health: std::sync::Mutex<String>,
+    /// TLS settings for new connections (`tls.*`); replaced on reload.
+    pub tls: std::sync::RwLock<Option<Arc<rustls::ServerConfig>>>,
+    /// Bumped when `tls` is replaced, so shards re-read it only then.
+    pub tls_generation: std::sync::atomic::AtomicU64,
 }
 
 /// Wakes one shard's event loop through an eventfd in its epoll set.

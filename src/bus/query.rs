@@ -195,6 +195,8 @@ pub fn stats_document(shards: &[ShardStats]) -> serde_json::Value {
         "slow_consumers_closed": sum(|s| s.slow_consumers_closed),
         "protocol_errors": sum(|s| s.protocol_errors),
         "publications_refused": sum(|s| s.publications_refused),
+        "tls_handshakes": sum(|s| s.tls_handshakes),
+        "tls_failures": sum(|s| s.tls_failures),
         "shards": shards,
     })
 }

@@ -65,6 +65,18 @@ pub trait Io {
     /// Sends our FIN (the read side stays open).
     fn shutdown_write(&mut self) -> Result<(), Broken>;
 
+    /// Output the transport took but the socket has not (TLS records
+    /// sealed ahead of the socket). The connection counts it as its own:
+    /// it does not end before it is out.
+    fn holds_output(&self) -> bool {
+        false
+    }
+
+    /// Writes what the transport holds; `Ok(true)` once nothing is held.
+    fn flush_held(&mut self) -> Result<bool, Broken> {
+        Ok(true)
+    }
+
     /// Tells the driver's counters.
     fn count(&mut self, what: Count);
 }
@@ -376,7 +388,7 @@ impl Connection {
 
     /// The application answered a request and the connection was not taken
     /// over: it reads the next request (keep-alive) or ends.
-    pub fn request_answered(&mut self, keep_alive: bool, cx: &Context<'_>) -> Verdict {
+    pub fn request_answered(&mut self, keep_alive: bool, io: &impl Io, cx: &Context<'_>) -> Verdict {
         if self.phase != Phase::Http || self.is_ending() {
             // Already ending (a refused upgrade): its close deadline stands.
             return Verdict::Keep;
@@ -385,7 +397,7 @@ impl Connection {
             self.deadline_ms = cx.now_ms + cx.timeouts.handshake_timeout_ms;
             Verdict::Keep
         } else {
-            self.end_after_flush(cx)
+            self.end_after_flush(io, cx)
         }
     }
 
@@ -564,7 +576,7 @@ impl Connection {
                 return Verdict::Close;
             }
         }
-        self.end_after_flush(cx)
+        self.end_after_flush(io, cx)
     }
 
     // -- Output -----------------------------------------------------------
@@ -645,8 +657,12 @@ impl Connection {
     /// writable). Once an ending connection's outbox is empty it goes: closed
     /// now, or for a lingering one our FIN and then wait for the peer's.
     pub fn flush(&mut self, io: &mut impl Io) -> Verdict {
-        loop {
-            let Some(outbox) = self.outbox.as_mut() else { return Verdict::Keep };
+        match io.flush_held() {
+            Err(Broken) => return Verdict::Close,
+            Ok(false) => return Verdict::Keep,
+            Ok(true) => {}
+        }
+        while let Some(outbox) = self.outbox.as_mut() {
             let Ok(written) = io.send_vectored(outbox.chunks(IOVECS_MAX)) else { return Verdict::Close };
             if written == 0 {
                 return Verdict::Keep;
@@ -654,16 +670,21 @@ impl Connection {
             outbox.advance(written);
             if outbox.is_empty() {
                 self.outbox = None;
-                if self.is_ending() {
-                    return self.finish_after_flush(io);
-                }
-                return Verdict::Keep;
             }
         }
+        if self.is_ending() && !io.holds_output() {
+            return self.finish_after_flush(io);
+        }
+        Verdict::Keep
+    }
+
+    /// Nothing of ours waits for the socket, here or in the transport.
+    fn output_done(&self, io: &impl Io) -> bool {
+        self.outbox.is_none() && !io.holds_output()
     }
 
     fn finish_after_flush(&mut self, io: &mut impl Io) -> Verdict {
-        debug_assert!(self.outbox.is_none());
+        debug_assert!(self.output_done(io));
         if self.phase != Phase::Lingering {
             return Verdict::Close;
         }
@@ -713,8 +734,8 @@ impl Connection {
 
     /// Ends the connection once everything queued has been written (within
     /// `close_timeout_ms`); now if nothing is queued.
-    pub fn end_after_flush(&mut self, cx: &Context<'_>) -> Verdict {
-        if self.outbox.is_none() {
+    pub fn end_after_flush(&mut self, io: &impl Io, cx: &Context<'_>) -> Verdict {
+        if self.output_done(io) {
             return Verdict::Close;
         }
         self.flags.insert(Flags::CLOSE_AFTER_FLUSH);
@@ -731,7 +752,7 @@ impl Connection {
         self.flags.insert(Flags::CLOSE_AFTER_FLUSH);
         self.phase = Phase::Lingering;
         self.deadline_ms = cx.now_ms + cx.timeouts.close_timeout_ms;
-        if self.outbox.is_none() {
+        if self.output_done(io) {
             return self.finish_after_flush(io);
         }
         Verdict::Keep
@@ -745,7 +766,7 @@ impl Connection {
                 if self.close_websocket(ws::close::GOING_AWAY, "server shutting down", io, cx) == Verdict::Close {
                     return Verdict::Close;
                 }
-                self.end_after_flush(cx)
+                self.end_after_flush(io, cx)
             }
             Phase::Http => Verdict::Close,
             Phase::Closing | Phase::Stream | Phase::Polling | Phase::Lingering | Phase::Session => Verdict::Keep,

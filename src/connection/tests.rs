@@ -14,6 +14,8 @@ struct FakeSocket {
     shut_write: bool,
     broken: bool,
     counts: Vec<Count>,
+    /// Bytes a transport (TLS) took but the socket has not yet.
+    held: usize,
 }
 
 impl Io for FakeSocket {
@@ -42,6 +44,17 @@ impl Io for FakeSocket {
 
     fn count(&mut self, what: Count) {
         self.counts.push(what);
+    }
+
+    fn holds_output(&self) -> bool {
+        self.held > 0
+    }
+
+    fn flush_held(&mut self) -> Result<bool, Broken> {
+        let out = self.held.min(self.room);
+        self.held -= out;
+        self.room -= out;
+        Ok(self.held == 0)
     }
 }
 
@@ -127,7 +140,7 @@ impl Harness {
                     let mut response = Vec::new();
                     http_codec::write_text_response(&mut response, 200, &[], "ok", keep_alive);
                     assert_eq!(self.conn.send_owned(response, &mut self.socket, &cx), Verdict::Keep);
-                    if self.conn.request_answered(keep_alive, &cx) == Verdict::Close {
+                    if self.conn.request_answered(keep_alive, &self.socket, &cx) == Verdict::Close {
                         seen.push(Seen::Close);
                         return seen;
                     }
@@ -435,6 +448,21 @@ fn a_slow_consumer_that_never_reads_is_dropped_at_the_close_deadline() {
     assert!(h.conn.is_ending());
     assert_eq!(h.timer_at(2_099), Timer::Nothing);
     assert_eq!(h.timer_at(2_100), Timer::Close);
+}
+
+#[test]
+fn output_a_transport_holds_delays_the_end_until_it_is_out() {
+    let mut h = Harness::websocket();
+    // TLS sealed a close frame's records but the socket took none of them.
+    h.socket.held = 30;
+    h.socket.room = 0;
+    assert_eq!(h.with(|conn, socket, cx| conn.end_after_flush(socket, cx)), Verdict::Keep);
+    assert!(h.conn.is_ending());
+    assert_eq!(h.with(|conn, socket, _| conn.flush(socket)), Verdict::Keep, "still held");
+    h.socket.room = 10;
+    assert_eq!(h.with(|conn, socket, _| conn.flush(socket)), Verdict::Keep, "partly out");
+    h.socket.room = usize::MAX;
+    assert_eq!(h.with(|conn, socket, _| conn.flush(socket)), Verdict::Close, "all out: now it ends");
 }
 
 #[test]

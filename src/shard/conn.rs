@@ -12,10 +12,13 @@ use super::{sys, Conn, Metrics, Shard, ACCEPTS_PER_TICK, READ_BYTES_PER_CONN_PER
 use crate::bus::Message;
 use crate::connection::http::BufItem;
 use crate::connection::outbox::{OutItem, Wire};
-use crate::connection::{Broken, Connection, Context, Count, Io, Marks, Phase, Step, Verdict, PENDING_SLOT};
+use crate::connection::{
+    Broken, Connection, Context, Count, Io, Marks, Phase, Step, Verdict, IOVECS_MAX, PENDING_SLOT,
+};
 use crate::hub::index::ConnKey;
 use crate::hub::owner_of;
 use crate::hub::publication::Publication;
+use crate::tls::{TlsError, TlsSession, SEAL_BUDGET_BYTES};
 use kometa_protocol::ws;
 
 /// Generations stay below this: the I/O driver keeps the top bits of a
@@ -26,6 +29,9 @@ const GENERATION_LIMIT: u32 = 1 << 30;
 pub(crate) fn conn_token(key: ConnKey, generation: u32) -> u64 {
     (u64::from(generation) << 32) | u64::from(key)
 }
+
+/// Sent, unencrypted, to a plain HTTP request on the TLS port.
+const PLAIN_HTTP_ON_TLS_RESPONSE: &[u8] = b"HTTP/1.1 400 Bad Request\r\nContent-Type: text/plain\r\nContent-Length: 64\r\nConnection: close\r\n\r\nplain HTTP request sent to the TLS port; use https:// or wss://\n";
 
 /// Sent, best effort, to a connection refused at the connection cap.
 const REFUSED_RESPONSE: &[u8] =
@@ -85,9 +91,20 @@ impl Shard {
             sys::discard_unread_input(fd.as_raw_fd());
             return;
         }
+        let tls = match self.new_tls_session() {
+            Ok(tls) => tls,
+            Err(error) => {
+                tracing::warn!(shard = self.id, %error, "cannot start a TLS session");
+                self.shared.connections.fetch_sub(1, Ordering::Relaxed);
+                return;
+            }
+        };
         // TCP_NODELAY comes from the listener (Linux copies it to accepted sockets).
-        if self.register_socket(fd).is_some() {
+        if let Some((key, _)) = self.register_socket(fd) {
             self.metrics.connections_accepted += 1;
+            if let Some(conn) = self.conns.get_mut(key as usize) {
+                conn.tls = tls;
+            }
         }
     }
 
@@ -112,14 +129,31 @@ impl Shard {
             return None;
         }
         let cx = Context { now_ms: self.now_ms, limits: &self.config.limits, timeouts: &self.config.timeouts };
-        entry.insert(Conn { fd: Some(fd), state: Connection::new(generation, &cx) });
+        entry.insert(Conn { fd: Some(fd), state: Connection::new(generation, &cx), tls: None });
         Some((key, generation))
+    }
+
+    /// A TLS session for a new connection, when the listener has TLS.
+    fn new_tls_session(&mut self) -> Result<Option<Box<TlsSession>>, TlsError> {
+        let generation = self.shared.tls_generation.load(Ordering::Acquire);
+        if generation != self.tls_generation {
+            // Reloaded: new connections get the new certificate.
+            self.tls_config = self.shared.tls.read().map(|tls| tls.clone()).unwrap_or(None);
+            self.tls_generation = generation;
+        }
+        match &self.tls_config {
+            None => Ok(None),
+            Some(config) => TlsSession::new(config).map(|session| Some(Box::new(session))),
+        }
     }
 
     /// A connection handed over by another shard (it asked for an HTTP
     /// session that lives here): register it and replay what was read.
-    pub(crate) fn adopt(&mut self, fd: OwnedFd, mut input: Box<[u8]>) {
+    pub(crate) fn adopt(&mut self, fd: OwnedFd, mut input: Box<[u8]>, tls: Option<Box<TlsSession>>) {
         if let Some((key, generation)) = self.register_socket(fd) {
+            if let Some(conn) = self.conns.get_mut(key as usize) {
+                conn.tls = tls;
+            }
             self.feed(key, generation, &mut input);
         }
     }
@@ -130,7 +164,7 @@ impl Shard {
         let Some(mut conn) = self.conns.try_remove(key as usize) else { return };
         let Some(fd) = conn.fd.take() else { return };
         self.driver.unwatch_socket(fd.as_raw_fd(), conn_token(key, conn.state.generation()), false);
-        self.bus.send(shard, crate::bus::Message::Adopt { fd, input: input.into() });
+        self.bus.send(shard, crate::bus::Message::Adopt { fd, input: input.into(), tls: conn.tls.take() });
     }
 
     /// The connection at `key`, if it is still the one with `generation`.
@@ -232,7 +266,11 @@ impl Shard {
                     }
                     let peer_shut_write = state.marks.contains(Marks::PEER_SHUT_WRITE);
                     budget = budget.saturating_sub(count);
-                    self.feed(key, generation, &mut scratch[..count]);
+                    if conn.tls.is_some() {
+                        self.tls_input(key, generation, &mut scratch[..count]);
+                    } else {
+                        self.feed(key, generation, &mut scratch[..count]);
+                    }
                     // A short read drained the socket; edge-triggered epoll
                     // reports any data that arrives after it. Not so for a
                     // FIN already queued: read on until the end of stream.
@@ -255,6 +293,54 @@ impl Shard {
         self.scratch = scratch;
     }
 
+    /// Ciphertext arrived on a TLS connection: decrypt it, send what the
+    /// handshake has for the peer, and feed the plaintext.
+    fn tls_input(&mut self, key: ConnKey, generation: u32, ciphertext: &mut [u8]) {
+        let Some(conn) = self.conn_mut(key, generation) else { return };
+        let Some(mut tls) = conn.tls.take() else { return };
+        let mut plaintext = std::mem::take(&mut self.tls_plaintext);
+        plaintext.clear();
+        let result = tls.receive(ciphertext, &mut plaintext);
+        if let Some(conn) = self.conn_mut(key, generation) {
+            conn.tls = Some(tls);
+        }
+        match result {
+            Err(TlsError::NotTls) => {
+                self.metrics.tls_failures += 1;
+                if let Some(conn) = self.conn_mut(key, generation) {
+                    // Unencrypted, as the client speaks.
+                    let _ = sys::send(conn.raw_fd(), PLAIN_HTTP_ON_TLS_RESPONSE);
+                    let _ = sys::shutdown_write(conn.raw_fd());
+                }
+                self.close_conn(key);
+            }
+            Err(TlsError::Protocol(why)) => {
+                self.metrics.tls_failures += 1;
+                tracing::debug!(shard = self.id, key, %why, "TLS failed");
+                // An alert rustls queued goes out best effort.
+                self.flush(key);
+                self.close_conn(key);
+            }
+            Ok(received) => {
+                if received.handshake_done {
+                    self.metrics.tls_handshakes += 1;
+                }
+                // What the handshake has for the peer.
+                self.flush(key);
+                if !plaintext.is_empty() {
+                    self.feed(key, generation, &mut plaintext);
+                }
+                if received.peer_closed {
+                    self.peer_closed(key);
+                }
+            }
+        }
+        if plaintext.capacity() > super::SCRATCH_BYTES * 2 {
+            plaintext = Vec::new();
+        }
+        self.tls_plaintext = plaintext;
+    }
+
     /// The peer closed its side (end of stream). A WebSocket without a close
     /// frame is an abnormal closure; either way the connection ends, but
     /// only once what is already queued for the peer has been written: a
@@ -262,7 +348,7 @@ impl Shard {
     /// checkers, proxies) still reads the whole response.
     fn peer_closed(&mut self, key: ConnKey) {
         let Some(conn) = self.conns.get_mut(key as usize) else { return };
-        if !conn.state.has_output() {
+        if !conn.has_output() {
             self.close_conn(key);
             return;
         }
@@ -321,7 +407,8 @@ impl Shard {
                     return input.len();
                 };
                 let cx = Context { now_ms: self.now_ms, limits: &self.config.limits, timeouts: &self.config.timeouts };
-                let mut io = SocketIo::new(conn.raw_fd(), &mut self.metrics);
+                let mut io =
+                    SocketIo::new(conn.raw_fd(), conn.tls.as_deref_mut(), &mut self.tls_sealed, &mut self.metrics);
                 conn.state.step(rest, &mut io, &cx)
             };
             match step {
@@ -340,7 +427,7 @@ impl Shard {
                     let keep_alive = request.keep_alive();
                     let held = self.route(key, generation, &request, body, whole);
                     if !held {
-                        self.drive(key, generation, |conn, _, cx| conn.request_answered(keep_alive, cx));
+                        self.drive(key, generation, |conn, io, cx| conn.request_answered(keep_alive, io, cx));
                     }
                     position += used;
                 }
@@ -362,7 +449,7 @@ impl Shard {
             return false;
         };
         let cx = Context { now_ms: self.now_ms, limits: &self.config.limits, timeouts: &self.config.timeouts };
-        let mut io = SocketIo::new(conn.raw_fd(), &mut self.metrics);
+        let mut io = SocketIo::new(conn.raw_fd(), conn.tls.as_deref_mut(), &mut self.tls_sealed, &mut self.metrics);
         match action(&mut conn.state, &mut io, &cx) {
             Verdict::Keep => true,
             Verdict::Close => {
@@ -438,7 +525,7 @@ impl Shard {
 
     /// Ends the connection once what is queued has been written.
     pub(crate) fn end_after_flush(&mut self, key: ConnKey) {
-        self.drive_key(key, |conn, _, cx| conn.end_after_flush(cx));
+        self.drive_key(key, |conn, io, cx| conn.end_after_flush(io, cx));
     }
 
     /// Starts the WebSocket closing handshake (an HTTP session ends instead).
@@ -465,6 +552,13 @@ impl Shard {
     /// Removes the connection: unsubscribes it everywhere and closes the socket.
     pub(crate) fn close_conn(&mut self, key: ConnKey) {
         let Some(mut conn) = self.conns.try_remove(key as usize) else { return };
+        if let (Some(tls), Some(fd)) = (conn.tls.as_mut(), conn.fd.as_ref()) {
+            // A clean TLS close, best effort: close_notify before our FIN.
+            if tls.held().is_empty() && !tls.is_handshaking() {
+                tls.close_notify();
+                let _ = sys::send(fd.as_raw_fd(), tls.held());
+            }
+        }
         if let Some(fd) = &conn.fd {
             self.driver.unwatch_socket(fd.as_raw_fd(), conn_token(key, conn.state.generation()), true);
         }
@@ -504,34 +598,107 @@ impl Shard {
     }
 }
 
-/// A connection's socket as its state machine sees it, and the shard's
-/// counters it reports to.
+/// A connection's socket as its state machine sees it (through TLS when
+/// the listener has it), and the shard's counters it reports to.
 pub(crate) struct SocketIo<'a> {
     /// -1 for a socket-less HTTP session: any syscall fails with EBADF.
     fd: RawFd,
+    tls: Option<&'a mut TlsSession>,
+    /// The shard's buffer for records sealed in one write.
+    sealed: &'a mut Vec<u8>,
     metrics: &'a mut Metrics,
 }
 
 impl<'a> SocketIo<'a> {
-    pub(crate) fn new(fd: RawFd, metrics: &'a mut Metrics) -> Self {
-        SocketIo { fd, metrics }
+    pub(crate) fn new(
+        fd: RawFd,
+        tls: Option<&'a mut TlsSession>,
+        sealed: &'a mut Vec<u8>,
+        metrics: &'a mut Metrics,
+    ) -> Self {
+        SocketIo { fd, tls, sealed, metrics }
     }
+}
+
+/// Non-blocking gathered send: the bytes the socket took, 0 when full.
+fn send_chunks<'a>(fd: RawFd, chunks: impl Iterator<Item = &'a [u8]> + Clone) -> Result<usize, Broken> {
+    loop {
+        match sys::send_vectored(fd, chunks.clone()) {
+            Ok(written) => return Ok(written),
+            Err(error) if error.kind() == io::ErrorKind::WouldBlock => return Ok(0),
+            Err(error) if error.kind() == io::ErrorKind::Interrupted => continue,
+            Err(_) => return Err(Broken),
+        }
+    }
+}
+
+/// `chunks` without their first `skip` bytes.
+fn skip_bytes<'a>(chunks: impl Iterator<Item = &'a [u8]>, mut skip: usize) -> impl Iterator<Item = &'a [u8]> {
+    chunks.filter_map(move |chunk| {
+        if skip >= chunk.len() {
+            skip -= chunk.len();
+            return None;
+        }
+        let rest = &chunk[skip..];
+        skip = 0;
+        Some(rest)
+    })
 }
 
 impl Io for SocketIo<'_> {
     fn send_vectored<'a>(&mut self, chunks: impl Iterator<Item = &'a [u8]> + Clone) -> Result<usize, Broken> {
-        loop {
-            match sys::send_vectored(self.fd, chunks.clone()) {
-                Ok(written) => return Ok(written),
-                Err(error) if error.kind() == io::ErrorKind::WouldBlock => return Ok(0),
-                Err(error) if error.kind() == io::ErrorKind::Interrupted => continue,
-                Err(_) => return Err(Broken),
+        let fd = self.fd;
+        let Some(tls) = self.tls.as_deref_mut() else { return send_chunks(fd, chunks) };
+        // Records already sealed go first; while they wait, nothing new is
+        // sealed (so at most one write's worth is ever held).
+        if !tls.held().is_empty() {
+            let written = send_chunks(fd, std::iter::once(tls.held()))?;
+            tls.advance_held(written);
+            if !tls.held().is_empty() {
+                return Ok(0);
             }
         }
+        // Seal a budget at a time while the socket takes it all: the
+        // connection reads "fewer bytes than offered" as "the socket is
+        // full" and waits for it to become writable.
+        let mut taken = 0;
+        loop {
+            self.sealed.clear();
+            let rest = skip_bytes(chunks.clone().take(IOVECS_MAX), taken);
+            let sealed_now = tls.seal(rest, SEAL_BUDGET_BYTES, self.sealed).map_err(|_| Broken)?;
+            if sealed_now == 0 {
+                break;
+            }
+            taken += sealed_now;
+            let written = send_chunks(fd, std::iter::once(&self.sealed[..]))?;
+            if written < self.sealed.len() {
+                tls.hold(&self.sealed[written..]);
+                break;
+            }
+        }
+        if self.sealed.capacity() > 4 * SEAL_BUDGET_BYTES {
+            *self.sealed = Vec::new();
+        }
+        Ok(taken)
     }
 
     fn shutdown_write(&mut self) -> Result<(), Broken> {
         sys::shutdown_write(self.fd).map_err(|_| Broken)
+    }
+
+    fn holds_output(&self) -> bool {
+        self.tls.as_ref().is_some_and(|tls| !tls.held().is_empty())
+    }
+
+    fn flush_held(&mut self) -> Result<bool, Broken> {
+        let fd = self.fd;
+        let Some(tls) = self.tls.as_deref_mut() else { return Ok(true) };
+        if tls.held().is_empty() {
+            return Ok(true);
+        }
+        let written = send_chunks(fd, std::iter::once(tls.held()))?;
+        tls.advance_held(written);
+        Ok(tls.held().is_empty())
     }
 
     fn count(&mut self, what: Count) {

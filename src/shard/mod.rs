@@ -40,6 +40,7 @@ use crate::hub::channel::OwnedChannels;
 use crate::hub::index::{ConnKey, LocalChannelId, LocalIndex};
 use crate::hub::publication::Publication;
 use crate::hub::user::{OwnedUsers, UserLimits};
+use crate::tls::TlsSession;
 use kometa_protocol::token::Verifier;
 
 /// Bytes read per `recv` into the shard's scratch buffer.
@@ -84,6 +85,8 @@ pub use crate::bus::Shared;
 pub struct Conn {
     pub fd: Option<OwnedFd>,
     pub state: Connection,
+    /// TLS between the socket and the connection (the listener has `tls.*`).
+    pub tls: Option<Box<TlsSession>>,
 }
 
 impl Conn {
@@ -91,6 +94,11 @@ impl Conn {
     /// fails with EBADF, so a bug cannot touch another descriptor).
     pub fn raw_fd(&self) -> std::os::fd::RawFd {
         self.fd.as_ref().map_or(-1, AsRawFd::as_raw_fd)
+    }
+
+    /// Output waits for the socket: in the outbox, or sealed by TLS.
+    pub fn has_output(&self) -> bool {
+        self.state.has_output() || self.tls.as_ref().is_some_and(|tls| !tls.held().is_empty())
     }
 }
 
@@ -123,6 +131,9 @@ pub struct Metrics {
     /// Publications this shard refused as owner because a subscriber shard
     /// was past `limits.fanout_backlog_max`.
     pub publications_refused: u64,
+    /// TLS handshakes completed and failed.
+    pub tls_handshakes: u64,
+    pub tls_failures: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -179,6 +190,15 @@ pub struct Shard {
     pub(crate) ready: VecDeque<(ConnKey, u32)>,
     /// Reads land here; only a partial frame is copied to the connection.
     pub(crate) scratch: Vec<u8>,
+    /// TLS settings for new connections and the `Shared::tls_generation`
+    /// they came with (re-read when it moves: a reload).
+    pub(crate) tls_config: Option<Arc<rustls::ServerConfig>>,
+    pub(crate) tls_generation: u64,
+    /// Decrypted input of one read (TLS), before it is fed to the connection.
+    pub(crate) tls_plaintext: Vec<u8>,
+    /// Records sealed for one write (TLS); what the socket does not take
+    /// moves to the session.
+    pub(crate) tls_sealed: Vec<u8>,
     pub(crate) events: Vec<io::IoEvent>,
     pub metrics: Metrics,
     /// Shards owning channels and users (the bus also has the admin gateway).
@@ -220,6 +240,8 @@ impl Shard {
             last_seen_ttl_ms: config.users.last_seen_ttl_ms,
         };
         let verifier = Verifier::new(config.token_secret.as_deref(), config.token_secret_previous.as_deref());
+        let tls_generation = shared.tls_generation.load(Ordering::Acquire);
+        let tls_config = shared.tls.read().map(|tls| tls.clone()).unwrap_or(None);
         Ok(Shard {
             id,
             shared,
@@ -241,6 +263,10 @@ impl Shard {
             fanouts: VecDeque::new(),
             ready: VecDeque::new(),
             scratch: vec![0; SCRATCH_BYTES],
+            tls_config,
+            tls_generation,
+            tls_plaintext: Vec::new(),
+            tls_sealed: Vec::new(),
             events: Vec::with_capacity(EVENTS_PER_TICK),
             metrics: Metrics::default(),
             shard_count,
@@ -466,6 +492,8 @@ impl Shard {
             users_online: self.users.online() as u64,
             users_tracked: self.users.tracked() as u64,
             authenticated: self.metrics.authenticated,
+            tls_handshakes: self.metrics.tls_handshakes,
+            tls_failures: self.metrics.tls_failures,
             http_sessions: self.metrics.http_sessions,
             publications_refused: self.metrics.publications_refused,
             fanout_backlog: self.shared.fanout_backlog[self.id].load(Ordering::Relaxed) as u64,

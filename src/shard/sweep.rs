@@ -38,7 +38,7 @@ impl Shard {
                 continue;
             }
             let cx = Context { now_ms, limits: &self.config.limits, timeouts: &self.config.timeouts };
-            let mut io = SocketIo::new(conn.raw_fd(), &mut self.metrics);
+            let mut io = SocketIo::new(conn.raw_fd(), conn.tls.as_deref_mut(), &mut self.tls_sealed, &mut self.metrics);
             match conn.state.on_timer(&mut io, &cx) {
                 Timer::Nothing => {}
                 Timer::PollTimeout => self.poll_timeout(key),

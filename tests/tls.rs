@@ -1,0 +1,228 @@
+//! TLS on the public listener, over real sockets: wss:// and https:// with
+//! a rustls client, OpenSSL (Python) against the compact record layer, and
+//! plain HTTP on the TLS port.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use common::{Server, TIMEOUT};
+use rustls::pki_types::ServerName;
+use serde_json::{json, Value};
+use tungstenite::Message;
+
+type TlsStream = rustls::StreamOwned<rustls::ClientConnection, TcpStream>;
+
+/// A test CA and a certificate for `localhost` it signed, as PEM files.
+struct Pki {
+    ca_pem: String,
+    cert_file: PathBuf,
+    key_file: PathBuf,
+}
+
+fn pki(dir: &Path) -> Pki {
+    let ca_key = rcgen::KeyPair::generate().expect("CA key");
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("CA params");
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    ca_params.distinguished_name.push(rcgen::DnType::CommonName, "Kometa test CA");
+    let ca = ca_params.self_signed(&ca_key).expect("CA");
+    let leaf_key = rcgen::KeyPair::generate().expect("leaf key");
+    let leaf_params = rcgen::CertificateParams::new(vec!["localhost".to_owned()]).expect("leaf params");
+    let leaf = leaf_params.signed_by(&leaf_key, &ca, &ca_key).expect("leaf");
+    std::fs::create_dir_all(dir).expect("pki dir");
+    let cert_file = dir.join("cert.pem");
+    let key_file = dir.join("key.pem");
+    // The chain as servers ship it: leaf, then the CA.
+    std::fs::write(&cert_file, format!("{}{}", leaf.pem(), ca.pem())).expect("write cert");
+    std::fs::write(&key_file, leaf_key.serialize_pem()).expect("write key");
+    Pki { ca_pem: ca.pem(), cert_file, key_file }
+}
+
+fn tls_server(shards: usize) -> (Server, Pki) {
+    let dir = common::temp_dir("pki");
+    let pki = pki(&dir);
+    let server = Server::start_with(
+        shards,
+        "",
+        &["--tls-cert-file", pki.cert_file.to_str().unwrap(), "--tls-key-file", pki.key_file.to_str().unwrap()],
+    );
+    (server, pki)
+}
+
+fn client_config(pki: &Pki) -> Arc<rustls::ClientConfig> {
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in rustls::pki_types::CertificateDer::pem_slice_iter(pki.ca_pem.as_bytes()) {
+        roots.add(cert.expect("CA pem")).expect("root");
+    }
+    Arc::new(rustls::ClientConfig::builder().with_root_certificates(roots).with_no_client_auth())
+}
+
+use rustls::pki_types::pem::PemObject;
+
+fn tls_connect(server: &Server, pki: &Pki) -> TlsStream {
+    let tcp = server.tcp();
+    tcp.set_nodelay(true).expect("nodelay");
+    let connection = rustls::ClientConnection::new(client_config(pki), ServerName::try_from("localhost").unwrap())
+        .expect("client connection");
+    rustls::StreamOwned::new(connection, tcp)
+}
+
+fn wss(server: &Server, pki: &Pki) -> tungstenite::WebSocket<TlsStream> {
+    let stream = tls_connect(server, pki);
+    let url = format!("wss://localhost:{}/ws", server.port);
+    let (socket, _) = tungstenite::client::client(url, stream).expect("websocket handshake over TLS");
+    socket
+}
+
+fn recv_json(socket: &mut tungstenite::WebSocket<TlsStream>) -> Value {
+    loop {
+        match socket.read().expect("read") {
+            Message::Text(text) => return serde_json::from_str(&text).expect("JSON"),
+            Message::Ping(_) | Message::Pong(_) => continue,
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+}
+
+#[test]
+fn wss_subscribe_and_receive_small_and_large_publications() {
+    let (server, pki) = tls_server(2);
+    let mut socket = wss(&server, &pki);
+    socket.send(Message::Text(json!({"op": "subscribe", "channel": "news", "id": 1}).to_string().into())).unwrap();
+    let reply = recv_json(&mut socket);
+    assert_eq!(reply["ok"], true, "{reply}");
+    server.publish("news", "e", "\"hello\"");
+    let push = recv_json(&mut socket);
+    assert_eq!(push["data"], "hello", "{push}");
+    // Larger than one TLS record (16 KiB) and than one socket write.
+    let big = "x".repeat(200_000);
+    server.publish("news", "e", &format!("\"{big}\""));
+    let push = recv_json(&mut socket);
+    assert_eq!(push["data"].as_str().map(str::len), Some(big.len()));
+    // Many in a row: records back to back in one read.
+    for n in 0..200 {
+        server.publish("news", "e", &n.to_string());
+    }
+    for n in 0..200 {
+        assert_eq!(recv_json(&mut socket)["data"], n);
+    }
+    let stats = server.stats();
+    assert!(stats["tls_handshakes"].as_u64().unwrap() >= 1, "{stats}");
+}
+
+#[test]
+fn a_clean_websocket_close_over_tls() {
+    let (server, pki) = tls_server(1);
+    let mut socket = wss(&server, &pki);
+    socket.close(None).expect("close");
+    loop {
+        match socket.read() {
+            Ok(Message::Close(_)) | Ok(_) => continue,
+            Err(tungstenite::Error::ConnectionClosed) => break,
+            Err(error) => panic!("unclean close: {error}"),
+        }
+    }
+}
+
+#[test]
+fn https_sse_and_health() {
+    let (server, pki) = tls_server(2);
+    let mut stream = tls_connect(&server, &pki);
+    stream.write_all(b"GET /health HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n").unwrap();
+    let mut response = String::new();
+    let _ = stream.read_to_string(&mut response);
+    assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+
+    let mut stream = tls_connect(&server, &pki);
+    stream.write_all(b"GET /sse?channel=ticks HTTP/1.1\r\nHost: localhost\r\n\r\n").unwrap();
+    let mut seen = String::new();
+    let mut buffer = [0u8; 4096];
+    let deadline = std::time::Instant::now() + TIMEOUT;
+    let mut published = false;
+    while !seen.contains("\"tick\"") {
+        assert!(std::time::Instant::now() < deadline, "no SSE event over TLS: {seen}");
+        let n = stream.read(&mut buffer).expect("read SSE");
+        seen.push_str(&String::from_utf8_lossy(&buffer[..n]));
+        // Publish once the URL's subscription is confirmed.
+        if !published && seen.contains("\"ok\":true") {
+            server.publish("ticks", "e", "\"tick\"");
+            published = true;
+        }
+    }
+    assert!(seen.starts_with("HTTP/1.1 200"), "{seen}");
+    assert!(seen.contains("text/event-stream"));
+}
+
+#[test]
+fn plain_http_on_the_tls_port_gets_a_plain_400() {
+    let (server, _pki) = tls_server(1);
+    let response = common::http_exchange(&server, b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n");
+    assert!(response.starts_with("HTTP/1.1 400"), "{response}");
+    assert!(response.contains("TLS port"), "{response}");
+    let stats = server.wait_stats("tls failure counted", |s| s["tls_failures"].as_u64() >= Some(1));
+    assert_eq!(stats["tls_handshakes"], 0);
+}
+
+#[test]
+fn a_broken_handshake_does_not_disturb_others() {
+    let (server, pki) = tls_server(1);
+    let mut socket = wss(&server, &pki);
+    socket.send(Message::Text(json!({"op": "subscribe", "channel": "c", "id": 1}).to_string().into())).unwrap();
+    assert_eq!(recv_json(&mut socket)["ok"], true);
+    // A client hello cut short, then garbage.
+    let mut bad = server.tcp();
+    bad.write_all(&[22, 3, 1, 0, 50, 1, 0, 0, 46, 3, 3]).unwrap();
+    bad.write_all(&[0xff; 64]).unwrap();
+    let mut sink = Vec::new();
+    let _ = bad.read_to_end(&mut sink);
+    server.publish("c", "e", "1");
+    assert_eq!(recv_json(&mut socket)["data"], 1);
+}
+
+/// OpenSSL (Python's ssl module with the `websockets` client) against the
+/// server's own record layer: the interoperability that matters for browsers.
+#[test]
+fn an_openssl_client_talks_to_the_compact_record_layer() {
+    let (server, pki) = tls_server(2);
+    let ca_file = server.dir.join("ca.pem");
+    std::fs::write(&ca_file, &pki.ca_pem).unwrap();
+    let python = concat!(env!("CARGO_MANIFEST_DIR"), "/.venv/bin/python");
+    assert!(Path::new(python).exists(), "{python} missing: run scripts/install-test-deps.sh");
+    let script = r#"
+import asyncio, json, ssl, sys
+from websockets.asyncio.client import connect
+async def main(port, ca):
+    context = ssl.create_default_context(cafile=ca)
+    async with connect(f"wss://localhost:{port}/ws", ssl=context) as ws:
+        await ws.send(json.dumps({"op": "subscribe", "channel": "o", "id": 1}))
+        reply = json.loads(await ws.recv())
+        assert reply.get("ok") is True, reply
+        print("subscribed", flush=True)
+        got = json.loads(await asyncio.wait_for(ws.recv(), 10))
+        print("cipher", ws.transport.get_extra_info("ssl_object").cipher()[0], flush=True)
+        print("data", len(got["data"]), flush=True)
+asyncio.run(main(int(sys.argv[1]), sys.argv[2]))
+"#;
+    let mut child = std::process::Command::new(python)
+        .arg("-c")
+        .arg(script)
+        .arg(server.port.to_string())
+        .arg(&ca_file)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("python");
+    let mut stdout = std::io::BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut stdout, &mut line).unwrap();
+    assert_eq!(line.trim(), "subscribed");
+    let big = "y".repeat(70_000);
+    server.publish("o", "e", &format!("\"{big}\""));
+    let mut rest = String::new();
+    stdout.read_to_string(&mut rest).unwrap();
+    assert!(child.wait().unwrap().success(), "python client failed: {rest}");
+    assert!(rest.contains("CHACHA20"), "the server should prefer ChaCha20-Poly1305: {rest}");
+    assert!(rest.contains(&format!("data {}", big.len())), "{rest}");
+}
