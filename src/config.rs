@@ -207,6 +207,9 @@ pub struct ClusterConfig {
     /// This node's name in the cluster (letters, digits, `_ - .`, at most 64
     /// bytes); generated at start when not set.
     pub node_id: Option<String>,
+    /// `node_id` was generated, not configured (not a setting).
+    #[serde(skip)]
+    pub node_id_generated: bool,
     /// Prefix of every Redis key and pub/sub channel, so several clusters can
     /// share one Redis.
     pub key_prefix: String,
@@ -244,6 +247,7 @@ impl Default for ClusterConfig {
         ClusterConfig {
             redis: Vec::new(),
             node_id: None,
+            node_id_generated: false,
             key_prefix: "kometa".into(),
             heartbeat_interval_ms: 1_000,
             node_timeout_ms: 5_000,
@@ -363,6 +367,65 @@ impl Default for Config {
             io: IoConfig::default(),
             tls: TlsConfig::default(),
         }
+    }
+}
+
+impl Config {
+    /// The keys of `next` that differ from `self` but only take effect on
+    /// a restart (listeners, shards, the bus, cluster, per-shard sizing).
+    /// A reload keeps `self`'s values for them (`keep_restart_only`).
+    pub fn restart_only_changes(&self, next: &Config) -> Vec<&'static str> {
+        let mut changed = Vec::new();
+        let mut check = |key, differs: bool| {
+            if differs {
+                changed.push(key);
+            }
+        };
+        check("listen", self.listen != next.listen);
+        check("admin", self.admin != next.admin);
+        check("admin_key", self.admin_key != next.admin_key);
+        check("shards", self.shards != next.shards);
+        check("accept_backlog", self.accept_backlog != next.accept_backlog);
+        check("connections_max", self.connections_max != next.connections_max);
+        check("transparent_huge_pages", self.transparent_huge_pages != next.transparent_huge_pages);
+        check("pin_shards", self.pin_shards != next.pin_shards);
+        check("io", self.io != next.io);
+        // A node id generated at start differs on every load: compare
+        // the cluster settings as written.
+        let mut next_cluster = next.cluster.clone();
+        if self.cluster.node_id_generated {
+            next_cluster.node_id = self.cluster.node_id.clone();
+            next_cluster.node_id_generated = true;
+        }
+        check("cluster", self.cluster != next_cluster);
+        check("inbox", self.inbox != next.inbox);
+        check("users", self.users != next.users);
+        check("limits.bus_queue_capacity", self.limits.bus_queue_capacity != next.limits.bus_queue_capacity);
+        check("limits.bus_overflow_max", self.limits.bus_overflow_max != next.limits.bus_overflow_max);
+        check("limits.channels_max", self.limits.channels_max != next.limits.channels_max);
+        check("timeouts.sweep_interval_ms", self.timeouts.sweep_interval_ms != next.timeouts.sweep_interval_ms);
+        changed
+    }
+
+    /// `next` with the restart-only settings of `self` (see above).
+    pub fn keep_restart_only(&self, mut next: Config) -> Config {
+        next.listen = self.listen;
+        next.admin = self.admin.clone();
+        next.admin_key = self.admin_key.clone();
+        next.shards = self.shards;
+        next.accept_backlog = self.accept_backlog;
+        next.connections_max = self.connections_max;
+        next.transparent_huge_pages = self.transparent_huge_pages;
+        next.pin_shards = self.pin_shards;
+        next.io = self.io.clone();
+        next.cluster = self.cluster.clone();
+        next.inbox = self.inbox.clone();
+        next.users = self.users.clone();
+        next.limits.bus_queue_capacity = self.limits.bus_queue_capacity;
+        next.limits.bus_overflow_max = self.limits.bus_overflow_max;
+        next.limits.channels_max = self.limits.channels_max;
+        next.timeouts.sweep_interval_ms = self.timeouts.sweep_interval_ms;
+        next
     }
 }
 
@@ -553,7 +616,10 @@ impl Config {
                 return Err(error("cluster.node_id", "must be 1-64 bytes of letters, digits and _ - ."));
             }
             Some(_) => {}
-            None => c.node_id = Some(format!("{:012x}", crate::util::random_u64() >> 16)),
+            None => {
+                c.node_id = Some(format!("{:012x}", crate::util::random_u64() >> 16));
+                c.node_id_generated = true;
+            }
         }
         if c.key_prefix.is_empty() || c.key_prefix.len() > 64 || !c.key_prefix.bytes().all(node_id_byte_allowed) {
             return Err(error("cluster.key_prefix", "must be 1-64 bytes of letters, digits and _ - ."));

@@ -275,7 +275,9 @@ fn run(cli: Cli) -> Result<(), (u8, String)> {
     match cli.command {
         Command::Serve(args) => {
             let config = load_config(&args).map_err(|e| (2, format!("config error: {e}")))?;
-            kometa::server::serve(config).map_err(|e| (1, e.to_string()))
+            // A reload reads the same file and flags again.
+            let source: kometa::server::ConfigSource = Box::new(move || load_config(&args));
+            kometa::server::serve(config, Some(source)).map_err(|e| (1, e.to_string()))
         }
         Command::Publish { admin, channel, event, data } => {
             let mut client = connect(&admin)?;

@@ -208,6 +208,9 @@ fn block_shutdown_signals() -> libc::sigset_t {
         libc::sigemptyset(&mut set);
         libc::sigaddset(&mut set, libc::SIGINT);
         libc::sigaddset(&mut set, libc::SIGTERM);
+        // SIGHUP reloads the configuration (wait_for_signals); blocked like
+        // the others so it never takes the default action (exit).
+        libc::sigaddset(&mut set, libc::SIGHUP);
         libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
         libc::signal(libc::SIGPIPE, libc::SIG_IGN);
         set
@@ -225,8 +228,55 @@ impl Drop for SocketFileGuard {
     }
 }
 
-/// Runs the server until SIGTERM/SIGINT and a graceful shutdown.
-pub fn serve(config: Config) -> Result<(), ServeError> {
+/// Where a reload reads the configuration from: the file and flags the
+/// server started with, validated.
+pub type ConfigSource = Box<dyn Fn() -> Result<Config, String> + Send + Sync>;
+
+/// What a reload changed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reloaded {
+    /// Changed keys that keep their old value until a restart.
+    pub restart_needed: Vec<&'static str>,
+}
+
+/// Re-reads the configuration and makes it live: limits, namespaces,
+/// token secrets, allowed origins, timeouts, TLS certificates. A file
+/// that fails validation, or a certificate that cannot be loaded, is
+/// refused (the error names the key) and the running configuration stays.
+pub fn reload(shared: &Shared, source: &ConfigSource) -> Result<Reloaded, String> {
+    let next = source()?;
+    let current = shared.config.read().map(|config| Arc::clone(&config)).map_err(|_| "config lock poisoned")?;
+    let mut restart_needed = current.restart_only_changes(&next);
+    let mut next = current.keep_restart_only(next);
+    let tls = match (&next.tls.cert_file, &next.tls.key_file) {
+        _ if current.tls.enabled() != next.tls.enabled() => {
+            // Turning TLS on or off changes what the listener speaks.
+            restart_needed.push("tls");
+            next.tls = current.tls.clone();
+            None
+        }
+        (Some(cert_file), Some(key_file)) => Some(crate::tls::server_config(cert_file, key_file)?),
+        _ => None,
+    };
+    if let Some(tls) = tls {
+        // Re-read even when the paths are the same: that is how a renewed
+        // certificate comes in. Existing connections keep their session.
+        if let Ok(mut slot) = shared.tls.write() {
+            *slot = Some(tls);
+        }
+        shared.tls_generation.fetch_add(1, Ordering::AcqRel);
+    }
+    if let Ok(mut slot) = shared.config.write() {
+        *slot = Arc::new(next);
+    }
+    shared.config_generation.fetch_add(1, Ordering::AcqRel);
+    shared.wakeups.iter().for_each(bus::Wakeup::signal);
+    Ok(Reloaded { restart_needed })
+}
+
+/// Runs the server until SIGTERM/SIGINT and a graceful shutdown; SIGHUP
+/// reloads the configuration from `source`.
+pub fn serve(config: Config, source: Option<ConfigSource>) -> Result<(), ServeError> {
     let config = Arc::new(config);
     let shard_count = config.shard_count();
 
@@ -290,6 +340,8 @@ pub fn serve(config: Config) -> Result<(), ServeError> {
         cluster_health: std::sync::Mutex::new(String::new()),
         tls: std::sync::RwLock::new(tls),
         tls_generation: std::sync::atomic::AtomicU64::new(0),
+        config: std::sync::RwLock::new(Arc::clone(&config)),
+        config_generation: std::sync::atomic::AtomicU64::new(0),
     });
 
     let signals = block_shutdown_signals();
@@ -356,7 +408,7 @@ pub fn serve(config: Config) -> Result<(), ServeError> {
     let signal_shared = Arc::clone(&shared);
     std::thread::Builder::new()
         .name("kometa-signals".into())
-        .spawn(move || wait_for_signals(signals, &signal_shared))
+        .spawn(move || wait_for_signals(signals, &signal_shared, source))
         .map_err(|e| fail(format!("cannot start the signal thread: {e}")))?;
 
     let mut failure = None;
@@ -397,12 +449,32 @@ pub fn serve(config: Config) -> Result<(), ServeError> {
 const REPEATED_SIGNAL_WINDOW: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// First SIGINT/SIGTERM: graceful shutdown. Another one later: exit at once.
-fn wait_for_signals(signals: libc::sigset_t, shared: &Shared) {
+fn wait_for_signals(signals: libc::sigset_t, shared: &Shared, source: Option<ConfigSource>) {
     let mut first: Option<std::time::Instant> = None;
     loop {
         let mut signal: libc::c_int = 0;
         // SAFETY: sigwait on a set of blocked signals, writing into a local.
         if unsafe { libc::sigwait(&signals, &mut signal) } != 0 {
+            continue;
+        }
+        if signal == libc::SIGHUP {
+            match &source {
+                None => tracing::warn!("SIGHUP: no configuration source to reload from"),
+                Some(source) => match reload(shared, source) {
+                    Ok(Reloaded { restart_needed }) if restart_needed.is_empty() => {
+                        tracing::info!("SIGHUP: configuration reloaded")
+                    }
+                    Ok(Reloaded { restart_needed }) => tracing::warn!(
+                        restart_needed = %restart_needed.join(", "),
+                        "SIGHUP: configuration reloaded; these changes need a restart and keep their old values"
+                    ),
+                    Err(error) => {
+                        // One log line (a TOML error spans several).
+                        let error = error.replace('\n', " | ");
+                        tracing::error!(%error, "SIGHUP: reload refused; the running configuration stays")
+                    }
+                },
+            }
             continue;
         }
         match first {

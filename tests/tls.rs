@@ -226,3 +226,36 @@ asyncio.run(main(int(sys.argv[1]), sys.argv[2]))
     assert!(rest.contains("CHACHA20"), "the server should prefer ChaCha20-Poly1305: {rest}");
     assert!(rest.contains(&format!("data {}", big.len())), "{rest}");
 }
+
+#[test]
+fn sighup_swaps_the_certificate_and_keeps_existing_connections() {
+    let (server, first) = tls_server(2);
+    let mut old = wss(&server, &first);
+    old.send(Message::Text(json!({"op": "subscribe", "channel": "k", "id": 1}).to_string().into())).unwrap();
+    assert_eq!(recv_json(&mut old)["ok"], true);
+
+    // A renewed certificate from another CA, written over the same files.
+    let renewed_dir = common::temp_dir("pki-renewed");
+    let renewed = pki(&renewed_dir);
+    std::fs::copy(&renewed.cert_file, &first.cert_file).unwrap();
+    std::fs::copy(&renewed.key_file, &first.key_file).unwrap();
+    // SAFETY: kill on our own child's pid.
+    assert_eq!(unsafe { libc::kill(server.pid(), libc::SIGHUP) }, 0);
+
+    let deadline = std::time::Instant::now() + TIMEOUT;
+    loop {
+        let stream = tls_connect(&server, &renewed);
+        let url = format!("wss://localhost:{}/ws", server.port);
+        if tungstenite::client::client(url, stream).is_ok() {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "new connections never got the renewed certificate");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    // Clients that only trust the old CA are now refused...
+    let stream = tls_connect(&server, &first);
+    assert!(tungstenite::client::client(format!("wss://localhost:{}/ws", server.port), stream).is_err());
+    // ...and the connection made before the swap still works.
+    server.publish("k", "e", "7");
+    assert_eq!(recv_json(&mut old)["data"], 7);
+}

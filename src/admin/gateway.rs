@@ -50,6 +50,15 @@ pub struct Gateway {
 }
 
 impl Gateway {
+    /// After a reload: the new configuration (admin limits, keys, ...).
+    fn take_reloaded_config(&mut self) {
+        if let Ok(config) = self.shared.config.read() {
+            if !Arc::ptr_eq(&config, &self.config) {
+                self.config = Arc::clone(&config);
+            }
+        }
+    }
+
     pub fn new(config: Arc<Config>, shared: Arc<Shared>, bus: Endpoint, shard_count: usize) -> Gateway {
         let id = bus.shard();
         debug_assert_eq!(id, shard_count);
@@ -111,6 +120,7 @@ pub async fn run(gateway: Rc<RefCell<Gateway>>) {
     loop {
         let handled = {
             let mut gateway = gateway.borrow_mut();
+            gateway.take_reloaded_config();
             let mut batch = Vec::new();
             gateway.bus.receive(4096, |_, message| batch.push(message));
             let count = batch.len();

@@ -52,6 +52,11 @@ pub struct Shared {
     pub tls: std::sync::RwLock<Option<Arc<rustls::ServerConfig>>>,
     /// Bumped when `tls` is replaced, so shards re-read it only then.
     pub tls_generation: std::sync::atomic::AtomicU64,
+    /// The live configuration; replaced by a reload (SIGHUP, admin RELOAD).
+    pub config: std::sync::RwLock<Arc<crate::config::Config>>,
+    /// Bumped when `config` is replaced: shards and the admin gateway take
+    /// the new one at their next turn.
+    pub config_generation: std::sync::atomic::AtomicU64,
 }
 
 /// Wakes one shard's event loop through an eventfd in its epoll set.

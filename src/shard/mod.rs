@@ -194,6 +194,8 @@ pub struct Shard {
     /// they came with (re-read when it moves: a reload).
     pub(crate) tls_config: Option<Arc<rustls::ServerConfig>>,
     pub(crate) tls_generation: u64,
+    /// The `Shared::config_generation` of `config`.
+    config_generation: u64,
     /// Decrypted input of one read (TLS), before it is fed to the connection.
     pub(crate) tls_plaintext: Vec<u8>,
     /// Records sealed for one write (TLS); what the socket does not take
@@ -241,6 +243,7 @@ impl Shard {
         };
         let verifier = Verifier::new(config.token_secret.as_deref(), config.token_secret_previous.as_deref());
         let tls_generation = shared.tls_generation.load(Ordering::Acquire);
+        let config_generation = shared.config_generation.load(Ordering::Acquire);
         let tls_config = shared.tls.read().map(|tls| tls.clone()).unwrap_or(None);
         Ok(Shard {
             id,
@@ -265,6 +268,7 @@ impl Shard {
             scratch: vec![0; SCRATCH_BYTES],
             tls_config,
             tls_generation,
+            config_generation,
             tls_plaintext: Vec::new(),
             tls_sealed: Vec::new(),
             events: Vec::with_capacity(EVENTS_PER_TICK),
@@ -280,6 +284,16 @@ impl Shard {
 
     pub fn shard_count(&self) -> usize {
         self.shard_count
+    }
+
+    /// A reload replaced the configuration: limits, namespaces, origins and
+    /// timeouts apply from the next command, tokens from the next check.
+    /// (What needs a restart was kept at its old value by the reload.)
+    fn take_reloaded_config(&mut self) {
+        self.config_generation = self.shared.config_generation.load(Ordering::Acquire);
+        let Ok(config) = self.shared.config.read().map(|config| Arc::clone(&config)) else { return };
+        self.verifier = Verifier::new(config.token_secret.as_deref(), config.token_secret_previous.as_deref());
+        self.config = config;
     }
 
     pub fn is_draining(&self) -> bool {
@@ -300,6 +314,9 @@ impl Shard {
             self.begin_shutdown();
         }
 
+        if self.shared.config_generation.load(Ordering::Acquire) != self.config_generation {
+            self.take_reloaded_config();
+        }
         let mut work = self.receive_bus();
         work += self.poll_events();
         work += self.continue_ready();
