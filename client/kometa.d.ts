@@ -193,6 +193,8 @@ declare namespace Kometa {
     subscribe<D = Json>(channel: string, callback: (msg: Publication<D>) => void, options?: SubscribeOptions): Subscription;
     /** Publish (clients may publish to web_ channels by default). Resolves with the publication's offset. */
     publish(channel: string, event: string | null | undefined, data: unknown): Promise<PublishReply>;
+    /** Asks the backend through the server (`[rpc]` routes); resolves with the backend's `result`. */
+    rpc(method: string, data?: unknown): Promise<unknown>;
     presence(channel: string): Promise<PresenceReply>;
     presenceStats(channel: string): Promise<PresenceStatsReply>;
     history(channel: string, options?: HistoryOptions): Promise<HistoryReply>;

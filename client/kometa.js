@@ -1599,6 +1599,14 @@
 
     ping() { return this._request({ op: "ping" }); }
 
+    // Asks the backend (server config `[rpc]`): resolves with its `result`,
+    // rejects with a KometaError (`unavailable`, `timeout`, `backend_error`).
+    rpc(method, data) {
+      const cmd = { op: "rpc", method: String(method) };
+      if (data !== undefined) cmd.data = data;
+      return this._request(cmd).then((reply) => reply.result);
+    }
+
     on(name, callback) { return this._ev.on(name, callback); }
 
     off(name, callback) { this._ev.off(name, callback); }

@@ -54,6 +54,13 @@ pub struct Namespace {
     /// Most subscribers a channel of this namespace may have.
     #[serde(default = "default_subscribers_max")]
     pub subscribers_max: usize,
+    /// Ask the backend (`rpc.subscribe_url`) before a client subscribes.
+    #[serde(default)]
+    pub proxy_subscribe: bool,
+    /// Ask the backend (`rpc.publish_url`) before a client publishes; it
+    /// may refuse or rewrite the data.
+    #[serde(default)]
+    pub proxy_publish: bool,
 }
 
 fn default_history_size() -> usize {
@@ -83,6 +90,8 @@ impl Namespace {
             anonymous: true,
             client_history: true,
             subscribers_max: default_subscribers_max(),
+            proxy_subscribe: false,
+            proxy_publish: false,
         }
     }
 
@@ -159,6 +168,94 @@ pub struct IoConfig {
 impl Default for IoConfig {
     fn default() -> Self {
         IoConfig { driver: DriverKind::Auto }
+    }
+}
+
+/// One RPC route: methods starting with `prefix` go to `url`.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct RpcRoute {
+    pub prefix: String,
+    pub url: String,
+}
+
+/// `[rpc]`: clients asking the backend (`op: rpc`), and the proxies that
+/// let the backend approve connects, subscriptions and publications.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct RpcConfig {
+    /// Webhook routes by method prefix; the longest matching prefix wins.
+    pub routes: Vec<RpcRoute>,
+    /// Connect proxy: a connection without a token is logged in by the
+    /// backend, which sees the request's headers (`connect_headers`).
+    pub connect_url: Option<String>,
+    /// Subscribe proxy for namespaces with `proxy_subscribe`.
+    pub subscribe_url: Option<String>,
+    /// Publish proxy for namespaces with `proxy_publish`.
+    pub publish_url: Option<String>,
+    /// Request headers the connect proxy passes on (lower case).
+    pub connect_headers: Vec<String>,
+    /// Sent to the backend as `X-Kometa-Key`, so it can tell Kometa's calls apart.
+    pub backend_key: Option<String>,
+    /// A call not answered in this time fails with `timeout`.
+    pub timeout_ms: u64,
+    /// Calls in flight at once (worker threads).
+    pub concurrency_max: usize,
+    /// Calls waiting for a worker; past it new calls fail with `unavailable`.
+    pub queue_max: usize,
+    /// Unanswered `rpc` commands one connection may have.
+    pub in_flight_per_connection_max: usize,
+    /// Consecutive failures (timeouts, refused connections, 5xx) that open
+    /// a URL's circuit breaker: calls then fail at once with `unavailable`.
+    pub breaker_failures: u32,
+    /// How long an open breaker stays open before one trial call.
+    pub breaker_open_ms: u64,
+    /// Largest `data` of one `rpc` command.
+    pub data_bytes_max: usize,
+    /// Largest answer body a backend may send.
+    pub response_bytes_max: usize,
+}
+
+impl Default for RpcConfig {
+    fn default() -> Self {
+        RpcConfig {
+            routes: Vec::new(),
+            connect_url: None,
+            subscribe_url: None,
+            publish_url: None,
+            connect_headers: ["cookie", "authorization", "user-agent", "origin", "x-forwarded-for", "x-real-ip"]
+                .into_iter()
+                .map(String::from)
+                .collect(),
+            backend_key: None,
+            timeout_ms: 5_000,
+            concurrency_max: 16,
+            queue_max: 1_024,
+            in_flight_per_connection_max: 8,
+            breaker_failures: 5,
+            breaker_open_ms: 5_000,
+            data_bytes_max: 65_536,
+            response_bytes_max: 1 << 20,
+        }
+    }
+}
+
+impl RpcConfig {
+    /// Whether anything calls the backend (then the backend thread runs).
+    pub fn enabled(&self) -> bool {
+        !self.routes.is_empty()
+            || self.connect_url.is_some()
+            || self.subscribe_url.is_some()
+            || self.publish_url.is_some()
+    }
+
+    /// The webhook URL for an RPC method: the longest matching prefix.
+    pub fn route(&self, method: &str) -> Option<&str> {
+        self.routes
+            .iter()
+            .filter(|route| method.starts_with(&route.prefix))
+            .max_by_key(|route| route.prefix.len())
+            .map(|route| route.url.as_str())
     }
 }
 
@@ -341,6 +438,7 @@ pub struct Config {
     pub cluster: ClusterConfig,
     pub io: IoConfig,
     pub tls: TlsConfig,
+    pub rpc: RpcConfig,
 }
 
 impl Default for Config {
@@ -366,6 +464,7 @@ impl Default for Config {
             cluster: ClusterConfig::default(),
             io: IoConfig::default(),
             tls: TlsConfig::default(),
+            rpc: RpcConfig::default(),
         }
     }
 }
@@ -495,6 +594,7 @@ impl Config {
                 ));
             }
         }
+        self.validate_rpc()?;
         match (&self.tls.cert_file, &self.tls.key_file) {
             (Some(_), None) => return Err(error("tls.key_file", "required with tls.cert_file")),
             (None, Some(_)) => return Err(error("tls.cert_file", "required with tls.key_file")),
@@ -592,6 +692,49 @@ impl Config {
         }
         if !self.namespaces.iter().any(|n| n.prefix.is_empty()) {
             self.namespaces.push(Namespace::catch_all());
+        }
+        Ok(())
+    }
+
+    fn validate_rpc(&self) -> Result<(), ConfigError> {
+        let rpc = &self.rpc;
+        check_range("rpc.timeout_ms", rpc.timeout_ms, 10, 600_000)?;
+        check_range("rpc.concurrency_max", rpc.concurrency_max, 1, 1_024)?;
+        check_range("rpc.queue_max", rpc.queue_max, 1, 1 << 20)?;
+        check_range("rpc.in_flight_per_connection_max", rpc.in_flight_per_connection_max, 1, 1_024)?;
+        check_range("rpc.breaker_failures", rpc.breaker_failures, 1, 1_000)?;
+        check_range("rpc.breaker_open_ms", rpc.breaker_open_ms, 10, 3_600_000)?;
+        check_range("rpc.data_bytes_max", rpc.data_bytes_max, 16, 16 << 20)?;
+        check_range("rpc.response_bytes_max", rpc.response_bytes_max, 16, 64 << 20)?;
+        let check_url = |key: &str, url: &str| {
+            if url.starts_with("http://") || url.starts_with("https://") {
+                Ok(())
+            } else {
+                Err(error(key, format!("`{url}` must be an http:// or https:// URL")))
+            }
+        };
+        for route in &rpc.routes {
+            check_url("rpc.routes.url", &route.url)?;
+        }
+        for (key, url) in [
+            ("rpc.connect_url", &rpc.connect_url),
+            ("rpc.subscribe_url", &rpc.subscribe_url),
+            ("rpc.publish_url", &rpc.publish_url),
+        ] {
+            if let Some(url) = url {
+                check_url(key, url)?;
+            }
+        }
+        for namespace in &self.namespaces {
+            if namespace.proxy_subscribe && rpc.subscribe_url.is_none() {
+                return Err(error("namespaces.proxy_subscribe", "needs rpc.subscribe_url"));
+            }
+            if namespace.proxy_publish && rpc.publish_url.is_none() {
+                return Err(error("namespaces.proxy_publish", "needs rpc.publish_url"));
+            }
+        }
+        if rpc.connect_headers.iter().any(|h| h.is_empty() || h.bytes().any(|b| b.is_ascii_uppercase())) {
+            return Err(error("rpc.connect_headers", "header names must be non-empty and lower case"));
         }
         Ok(())
     }

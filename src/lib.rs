@@ -43,6 +43,7 @@
 
 pub mod admin;
 pub mod app;
+pub mod backend;
 pub mod bus;
 pub mod cluster;
 pub mod config;

@@ -318,10 +318,12 @@ pub fn serve(config: Config, source: Option<ConfigSource>) -> Result<(), ServeEr
     // One endpoint per shard, then the admin gateway's, then (cluster mode)
     // the cluster gateway's.
     let clustered = config.cluster.enabled();
-    let endpoint_count = shard_count + 1 + usize::from(clustered);
+    let with_backend = config.rpc.enabled();
+    let endpoint_count = shard_count + 1 + usize::from(clustered) + usize::from(with_backend);
     let (mut endpoints, wakeups) =
         bus::mesh(endpoint_count, config.limits.bus_queue_capacity, config.limits.bus_overflow_max)
             .map_err(|e| fail(format!("cannot create the bus: {e}")))?;
+    let backend_endpoint = if with_backend { endpoints.pop() } else { None };
     let cluster_endpoint = if clustered { endpoints.pop() } else { None };
     let gateway_endpoint = endpoints.pop().ok_or_else(|| fail("the bus has no gateway endpoint"))?;
     let tls = match (&config.tls.cert_file, &config.tls.key_file) {
@@ -347,6 +349,12 @@ pub fn serve(config: Config, source: Option<ConfigSource>) -> Result<(), ServeEr
     let signals = block_shutdown_signals();
     // After blocking the signals: threads inherit the mask, and a SIGTERM
     // taken by a thread that does not block it would kill the process.
+    let _backend = match backend_endpoint {
+        Some(endpoint) => {
+            Some(crate::backend::start(Arc::clone(&config), Arc::clone(&shared), endpoint).map_err(fail)?)
+        }
+        None => None,
+    };
     let cluster = match cluster_endpoint {
         Some(endpoint) => {
             Some(crate::cluster::start(Arc::clone(&config), Arc::clone(&shared), endpoint, shard_count).map_err(fail)?)

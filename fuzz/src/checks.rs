@@ -308,6 +308,12 @@ pub fn client_command(data: &[u8]) {
                     assert!(validate(payload.get().as_bytes()).is_ok(), "publish data is not one JSON value");
                 }
                 Command::Connect { token } => assert!(token.len() <= data.len()),
+                Command::Rpc { method, data: payload } => {
+                    client_check_name(method);
+                    if let Some(payload) = payload {
+                        assert!(validate(payload.get().as_bytes()).is_ok(), "rpc data is not one JSON value");
+                    }
+                }
                 Command::Ping | Command::Ack { .. } | Command::Disconnect => {}
             }
             let mut out = Vec::new();

@@ -6,6 +6,7 @@
 use std::borrow::Cow;
 use std::sync::Arc;
 
+use crate::bus::backend::BackendCall;
 use crate::bus::message::{ConnRef, PublishRequest, QueryRequest, ReplyTo, SubscribeRequest};
 use crate::bus::query::Query;
 use crate::bus::Message;
@@ -21,9 +22,9 @@ use kometa_protocol::json;
 use kometa_protocol::ws::{self, FrameBuilder, OPCODE_TEXT};
 
 /// A command refused on this shard: the code and the reason.
-type Refusal = (ErrorCode, Cow<'static, str>);
+pub(crate) type Refusal = (ErrorCode, Cow<'static, str>);
 
-fn refuse(code: ErrorCode, message: impl Into<Cow<'static, str>>) -> Refusal {
+pub(crate) fn refuse(code: ErrorCode, message: impl Into<Cow<'static, str>>) -> Refusal {
     (code, message.into())
 }
 
@@ -45,11 +46,14 @@ impl Shard {
                 self.reply_ok(key, id.as_ref(), |_| {});
                 Ok(())
             }
-            Command::Subscribe { channel, since } => self.subscribe(key, generation, id.clone(), &channel, since),
+            Command::Subscribe { channel, since } => {
+                self.subscribe(key, generation, id.clone(), &channel, since, false)
+            }
             Command::Unsubscribe { channel } => self.unsubscribe(key, generation, id.as_ref(), &channel),
             Command::Publish { channel, event, data } => {
-                self.client_publish(key, generation, id.clone(), &channel, &event, data.get().as_bytes())
+                self.client_publish(key, generation, id.clone(), &channel, &event, data.get().as_bytes(), false)
             }
+            Command::Rpc { method, data } => self.rpc_command(key, generation, id.clone(), &method, data),
             Command::Connect { token } => self.connect_command(key, generation, id.clone(), &token),
             Command::Ack { inbox } => self.ack(key, generation, id.as_ref(), inbox),
             Command::Presence { channel } => {
@@ -91,13 +95,15 @@ impl Shard {
         Ok(config)
     }
 
-    fn subscribe(
+    /// `approved`: the backend's subscribe proxy said yes already.
+    pub(crate) fn subscribe(
         &mut self,
         key: ConnKey,
         generation: u32,
         id: Option<RequestId>,
         channel: &str,
         since: Option<Position>,
+        approved: bool,
     ) -> Result<(), Refusal> {
         let config = self.channel_access(key, channel)?;
         let Some(conn) = self.conn_mut(key, generation) else { return Ok(()) };
@@ -116,6 +122,10 @@ impl Shard {
         }
         if self.bus.overloaded() {
             return Err(refuse(ErrorCode::Overloaded, "server busy, retry"));
+        }
+        if config.namespace_for(channel).proxy_subscribe && !approved {
+            let call = BackendCall::Subscribe { channel: channel.into(), since };
+            return self.ask_backend_first(key, generation, id, call);
         }
         let (local, name) = self.index.intern(channel);
         self.index.add_pending(local);
@@ -164,7 +174,10 @@ impl Shard {
         Ok(())
     }
 
-    fn client_publish(
+    /// `approved`: the backend's publish proxy said yes (and `data` is
+    /// what it answered, if it rewrote it).
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn client_publish(
         &mut self,
         key: ConnKey,
         generation: u32,
@@ -172,6 +185,7 @@ impl Shard {
         channel: &str,
         event: &str,
         data: &[u8],
+        approved: bool,
     ) -> Result<(), Refusal> {
         let config = self.channel_access(key, channel)?;
         client::check_event_name(event).map_err(|why| refuse(ErrorCode::BadRequest, why))?;
@@ -187,6 +201,12 @@ impl Shard {
         }
         if self.bus.overloaded() {
             return Err(refuse(ErrorCode::Overloaded, "server busy, retry"));
+        }
+        if namespace.proxy_publish && !approved {
+            let data = serde_json::value::RawValue::from_string(String::from_utf8_lossy(data).into_owned())
+                .map_err(|_| refuse(ErrorCode::BadRequest, "data is not JSON"))?;
+            let call = BackendCall::Publish { channel: channel.into(), event: event.into(), data };
+            return self.ask_backend_first(key, generation, id, call);
         }
         let Some(conn) = self.conn_mut(key, generation) else { return Ok(()) };
         let user = conn.state.user().cloned();

@@ -36,8 +36,8 @@ impl Shard {
                 Method::Get | Method::Head => self.respond(key, 200, &[], "ok", keep_alive, with_body),
                 _ => self.respond(key, 405, &[("Allow", "GET, HEAD")], "use GET", keep_alive, with_body),
             },
-            "/ws" => return self.upgrade(key, request, false),
-            path if self.config.echo_path.as_deref() == Some(path) => return self.upgrade(key, request, true),
+            "/ws" => return self.upgrade(key, request, input, false),
+            path if self.config.echo_path.as_deref() == Some(path) => return self.upgrade(key, request, input, true),
             _ => self.respond(key, 404, &[], "not found", keep_alive, with_body),
         }
         false
@@ -74,7 +74,7 @@ impl Shard {
         self.send_owned(key, response);
     }
 
-    fn upgrade(&mut self, key: ConnKey, request: &Request<'_>, echo: bool) -> bool {
+    fn upgrade(&mut self, key: ConnKey, request: &Request<'_>, input: &[u8], echo: bool) -> bool {
         let upgrade = match ws::check_upgrade(request, &self.config.allowed_origins) {
             Ok(upgrade) => upgrade,
             Err(refusal) => {
@@ -109,9 +109,15 @@ impl Shard {
         let Some(conn) = self.conns.get_mut(key as usize) else { return false };
         conn.state.upgraded(echo, &cx);
         self.metrics.websockets += 1;
-        if let Some(identity) = identity {
-            let generation = conn.state.generation();
-            self.register_user(key, generation, identity, None, false);
+        let generation = conn.state.generation();
+        match identity {
+            Some(identity) => self.register_user(key, generation, identity, None, false),
+            // No token: the backend may know the user from its cookie.
+            None if !echo && self.connect_proxy_enabled() => {
+                let headers = self.proxy_headers(&input[..request.head_len]);
+                self.connect_proxy(key, generation, headers);
+            }
+            None => {}
         }
         true
     }

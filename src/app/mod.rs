@@ -13,5 +13,6 @@ mod commands;
 mod http;
 mod owner;
 mod queries;
+mod rpc;
 mod sessions;
 mod users;

@@ -64,6 +64,8 @@ impl Shard {
             }
             Message::Answer(answer) => self.receive_answer(*answer),
             Message::Adopt { fd, input, tls } => self.adopt(fd, input, tls),
+            Message::BackendReply(reply) => self.backend_reply(*reply),
+            Message::Backend(_) => tracing::warn!(shard = self.id, "a backend call reached a shard"),
             Message::ToCluster(_) | Message::FromCluster(_) => {
                 debug_assert!(false, "cluster message on a shard without a cluster");
             }

@@ -226,6 +226,7 @@ impl Shard {
         &mut self,
         key: ConnKey,
         request: &Request<'_>,
+        input: &[u8],
         cors: Option<&str>,
         kind: SessionKind,
         reason: Option<&str>,
@@ -275,8 +276,15 @@ impl Shard {
             }
             object.finish();
         });
-        if let Some(identity) = identity {
-            self.register_user(session, generation, identity, None, false);
+        match identity {
+            Some(identity) => self.register_user(session, generation, identity, None, false),
+            // No token: the backend may know the user from its cookie. The
+            // URL's subscriptions wait for its answer.
+            None if self.connect_proxy_enabled() => {
+                let headers = self.proxy_headers(&input[..request.head_len.min(input.len())]);
+                self.connect_proxy(session, generation, headers);
+            }
+            None => {}
         }
         for channel in channels {
             let command = serde_json::json!({"op": "subscribe", "channel": channel}).to_string();
@@ -329,7 +337,8 @@ impl Shard {
                 Located::Unknown => reason = Some("session_expired"),
             }
         }
-        let Some((session, session_generation)) = self.new_session(key, request, cors, SessionKind::Sse, reason) else {
+        let Some((session, session_generation)) = self.new_session(key, request, input, cors, SessionKind::Sse, reason)
+        else {
             return Handled::Held;
         };
         self.attach_stream(key, generation, session, session_generation, 0, cors);
@@ -401,7 +410,7 @@ impl Shard {
         let keep_alive = request.keep_alive();
         let Some(id) = request.query_param("session") else {
             // A new session: answer at once with its first messages.
-            let Some((session, _)) = self.new_session(key, request, cors, SessionKind::LongPoll, None) else {
+            let Some((session, _)) = self.new_session(key, request, input, cors, SessionKind::LongPoll, None) else {
                 return Handled::Held;
             };
             self.answer_poll(key, generation, session, 0, true, cors, keep_alive);

@@ -264,6 +264,10 @@ pub enum Message {
     // Cluster mode: to and from the cluster gateway.
     ToCluster(Box<ToCluster>),
     FromCluster(Box<FromCluster>),
+    /// A shard asks the backend thread (RPC, proxies).
+    Backend(Box<super::backend::BackendRequest>),
+    /// The backend thread answers a shard.
+    BackendReply(Box<super::backend::BackendReply>),
 }
 
 #[cfg(test)]

@@ -11,6 +11,7 @@
 //! reports itself overloaded: it refuses new publications and stops reading
 //! client sockets until the backlog drains. Nothing is ever dropped.
 
+pub mod backend;
 pub mod cluster;
 pub mod message;
 pub mod query;

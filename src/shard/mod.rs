@@ -184,6 +184,10 @@ pub struct Shard {
     pub bus: Endpoint,
     /// Cluster mode: following channels and users in Redis (None on a single node).
     pub(crate) cluster: Option<cluster::ClusterSide>,
+    /// The backend thread's bus endpoint (`[rpc]` configured).
+    pub(crate) backend: Option<usize>,
+    /// Unanswered `rpc` calls per connection: (generation, count).
+    pub(crate) rpc_in_flight: HashMap<ConnKey, (u32, u32)>,
     fanouts: VecDeque<PendingFanout>,
     /// Connections to revisit: input left unread at a budget, or a paused
     /// connection whose reply arrived.
@@ -228,11 +232,12 @@ impl Shard {
         let ticker = sys::Ticker::new(Duration::from_millis(config.timeouts.sweep_interval_ms))?;
         driver.watch_readable(ticker.fd(), TOKEN_TICKER)?;
         tracing::debug!(shard = id, driver = driver.name(), "I/O driver");
-        // After the shards come the admin gateway's endpoint and, in
-        // cluster mode, the cluster gateway's.
-        let gateways = if config.cluster.enabled() { 2 } else { 1 };
+        // After the shards come the admin gateway's endpoint, in cluster
+        // mode the cluster gateway's, and with `[rpc]` the backend thread's.
+        let gateways = 1 + usize::from(config.cluster.enabled()) + usize::from(config.rpc.enabled());
         let shard_count = bus.shard_count() - gateways;
         let cluster = config.cluster.enabled().then(|| cluster::ClusterSide::new(shard_count + 1));
+        let backend = config.rpc.enabled().then(|| bus.shard_count() - 1);
         let channels_max = config.limits.channels_max.div_ceil(shard_count);
         let user_limits = UserLimits {
             inbox_messages_max: config.inbox.messages_max,
@@ -263,6 +268,8 @@ impl Shard {
             verifier,
             bus,
             cluster,
+            backend,
+            rpc_in_flight: HashMap::new(),
             fanouts: VecDeque::new(),
             ready: VecDeque::new(),
             scratch: vec![0; SCRATCH_BYTES],

@@ -52,6 +52,11 @@ pub enum ErrorCode {
     /// Cluster mode: Redis went away with the publication in flight: it may
     /// or may not have been published.
     UnknownOutcome,
+    /// RPC: the backend did not answer within `rpc.timeout_ms`.
+    Timeout,
+    /// RPC: the backend answered with an error (its code and message are
+    /// passed on), or with something that is not an answer.
+    BackendError,
 }
 
 impl ErrorCode {
@@ -74,6 +79,8 @@ impl ErrorCode {
             ErrorCode::NotAvailable => "not_available",
             ErrorCode::Unavailable => "unavailable",
             ErrorCode::UnknownOutcome => "unknown_outcome",
+            ErrorCode::Timeout => "timeout",
+            ErrorCode::BackendError => "backend_error",
         }
     }
 }
@@ -84,11 +91,13 @@ pub struct CommandError {
     pub id: Option<RequestId>,
     pub code: ErrorCode,
     pub message: Cow<'static, str>,
+    /// `backend_error`: the backend's own error code, passed on.
+    pub backend_code: Option<i64>,
 }
 
 impl CommandError {
     pub fn new(id: Option<RequestId>, code: ErrorCode, message: impl Into<Cow<'static, str>>) -> Self {
-        CommandError { id, code, message: message.into() }
+        CommandError { id, code, message: message.into(), backend_code: None }
     }
 }
 
@@ -164,6 +173,12 @@ pub enum Command<'a> {
     },
     /// End the connection or HTTP session now.
     Disconnect,
+    /// Ask the backend: `method` routes it, `data` (any JSON, optional)
+    /// goes along; the backend's answer is the reply.
+    Rpc {
+        method: Cow<'a, str>,
+        data: Option<&'a RawValue>,
+    },
 }
 
 /// A command with its optional id.
@@ -193,6 +208,8 @@ struct Wire<'a> {
     inbox: Option<u64>,
     #[serde(borrow, default)]
     token: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    method: Option<Cow<'a, str>>,
 }
 
 /// Decodes one command from a text message.
@@ -239,6 +256,7 @@ pub fn decode(message: &[u8]) -> Result<Request<'_>, CommandError> {
         },
         "ack" => Command::Ack { inbox: wire.inbox.ok_or_else(|| missing("inbox"))? },
         "disconnect" => Command::Disconnect,
+        "rpc" => Command::Rpc { method: wire.method.ok_or_else(|| missing("method"))?, data: wire.data },
         other => {
             let mut shown: String = other.chars().take(32).collect();
             if shown.len() < other.len() {
@@ -334,6 +352,9 @@ pub fn write_error(out: &mut Vec<u8>, error: &CommandError) {
     let mut inner = Vec::with_capacity(64 + error.message.len());
     let mut error_object = ObjectWriter::new(&mut inner);
     error_object.str("code", error.code.as_str()).str("message", &error.message);
+    if let Some(code) = error.backend_code {
+        error_object.i64("backend_code", code);
+    }
     error_object.finish();
     object.raw("error", &inner);
     object.finish();

@@ -108,6 +108,43 @@ impl Request<'_> {
     }
 }
 
+/// The values of the headers named in `names` (lower case) in a complete
+/// request head, for a backend that wants to see them (the connect proxy).
+/// A repeated header's values are joined (`; ` for cookies, else `, `);
+/// values are cut at `value_bytes_max` and non-UTF-8 ones are skipped.
+pub fn header_values(head: &[u8], names: &[String], value_bytes_max: usize) -> Vec<(String, String)> {
+    let mut slots = [httparse::EMPTY_HEADER; HEADERS_HARD_MAX];
+    let mut parsed = httparse::Request::new(&mut slots);
+    if !matches!(parsed.parse(head), Ok(httparse::Status::Complete(_))) {
+        return Vec::new();
+    }
+    let mut found: Vec<(String, String)> = Vec::new();
+    for header in parsed.headers.iter() {
+        let name = header.name.to_ascii_lowercase();
+        if !names.contains(&name) {
+            continue;
+        }
+        let Ok(value) = std::str::from_utf8(header.value) else { continue };
+        match found.iter_mut().find(|(known, _)| *known == name) {
+            Some((_, joined)) => {
+                joined.push_str(if name == "cookie" { "; " } else { ", " });
+                joined.push_str(value);
+            }
+            None => found.push((name, value.to_owned())),
+        }
+    }
+    for (_, value) in &mut found {
+        if value.len() > value_bytes_max {
+            let mut cut = value_bytes_max;
+            while !value.is_char_boundary(cut) {
+                cut -= 1;
+            }
+            value.truncate(cut);
+        }
+    }
+    found
+}
+
 /// Parses a request head from the start of `buf`.
 ///
 /// Returns `Ok(None)` when the head is not complete yet and still within
@@ -387,6 +424,16 @@ pub fn write_text_response(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn header_values_joins_repeats_and_cuts_long_values() {
+        let head = b"GET /ws HTTP/1.1\r\nHost: x\r\nCookie: a=1\r\nCOOKIE: b=2\r\nUser-Agent: long-agent\r\n\r\n";
+        let names = vec!["cookie".to_owned(), "user-agent".to_owned(), "authorization".to_owned()];
+        let values = header_values(head, &names, 4);
+        assert_eq!(values, vec![("cookie".into(), "a=1;".into()), ("user-agent".into(), "long".into())]);
+        let values = header_values(head, &names, 100);
+        assert_eq!(values[0], ("cookie".into(), "a=1; b=2".into()));
+    }
 
     const LIMITS: HeadLimits = HeadLimits { head_bytes_max: 1024, headers_max: 8 };
 

@@ -79,6 +79,15 @@ impl<'a> ObjectWriter<'a> {
         self
     }
 
+    pub fn i64(&mut self, key: &str, value: i64) -> &mut Self {
+        let out = self.key(key);
+        if value < 0 {
+            out.push(b'-');
+        }
+        write_u64(out, value.unsigned_abs());
+        self
+    }
+
     pub fn bool(&mut self, key: &str, value: bool) -> &mut Self {
         let out = self.key(key);
         out.extend_from_slice(if value { b"true" } else { b"false" });

@@ -178,14 +178,31 @@ impl Verifier {
         if claims.nbf.map(seconds).is_some_and(|nbf| now_s < nbf) {
             return Err(TokenError::NotYetValid);
         }
-        if claims.channels.len() > GRANTS_MAX {
+        Identity::from_parts(user, expires_at_s, claims.iat.map(seconds).unwrap_or(0), claims.channels)
+    }
+}
+
+impl Identity {
+    /// An identity from its parts (a token's claims, or a backend's answer
+    /// to a connect proxy): the user id is checked like a token's `sub`,
+    /// channel grants ending in `*` are prefixes.
+    pub fn from_parts(
+        user: String,
+        expires_at_s: Option<u64>,
+        issued_at_s: u64,
+        channels: Vec<String>,
+    ) -> Result<Identity, TokenError> {
+        if user.is_empty() || user.len() > USER_ID_BYTES_MAX || !user.bytes().all(name_byte_allowed) {
+            return Err(TokenError::BadSubject);
+        }
+        if channels.len() > GRANTS_MAX {
             return Err(TokenError::Malformed("too many channel grants"));
         }
-        let (prefixes, names): (Vec<String>, Vec<String>) = claims.channels.into_iter().partition(|g| g.ends_with('*'));
+        let (prefixes, names): (Vec<String>, Vec<String>) = channels.into_iter().partition(|g| g.ends_with('*'));
         Ok(Identity {
             user: user.into(),
             expires_at_s,
-            issued_at_s: claims.iat.map(seconds).unwrap_or(0),
+            issued_at_s,
             grants: names.into_iter().map(String::into_boxed_str).collect(),
             grant_prefixes: prefixes
                 .into_iter()

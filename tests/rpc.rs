@@ -1,0 +1,320 @@
+//! Client-to-backend calls (`op: rpc`) and the proxies (connect, subscribe,
+//! publish) against a real backend process: a small HTTP server in the test.
+
+mod common;
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::{Client, Server, TIMEOUT};
+use serde_json::{json, Value};
+use tungstenite::client::IntoClientRequest;
+
+/// What the test backend answers: status and body, after a delay.
+type Behaviour = dyn Fn(&Value) -> (u16, Value, Duration) + Send + Sync;
+
+/// A backend: keep-alive HTTP/1.1, one thread per connection, records
+/// every request body.
+struct Backend {
+    port: u16,
+    seen: Arc<Mutex<Vec<Value>>>,
+    behaviour: Arc<Mutex<Arc<Behaviour>>>,
+}
+
+impl Backend {
+    fn start(behaviour: impl Fn(&Value) -> (u16, Value, Duration) + Send + Sync + 'static) -> Backend {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("backend bind");
+        let port = listener.local_addr().unwrap().port();
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let behaviour: Arc<Mutex<Arc<Behaviour>>> = Arc::new(Mutex::new(Arc::new(behaviour)));
+        let (seen_accept, behaviour_accept) = (Arc::clone(&seen), Arc::clone(&behaviour));
+        std::thread::spawn(move || {
+            for stream in listener.incoming().flatten() {
+                let (seen, behaviour) = (Arc::clone(&seen_accept), Arc::clone(&behaviour_accept));
+                std::thread::spawn(move || serve_backend_connection(stream, &seen, &behaviour));
+            }
+        });
+        Backend { port, seen, behaviour }
+    }
+
+    fn url(&self) -> String {
+        format!("http://127.0.0.1:{}/kometa", self.port)
+    }
+
+    fn seen(&self) -> Vec<Value> {
+        self.seen.lock().unwrap().clone()
+    }
+
+    fn behave(&self, behaviour: impl Fn(&Value) -> (u16, Value, Duration) + Send + Sync + 'static) {
+        *self.behaviour.lock().unwrap() = Arc::new(behaviour);
+    }
+}
+
+fn serve_backend_connection(stream: TcpStream, seen: &Mutex<Vec<Value>>, behaviour: &Mutex<Arc<Behaviour>>) {
+    let mut reader = BufReader::new(stream.try_clone().expect("clone"));
+    let mut writer = stream;
+    loop {
+        let mut length = 0usize;
+        let mut line = String::new();
+        if reader.read_line(&mut line).unwrap_or(0) == 0 {
+            return;
+        }
+        loop {
+            let mut header = String::new();
+            if reader.read_line(&mut header).unwrap_or(0) == 0 {
+                return;
+            }
+            let header = header.trim_end();
+            if header.is_empty() {
+                break;
+            }
+            if let Some((name, value)) = header.split_once(':') {
+                if name.eq_ignore_ascii_case("content-length") {
+                    length = value.trim().parse().unwrap_or(0);
+                }
+            }
+        }
+        let mut body = vec![0; length];
+        if reader.read_exact(&mut body).is_err() {
+            return;
+        }
+        let request: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+        seen.lock().unwrap().push(request.clone());
+        let behaviour = Arc::clone(&behaviour.lock().unwrap());
+        let (status, answer, delay) = behaviour(&request);
+        std::thread::sleep(delay);
+        let answer = answer.to_string();
+        let response = format!(
+            "HTTP/1.1 {status} X\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{answer}",
+            answer.len()
+        );
+        if writer.write_all(response.as_bytes()).is_err() {
+            return;
+        }
+    }
+}
+
+fn ok(result: Value) -> (u16, Value, Duration) {
+    (200, json!({"result": result}), Duration::ZERO)
+}
+
+fn rpc_config(url: &str, extra: &str) -> String {
+    format!("[rpc]\ntimeout_ms = 500\nbreaker_open_ms = 300\nbreaker_failures = 2\n{extra}\n[[rpc.routes]]\nprefix = \"\"\nurl = \"{url}\"\n")
+}
+
+fn rpc(client: &mut Client, id: u64, method: &str, data: Value) -> Value {
+    client.request(json!({"op": "rpc", "method": method, "data": data, "id": id}))
+}
+
+#[test]
+fn answers_reach_the_caller_on_every_shard() {
+    let backend = Backend::start(|request| ok(json!({"echo": request["data"], "method": request["method"]})));
+    let server = Server::start(4, &rpc_config(&backend.url(), ""));
+    // Enough clients that every shard has some.
+    let mut clients: Vec<Client> = (0..12).map(|_| server.client()).collect();
+    for (n, client) in clients.iter_mut().enumerate() {
+        client.send(json!({"op": "rpc", "method": "math.add", "data": {"n": n}, "id": n}));
+    }
+    for (n, client) in clients.iter_mut().enumerate() {
+        let reply = client.recv();
+        assert_eq!(reply["id"], n, "{reply}");
+        assert_eq!(reply["result"]["echo"]["n"], n, "{reply}");
+        assert_eq!(reply["result"]["method"], "math.add");
+    }
+    let seen = backend.seen();
+    assert_eq!(seen.len(), 12);
+    assert!(seen.iter().all(|r| r["kind"] == "rpc" && r["transport"] == "websocket" && r["user"].is_null()));
+    assert!(seen.iter().all(|r| r["client"].as_str().is_some_and(|c| c.starts_with('s'))), "{seen:?}");
+}
+
+#[test]
+fn backend_errors_timeouts_and_missing_routes() {
+    let backend = Backend::start(|request| match request["method"].as_str() {
+        Some("app.refuse") => (200, json!({"error": {"code": 42, "message": "nope"}}), Duration::ZERO),
+        Some("app.slow") => (200, json!({"result": 1}), Duration::from_millis(1500)),
+        Some("app.crash") => (500, json!("oops"), Duration::ZERO),
+        _ => ok(json!(null)),
+    });
+    let config = format!(
+        "[rpc]\ntimeout_ms = 500\nbreaker_failures = 100\n[[rpc.routes]]\nprefix = \"app.\"\nurl = \"{}\"\n",
+        backend.url()
+    );
+    let server = Server::start(2, &config);
+    let mut client = server.client();
+    let reply = rpc(&mut client, 1, "app.refuse", json!({}));
+    assert_eq!(reply["error"]["code"], "backend_error", "{reply}");
+    assert_eq!(reply["error"]["backend_code"], 42);
+    assert_eq!(reply["error"]["message"], "nope");
+    let started = Instant::now();
+    let reply = rpc(&mut client, 2, "app.slow", json!({}));
+    assert_eq!(reply["error"]["code"], "timeout", "{reply}");
+    assert!(started.elapsed() < Duration::from_millis(1400), "bounded by rpc.timeout_ms");
+    let reply = rpc(&mut client, 3, "app.crash", json!({}));
+    assert_eq!(reply["error"]["code"], "backend_error", "{reply}");
+    assert_eq!(reply["error"]["backend_code"], 500);
+    let reply = rpc(&mut client, 4, "other.thing", json!({}));
+    assert_eq!(reply["error"]["code"], "unavailable", "{reply}");
+    // The connection is fine after all of that.
+    assert_eq!(client.request(json!({"op": "ping", "id": 5}))["ok"], true);
+}
+
+#[test]
+fn a_failing_backend_opens_the_breaker_and_a_healed_one_closes_it() {
+    let backend = Backend::start(|_| (503, json!("down"), Duration::ZERO));
+    let server = Server::start(1, &rpc_config(&backend.url(), ""));
+    let mut client = server.client();
+    for id in 0..2 {
+        assert_eq!(rpc(&mut client, id, "m", json!(null))["error"]["code"], "backend_error");
+    }
+    // Open: failing at once, without reaching the backend.
+    let reply = rpc(&mut client, 10, "m", json!(null));
+    assert_eq!(reply["error"]["code"], "unavailable", "{reply}");
+    assert!(reply["error"]["message"].as_str().unwrap().contains("circuit breaker"));
+    assert_eq!(backend.seen().len(), 2);
+    backend.behave(|_| ok(json!("fine")));
+    std::thread::sleep(Duration::from_millis(400));
+    assert_eq!(rpc(&mut client, 11, "m", json!(null))["result"], "fine", "the trial call closes it");
+    assert_eq!(rpc(&mut client, 12, "m", json!(null))["result"], "fine");
+}
+
+#[test]
+fn an_unreachable_backend_is_unavailable_not_a_hang() {
+    let port = common::free_port();
+    let server = Server::start(1, &rpc_config(&format!("http://127.0.0.1:{port}/x"), ""));
+    let mut client = server.client();
+    let reply = rpc(&mut client, 1, "m", json!(null));
+    assert_eq!(reply["error"]["code"], "unavailable", "{reply}");
+}
+
+#[test]
+fn a_slow_backend_gets_a_bounded_queue_and_others_keep_going() {
+    let backend = Backend::start(|_| (200, json!({"result": "late"}), Duration::from_millis(300)));
+    let extra = "concurrency_max = 1\nqueue_max = 2\nin_flight_per_connection_max = 3\ntimeout_ms = 5000";
+    let config = format!("[rpc]\n{extra}\n[[rpc.routes]]\nprefix = \"\"\nurl = \"{}\"\n", backend.url());
+    let server = Server::start(2, &config);
+    let mut clients: Vec<Client> = (0..3).map(|_| server.client()).collect();
+    for (c, client) in clients.iter_mut().enumerate() {
+        for n in 0..3 {
+            client.send(json!({"op": "rpc", "method": "m", "id": c * 10 + n}));
+        }
+    }
+    // A fourth call on one connection is over its own cap.
+    let over = rpc(&mut clients[0], 99, "m", json!(null));
+    assert_eq!(over["error"]["code"], "overloaded", "{over}");
+    // Meanwhile the server answers everything else at once.
+    let mut other = server.client();
+    let started = Instant::now();
+    assert_eq!(other.request(json!({"op": "ping", "id": 1}))["ok"], true);
+    assert!(started.elapsed() < Duration::from_millis(250));
+    let mut answered = 0;
+    let mut unavailable = 0;
+    for client in &mut clients {
+        for _ in 0..3 {
+            let reply = client.recv();
+            if reply["result"] == "late" {
+                answered += 1;
+            } else {
+                assert_eq!(reply["error"]["code"], "unavailable", "{reply}");
+                unavailable += 1;
+            }
+        }
+    }
+    assert_eq!(answered + unavailable, 9);
+    assert!(unavailable >= 6, "one worker and two queue slots take at most 3 of 9: {answered} answered");
+}
+
+fn client_with_cookie(server: &Server, cookie: &str) -> Client {
+    let stream = TcpStream::connect(("127.0.0.1", server.port)).expect("connect");
+    stream.set_read_timeout(Some(TIMEOUT)).unwrap();
+    let mut request = server.url("/ws").into_client_request().unwrap();
+    request.headers_mut().insert("Cookie", cookie.parse().unwrap());
+    let (socket, _) = tungstenite::client::client(request, stream).expect("handshake");
+    Client { socket }
+}
+
+#[test]
+fn the_connect_proxy_logs_users_in_from_their_cookie() {
+    let backend = Backend::start(|request| {
+        let cookie = request["headers"]["cookie"].as_str().unwrap_or("");
+        if cookie.contains("sess=good") {
+            ok(json!({"user": "alice", "channels": ["private_alice_room"]}))
+        } else {
+            (200, json!({"error": {"code": 401, "message": "not logged in"}}), Duration::ZERO)
+        }
+    });
+    let config = format!("[rpc]\nconnect_url = \"{}\"\n", backend.url());
+    let server = Server::start(2, &config);
+    let mut alice = client_with_cookie(&server, "theme=dark; sess=good");
+    assert_eq!(alice.recv()["connect"]["user"], "alice");
+    // The grant from the backend opens a private channel.
+    alice.subscribe("private_alice_room");
+    server.publish("private_alice_room", "e", "\"hi\"");
+    assert_eq!(alice.recv()["data"], "hi");
+    let seen = backend.seen();
+    assert_eq!(seen[0]["kind"], "connect");
+    assert_eq!(seen[0]["headers"]["cookie"], "theme=dark; sess=good");
+
+    let mut stranger = client_with_cookie(&server, "sess=bad");
+    let refusal = stranger.recv();
+    assert_eq!(refusal["error"]["code"], "forbidden", "{refusal}");
+    assert_eq!(stranger.close_code(), Some(4001));
+}
+
+#[test]
+fn subscribe_and_publish_proxies_approve_refuse_and_rewrite() {
+    let backend = Backend::start(|request| match (request["kind"].as_str(), request["channel"].as_str()) {
+        (Some("subscribe"), Some("gated_no")) => {
+            (200, json!({"error": {"code": 403, "message": "members only"}}), Duration::ZERO)
+        }
+        (Some("publish"), _) => {
+            let text = request["data"].as_str().unwrap_or("").to_uppercase();
+            ok(json!({"data": text}))
+        }
+        _ => ok(json!({})),
+    });
+    let config = format!(
+        "[rpc]\nsubscribe_url = \"{url}\"\npublish_url = \"{url}\"\n\n\
+         [[namespaces]]\nprefix = \"gated_\"\nproxy_subscribe = true\n\n\
+         [[namespaces]]\nprefix = \"chat_\"\nclient_publish = true\nproxy_publish = true\n",
+        url = backend.url()
+    );
+    let server = Server::start(2, &config);
+    let mut client = server.client();
+    let refused = client.request(json!({"op": "subscribe", "channel": "gated_no", "id": 1}));
+    assert_eq!(refused["error"]["code"], "forbidden", "{refused}");
+    assert!(refused["error"]["message"].as_str().unwrap().contains("members only"));
+    assert_eq!(client.request(json!({"op": "subscribe", "channel": "gated_yes", "id": 2}))["ok"], true);
+
+    let mut reader = server.client();
+    reader.subscribe("chat_room");
+    let published = client.request(json!({"op": "publish", "channel": "chat_room", "data": "hello", "id": 3}));
+    assert_eq!(published["ok"], true, "{published}");
+    assert_eq!(reader.recv()["data"], "HELLO", "the backend rewrote it");
+}
+
+#[test]
+fn the_connect_proxy_works_for_sse_sessions_too() {
+    let backend = Backend::start(|request| {
+        let cookie = request["headers"]["cookie"].as_str().unwrap_or("");
+        assert_eq!(request["transport"], "sse");
+        if cookie == "sess=good" {
+            ok(json!({"user": 7}))
+        } else {
+            (200, json!({"error": {"code": 401, "message": "who?"}}), Duration::ZERO)
+        }
+    });
+    let config = format!("[rpc]\nconnect_url = \"{}\"\n", backend.url());
+    let server = Server::start(2, &config);
+    let mut stream = common::SseStream::open(&server, "/sse?channel=news", &[("Cookie", "sess=good")]);
+    let (_, hello) = stream.next_data();
+    assert!(hello["session"].is_string(), "{hello}");
+    let (_, connect) = stream.next_data();
+    assert_eq!(connect["connect"]["user"], "7", "{connect}");
+    // The URL's subscription waited for the login, then went through.
+    let (_, subscribed) = stream.next_data();
+    assert_eq!(subscribed["ok"], true, "{subscribed}");
+    server.publish("news", "e", "1");
+    assert_eq!(stream.next_data().1["data"], 1);
+}
