@@ -284,6 +284,8 @@ pub fn serve(config: Config) -> Result<(), ServeError> {
         wakeups: Arc::clone(&wakeups),
         cluster_degraded: AtomicBool::new(clustered),
         cluster_health: std::sync::Mutex::new(String::new()),
+        limiter: crate::bus::limiter::Limiter::new(&config.limits),
+        admin_refusals: Default::default(),
     });
 
     let signals = block_shutdown_signals();

@@ -12,6 +12,7 @@
 //! client sockets until the backlog drains. Nothing is ever dropped.
 
 pub mod cluster;
+pub mod limiter;
 pub mod message;
 pub mod query;
 
@@ -48,6 +49,11 @@ pub struct Shared {
     pub cluster_degraded: AtomicBool,
     /// Cluster mode: the cluster part of /health (JSON), kept by the gateway.
     pub cluster_health: std::sync::Mutex<String>,
+    /// Connections and handshakes per client address, publications per
+    /// user: limits kept for the whole process.
+    pub limiter: limiter::Limiter,
+    /// Refusals by the admin gateway's limits (AUTH), for STATS.
+    pub admin_refusals: crate::limits::SharedRefusals,
 }
 
 /// Wakes one shard's event loop through an eventfd in its epoll set.
