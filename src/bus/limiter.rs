@@ -98,11 +98,17 @@ impl Limiter {
         self.stripes[index].lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
+    /// Whether any per-address limit is on (else a peer's address is not
+    /// even looked up).
+    pub fn limits_addresses(&self) -> bool {
+        self.connections_per_address_max > 0 || self.handshakes.per_s > 0
+    }
+
     /// The key the per-address limits use for `address`; None when it is
     /// exempt (`limits.ip_limits_exempt`) or no per-address limit is on.
     pub fn key(&self, address: IpAddr) -> Option<AddressKey> {
-        let limited = self.connections_per_address_max > 0 || self.handshakes.per_s > 0;
-        (limited && !self.exempt.iter().any(|network| network.contains(address))).then(|| AddressKey::of(address))
+        let exempt = self.exempt.iter().any(|network| network.contains(address));
+        (self.limits_addresses() && !exempt).then(|| AddressKey::of(address))
     }
 
     /// Counts a new connection from `key`; false (nothing counted) when the

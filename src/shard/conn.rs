@@ -85,7 +85,12 @@ impl Shard {
             return;
         }
         let limiter = &self.shared.limiter;
-        let peer = sys::peer_address(fd.as_raw_fd()).ok().and_then(|address| limiter.key(address));
+        // One getpeername per accepted socket, only when a per-address limit is on.
+        let peer = if limiter.limits_addresses() {
+            sys::peer_address(fd.as_raw_fd()).ok().and_then(|address| limiter.key(address))
+        } else {
+            None
+        };
         if let Some(peer) = peer {
             if !limiter.open(peer, limiter.now_ms()) {
                 self.shared.connections.fetch_sub(1, Ordering::Relaxed);
