@@ -983,13 +983,9 @@
         this.channels.set(name, ch);
       } else if (counts && !ch.counts) {
         // Asked for on a channel subscribed without them: subscribe again
-        // from its position (what is published meanwhile comes from history).
+        // (`_subscribed` does, once a subscribe in flight is answered).
         ch.counts = true;
-        if (ch.status === "subscribed" && this.link) {
-          this._send(this.link, { op: "unsubscribe", channel: name }, () => {}, this.opts.timeout);
-          ch.status = "idle";
-          ch.quiet = true;
-        }
+        if (ch.status === "subscribed") this._resubscribeQuietly(ch);
       } else if (ch.status === "idle" && since) {
         // Not subscribed yet: start from the oldest position any tab needs.
         if (!ch.pos || (since.epoch === ch.pos.epoch && since.offset < ch.pos.offset)) {
@@ -1023,6 +1019,17 @@
       for (const ch of this.channels.values()) if (ch.status === "idle") this._subscribe(ch);
     }
 
+    // Subscribes a subscribed channel again, from its position (what is
+    // published meanwhile comes from history), without a recovery event
+    // unless something was lost: for presence counts asked for later.
+    _resubscribeQuietly(ch) {
+      if (!this.link) return;
+      this._send(this.link, { op: "unsubscribe", channel: ch.name }, () => {}, this.opts.timeout);
+      ch.status = "idle";
+      ch.quiet = true;
+      this._subscribe(ch);
+    }
+
     _subscribe(ch) {
       if (!this.link || ch.status !== "idle" || this.stopped) return;
       ch.status = "subscribing";
@@ -1030,6 +1037,7 @@
       const cmd = { op: "subscribe", channel: ch.name };
       if (since) cmd.since = since;
       if (ch.counts) cmd.presence_counts = true;
+      ch.sentCounts = ch.counts;
       const gen = ch.gen;
       const link = this.link;
       this._send(link, cmd, (err, reply) => this._subscribed(ch, gen, link, since, err, reply), this.opts.timeout);
@@ -1094,6 +1102,8 @@
       const quiet = ch.quiet && res.recovered;
       ch.quiet = false;
       if (since && this.hub && !quiet) this.hub.recovery(ch.name, res, waiters.map((w) => w.tab));
+      // Counts were asked for while this subscribe (without them) was on its way.
+      if (ch.counts && !ch.sentCounts && this.link === link) this._resubscribeQuietly(ch);
     }
 
     // ---- incoming
