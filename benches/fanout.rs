@@ -43,7 +43,7 @@ fn index_with(count: u32) -> (LocalIndex, u32) {
     let (id, _) = index.intern("news");
     for conn in 0..count {
         index.add_pending(id);
-        index.resolve_pending(id, Some(Subscriber { conn, after_offset: 0 }));
+        index.resolve_pending(id, Some(Subscriber { conn, after_offset: 0, presence_counts: false }));
     }
     (index, id)
 }
@@ -58,7 +58,8 @@ fn channel_index(c: &mut Criterion) {
         b.iter(|| {
             let (id, _) = index.intern(black_box("news"));
             index.add_pending(id);
-            let slot = index.resolve_pending(id, Some(Subscriber { conn: 99_999, after_offset: 0 }));
+            let slot =
+                index.resolve_pending(id, Some(Subscriber { conn: 99_999, after_offset: 0, presence_counts: false }));
             if let Some(slot) = slot {
                 index.remove(id, slot);
             }
@@ -70,7 +71,9 @@ fn channel_index(c: &mut Criterion) {
         b.iter(|| {
             let (id, _) = index.intern(black_box("some-channel-name:42"));
             index.add_pending(id);
-            if let Some(slot) = index.resolve_pending(id, Some(Subscriber { conn: 1, after_offset: 0 })) {
+            if let Some(slot) =
+                index.resolve_pending(id, Some(Subscriber { conn: 1, after_offset: 0, presence_counts: false }))
+            {
                 index.remove(id, slot);
             }
         })

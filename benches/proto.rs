@@ -115,7 +115,7 @@ fn handshake(c: &mut Criterion) {
     group.bench_function("parse_head", |b| b.iter(|| parse_head(black_box(UPGRADE_REQUEST), limits).is_ok()));
     group.bench_function("parse_head_and_check_upgrade", |b| {
         b.iter(|| match parse_head(black_box(UPGRADE_REQUEST), limits) {
-            Ok(Some(request)) => check_upgrade(&request, &[]).is_ok(),
+            Ok(Some(request)) => check_upgrade(&request, &[], true).is_ok(),
             _ => false,
         })
     });

@@ -72,8 +72,9 @@ declare namespace Kometa {
   /** A publication (or a presence event) on a channel. */
   interface Publication<D = Json> {
     channel: string;
+    /** "join", "leave" and "presence_counts" (data: PresenceCounts) are presence events. */
     event: string;
-    /** Absent on presence join/leave events, which are not kept in history. */
+    /** Absent on presence events, which are not kept in history. */
     offset?: number;
     data: D;
     /** The sender's user id, when it published with a token. */
@@ -132,6 +133,30 @@ declare namespace Kometa {
     event?: string;
     /** Start after this position (for example one saved from Subscription.position). */
     since?: Position;
+    /**
+     * Also receive "presence_counts" events (data: PresenceCounts) whenever the channel's
+     * presence changes, at most one per timeouts.presence_counts_interval_ms (1 s), so a page
+     * need not poll for an online count. Channels whose namespace keeps presence only
+     * (track_ by default); not in cluster mode. Stays on while the channel is subscribed.
+     */
+    presenceCounts?: boolean;
+  }
+
+  /** The data of a "presence_counts" event. */
+  interface PresenceCounts {
+    /** Users with at least one connection subscribed. */
+    users: number;
+    /** Subscribed connections, users' and anonymous. */
+    connections: number;
+    /** Anonymous connections among them. */
+    anonymous: number;
+  }
+
+  interface PresenceOptions {
+    /** Continue after this user id (the previous page's `next`). */
+    cursor?: string | null;
+    /** Members per page (default and at most limits.query_items_max, 1000). */
+    limit?: number;
   }
 
   interface Subscription {
@@ -195,7 +220,8 @@ declare namespace Kometa {
     publish(channel: string, event: string | null | undefined, data: unknown): Promise<PublishReply>;
     /** Asks the backend through the server (`[rpc]` routes); resolves with the backend's `result`. */
     rpc(method: string, data?: unknown): Promise<unknown>;
-    presence(channel: string): Promise<PresenceReply>;
+    /** One page of members, in user-id order; `next` is the cursor of the next page. */
+    presence(channel: string, options?: PresenceOptions): Promise<PresenceReply>;
     presenceStats(channel: string): Promise<PresenceStatsReply>;
     history(channel: string, options?: HistoryOptions): Promise<HistoryReply>;
     ping(): Promise<Reply>;
@@ -221,7 +247,7 @@ declare namespace Kometa {
   interface KometaError extends Error {
     readonly name: "KometaError";
     /**
-     * A server error code (bad_request, forbidden, unauthorized, token_expired, ...) or a
+     * A server error code (bad_request, forbidden, unauthorized, token_expired, rate_limited, ...) or a
      * client one: timeout, connection_lost (the connection dropped before the reply of a
      * command that is not safe to repeat), queue_full, closed, unsubscribed, disconnected.
      */

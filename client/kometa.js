@@ -974,12 +974,18 @@
     // ---- channels
 
     // cb(err, {epoch, base, recovered?, reason?}): publications after `base`
-    // follow, in order.
-    interest(tab, name, since, cb) {
+    // follow, in order. `counts`: the channel's presence counts are pushed
+    // too (presence_counts events), for as long as it stays subscribed.
+    interest(tab, name, since, cb, counts) {
       let ch = this.channels.get(name);
       if (!ch) {
-        ch = { name, pos: since ? { epoch: since.epoch, offset: since.offset } : null, status: "idle", tabs: new Set(), waiters: [], gen: 0 };
+        ch = { name, pos: since ? { epoch: since.epoch, offset: since.offset } : null, status: "idle", tabs: new Set(), waiters: [], gen: 0, counts: !!counts, quiet: false };
         this.channels.set(name, ch);
+      } else if (counts && !ch.counts) {
+        // Asked for on a channel subscribed without them: subscribe again
+        // (`_subscribed` does, once a subscribe in flight is answered).
+        ch.counts = true;
+        if (ch.status === "subscribed") this._resubscribeQuietly(ch);
       } else if (ch.status === "idle" && since) {
         // Not subscribed yet: start from the oldest position any tab needs.
         if (!ch.pos || (since.epoch === ch.pos.epoch && since.offset < ch.pos.offset)) {
@@ -1013,12 +1019,25 @@
       for (const ch of this.channels.values()) if (ch.status === "idle") this._subscribe(ch);
     }
 
+    // Subscribes a subscribed channel again, from its position (what is
+    // published meanwhile comes from history), without a recovery event
+    // unless something was lost: for presence counts asked for later.
+    _resubscribeQuietly(ch) {
+      if (!this.link) return;
+      this._send(this.link, { op: "unsubscribe", channel: ch.name }, () => {}, this.opts.timeout);
+      ch.status = "idle";
+      ch.quiet = true;
+      this._subscribe(ch);
+    }
+
     _subscribe(ch) {
       if (!this.link || ch.status !== "idle" || this.stopped) return;
       ch.status = "subscribing";
       const since = ch.pos ? { epoch: ch.pos.epoch, offset: ch.pos.offset } : null;
       const cmd = { op: "subscribe", channel: ch.name };
       if (since) cmd.since = since;
+      if (ch.counts) cmd.presence_counts = true;
+      ch.sentCounts = ch.counts;
       const gen = ch.gen;
       const link = this.link;
       this._send(link, cmd, (err, reply) => this._subscribed(ch, gen, link, since, err, reply), this.opts.timeout);
@@ -1079,7 +1098,12 @@
       const waiters = ch.waiters;
       ch.waiters = [];
       for (const w of waiters) w.cb(null, res);
-      if (since && this.hub) this.hub.recovery(ch.name, res, waiters.map((w) => w.tab));
+      // A resubscribe of our own (for presence counts) that lost nothing is no news.
+      const quiet = ch.quiet && res.recovered;
+      ch.quiet = false;
+      if (since && this.hub && !quiet) this.hub.recovery(ch.name, res, waiters.map((w) => w.tab));
+      // Counts were asked for while this subscribe (without them) was on its way.
+      if (ch.counts && !ch.sentCounts && this.link === link) this._resubscribeQuietly(ch);
     }
 
     // ---- incoming
@@ -1177,10 +1201,10 @@
       return false;
     }
 
-    interest(tab, channel, since, rid) {
+    interest(tab, channel, since, rid, counts) {
       this.core.interest(tab, channel, since, (err, res) => {
         this._to(tab, { t: "sub-r", channel, rid, err: err ? errorJSON(err) : null, res: res || null });
-      });
+      }, counts);
     }
 
     uninterest(tab, channel) { this.core.uninterest(tab, channel); }
@@ -1275,7 +1299,7 @@
 
     hello(tab, m) {
       this.track(tab);
-      for (const s of Array.isArray(m.subs) ? m.subs : []) this.interest(tab, s.channel, s.since || null, s.rid);
+      for (const s of Array.isArray(m.subs) ? m.subs : []) this.interest(tab, s.channel, s.since || null, s.rid, !!s.counts);
       this.setInbox(tab, !!m.inbox);
     }
 
@@ -1417,7 +1441,7 @@
             if (!this.locks && String(m.from) < this.id) this.client._stepDown(m.from, m.state);
             break;
           case "hello": hub.hello(m.from, m); break;
-          case "sub": hub.track(m.from); hub.interest(m.from, m.channel, m.since || null, m.rid); break;
+          case "sub": hub.track(m.from); hub.interest(m.from, m.channel, m.since || null, m.rid, !!m.counts); break;
           case "unsub": hub.uninterest(m.from, m.channel); break;
           case "req": hub.track(m.from); hub.request(m.from, m.rid, m.cmd, m.timeout); break;
           case "inbox-on": hub.track(m.from); hub.setInbox(m.from, !!m.on); break;
@@ -1494,11 +1518,12 @@
     }
   }
 
-  function channelState(since) {
+  function channelState(since, counts) {
     return {
       status: "pending",
       pos: since ? { epoch: String(since.epoch), offset: Number(since.offset) } : null,
       explicit: !!since,
+      counts: !!counts,
       handles: new Set(),
       buffer: [],
       repairing: false,
@@ -1570,13 +1595,17 @@
       const h = new Subscription(this, channel, String(event), callback);
       let s = this._subs.get(channel);
       if (!s) {
-        s = channelState(o.since);
+        s = channelState(o.since, o.presenceCounts);
         this._subs.set(channel, s);
         s.handles.add(h);
         this._interest(channel, s);
       } else {
         s.handles.add(h);
         if (s.status === "active") h._resolve({ epoch: s.pos.epoch, offset: s.pos.offset });
+        if (o.presenceCounts && !s.counts) {
+          s.counts = true;
+          this._interest(channel, s);
+        }
       }
       return h;
     }
@@ -1585,7 +1614,13 @@
       return this._request({ op: "publish", channel: String(channel), event: event == null ? "message" : String(event), data: data === undefined ? null : data });
     }
 
-    presence(channel) { return this._request({ op: "presence", channel: String(channel) }); }
+    presence(channel, options) {
+      const o = options || {};
+      const cmd = { op: "presence", channel: String(channel) };
+      if (o.cursor != null) cmd.cursor = String(o.cursor);
+      if (o.limit !== undefined) cmd.limit = Number(o.limit);
+      return this._request(cmd);
+    }
 
     presenceStats(channel) { return this._request({ op: "presence_stats", channel: String(channel) }); }
 
@@ -1650,7 +1685,7 @@
       const hub = (this._hub = new Hub(core, this, this._shared));
       for (const [channel, s] of this._subs) {
         s.rid = ++this._rid;
-        hub.interest(this.id, channel, s.pos, s.rid);
+        hub.interest(this.id, channel, s.pos, s.rid, s.counts);
       }
       if (this._inboxHandlers.size) hub.setInbox(this.id, true);
       for (const p of this._remote.values()) {
@@ -1684,7 +1719,7 @@
       const subs = [];
       for (const [channel, s] of this._subs) {
         s.rid = ++this._rid;
-        subs.push({ channel, since: s.pos, rid: s.rid });
+        subs.push({ channel, since: s.pos, rid: s.rid, counts: s.counts });
       }
       sh.post({ t: "hello", subs, inbox: this._inboxHandlers.size > 0 });
       for (const [rid, p] of [...this._remote]) {
@@ -1702,8 +1737,8 @@
 
     _interest(channel, s) {
       s.rid = ++this._rid;
-      if (this._hub) this._hub.interest(this.id, channel, s.pos, s.rid);
-      else if (this._shared && this._shared.leaderId) this._shared.post({ t: "sub", channel, since: s.pos, rid: s.rid });
+      if (this._hub) this._hub.interest(this.id, channel, s.pos, s.rid, s.counts);
+      else if (this._shared && this._shared.leaderId) this._shared.post({ t: "sub", channel, since: s.pos, rid: s.rid, counts: s.counts });
       // else: sent with the hello once a leader answers
     }
 

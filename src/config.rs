@@ -13,7 +13,7 @@ use serde::{Deserialize, Deserializer};
 
 pub use kometa_admin_client::{default_admin_address, AdminAddress};
 
-use crate::limits::{Limits, Timeouts};
+use crate::limits::{IpNetwork, Limits, Timeouts, BURST_MAX};
 use kometa_protocol::client::name_byte_allowed;
 use kometa_protocol::http::HEADERS_HARD_MAX;
 
@@ -409,6 +409,12 @@ pub struct Config {
     pub connections_max: usize,
     /// `Origin` values allowed to open WebSockets; empty allows any.
     pub allowed_origins: Vec<String>,
+    /// With `allowed_origins` set: whether requests without an `Origin`
+    /// header (native apps, servers; browsers always send one on upgrades
+    /// and cross-origin requests) are served. On by default: the allow-list
+    /// guards against other sites' pages, and a client that sends no Origin
+    /// is not a browser page (it could send any Origin it liked).
+    pub allow_missing_origin: bool,
     /// If set, a WebSocket echo endpoint at this path, for protocol
     /// conformance suites (Autobahn). Off by default.
     pub echo_path: Option<String>,
@@ -451,6 +457,7 @@ impl Default for Config {
             accept_backlog: 4096,
             connections_max: 1_000_000,
             allowed_origins: Vec::new(),
+            allow_missing_origin: true,
             echo_path: None,
             token_secret: None,
             token_secret_previous: None,
@@ -668,6 +675,7 @@ impl Config {
         check_range("users.last_seen_ttl_ms", self.users.last_seen_ttl_ms, 1000, 365 * 24 * 3600 * 1000)?;
         check_range("limits.query_items_max", self.limits.query_items_max, 1, 100_000)?;
         check_range("limits.query_reply_bytes_max", self.limits.query_reply_bytes_max, 1024, 64 << 20)?;
+        self.validate_abuse_limits()?;
 
         self.validate_cluster()?;
 
@@ -736,6 +744,51 @@ impl Config {
         if rpc.connect_headers.iter().any(|h| h.is_empty() || h.bytes().any(|b| b.is_ascii_uppercase())) {
             return Err(error("rpc.connect_headers", "header names must be non-empty and lower case"));
         }
+        Ok(())
+    }
+
+    /// The limits against abuse (`docs/configuration.md`, "Limits against abuse").
+    fn validate_abuse_limits(&self) -> Result<(), ConfigError> {
+        let l = &self.limits;
+        check_range("limits.connections_per_ip_max", l.connections_per_ip_max, 0, 100_000_000)?;
+        for (index, network) in l.ip_limits_exempt.iter().enumerate() {
+            IpNetwork::parse(network).map_err(|why| error(&format!("limits.ip_limits_exempt[{index}]"), why))?;
+        }
+        check_range("limits.connections_per_user_max", l.connections_per_user_max, 0, 100_000_000)?;
+        for (key, rate) in [
+            ("limits.handshakes_per_ip", l.handshakes_per_ip()),
+            ("limits.client_commands", l.client_commands()),
+            ("limits.client_publications", l.client_publications()),
+            ("limits.user_publications", l.user_publications()),
+        ] {
+            check_range(&format!("{key}_per_s"), rate.per_s, 0, BURST_MAX)?;
+            let burst_min = u32::from(rate.per_s > 0);
+            check_range(&format!("{key}_burst"), rate.burst, burst_min, BURST_MAX)?;
+        }
+        if l.client_commands_per_s > 0 && (l.client_commands_burst as usize) < l.channels_per_connection_max {
+            return Err(error(
+                "limits.client_commands_burst",
+                format!(
+                    "must be at least limits.channels_per_connection_max ({}), so a client can subscribe to all its channels at once",
+                    l.channels_per_connection_max
+                ),
+            ));
+        }
+        // Pushes wrap data two levels deeper, and parsers such as Ruby's
+        // (100) and serde_json's (128) stop not far above.
+        check_range("limits.json_depth_max", l.json_depth_max, 1, 100)?;
+        check_range("limits.admin_auth_failures_max", l.admin_auth_failures_max, 1, 1_000)?;
+        check_range("limits.admin_unauthenticated_max", l.admin_unauthenticated_max, 1, 65_536)?;
+        if l.admin_unauthenticated_max >= l.admin_connections_max {
+            return Err(error(
+                "limits.admin_unauthenticated_max",
+                format!("must be below limits.admin_connections_max ({})", l.admin_connections_max),
+            ));
+        }
+        let t = &self.timeouts;
+        check_range("timeouts.message_timeout_ms", t.message_timeout_ms, 100, 3_600_000)?;
+        check_range("timeouts.admin_auth_timeout_ms", t.admin_auth_timeout_ms, 100, 600_000)?;
+        check_range("timeouts.presence_counts_interval_ms", t.presence_counts_interval_ms, 10, 600_000)?;
         Ok(())
     }
 
@@ -869,6 +922,30 @@ mod tests {
         let mut config = Config::default();
         config.namespaces.push(Namespace { prefix: "web_".into(), ..Namespace::catch_all() });
         assert!(config.validate().unwrap_err().0.contains("namespaces[5].prefix"));
+    }
+
+    #[test]
+    fn abuse_limits_name_their_keys() {
+        let refused = |edit: fn(&mut Config)| {
+            let mut config = Config::default();
+            edit(&mut config);
+            config.validate().unwrap_err().0
+        };
+        assert!(
+            refused(|c| c.limits.ip_limits_exempt.push("10.0.0.0/40".into())).contains("limits.ip_limits_exempt[2]")
+        );
+        assert!(refused(|c| c.limits.client_commands_burst = 0).contains("limits.client_commands_burst"));
+        assert!(refused(|c| c.limits.client_commands_burst = 10).contains("channels_per_connection_max"));
+        assert!(refused(|c| c.limits.user_publications_per_s = 2_000_000).contains("limits.user_publications_per_s"));
+        assert!(refused(|c| c.limits.json_depth_max = 0).contains("limits.json_depth_max"));
+        assert!(refused(|c| c.limits.admin_unauthenticated_max = 256).contains("limits.admin_unauthenticated_max"));
+        assert!(refused(|c| c.timeouts.message_timeout_ms = 1).contains("timeouts.message_timeout_ms"));
+        // 0 turns a rate or a count off.
+        let mut config = Config::default();
+        config.limits.client_commands_per_s = 0;
+        config.limits.client_commands_burst = 0;
+        config.limits.connections_per_ip_max = 0;
+        config.validate().unwrap();
     }
 
     #[test]

@@ -22,7 +22,7 @@
 //! | [`tls`]        | sans-io TLS sessions: rustls handshake, then a compact TLS 1.3 record layer |
 //! | [`config`]     | every setting with its default; validation names the key          |
 //! | [`hub`]        | channels, offsets, history, presence, users, the subscriber index |
-//! | [`bus`]        | cross-shard bounded queues with eventfd wake-ups; message and query types |
+//! | [`bus`]        | cross-shard bounded queues with eventfd wake-ups; message and query types; process-wide limit tables |
 //! | [`connection`] | one connection as a sans-io state machine: HTTP head, WebSocket, SSE, long-poll, closing; timers from a passed clock; bounded outbox |
 //! | [`shard`]      | the driver per core: I/O driver (io_uring or epoll), slab, reads, writes, fan-out, sweep |
 //! | [`app`]        | what requests and messages mean: routes, client commands, HTTP sessions, channel owners, users, queries |

@@ -24,20 +24,23 @@ struct Cli {
 enum Command {
     /// Run the server (embedded defaults; no config file or Redis needed).
     Serve(ServeArgs),
-    /// Publish DATA (JSON; a plain string is sent as a JSON string) to CHANNEL as EVENT.
+    /// Publish DATA (JSON, or any text with --string) to CHANNEL as EVENT.
     Publish {
         #[command(flatten)]
         admin: AdminArgs,
         channel: String,
         event: String,
         data: String,
+        /// Send DATA as a JSON string (without it, DATA must be valid JSON).
+        #[arg(long)]
+        string: bool,
     },
     /// Print server statistics as one JSON object.
     Stats {
         #[command(flatten)]
         admin: AdminArgs,
     },
-    /// Send DATA to users (comma-separated ids): every live connection gets it; it waits in their inboxes until acknowledged.
+    /// Send DATA (JSON, or any text with --string) to users (comma-separated ids): every live connection gets it; it waits in their inboxes until acknowledged.
     SendUser {
         #[command(flatten)]
         admin: AdminArgs,
@@ -45,6 +48,9 @@ enum Command {
         users: String,
         event: String,
         data: String,
+        /// Send DATA as a JSON string (without it, DATA must be valid JSON).
+        #[arg(long)]
+        string: bool,
     },
     /// Members of a channel (user ids with connection counts), or counts with --stats.
     Presence {
@@ -255,12 +261,16 @@ fn connect_admin(args: &AdminArgs) -> Result<AdminClient, String> {
     AdminClient::connect(&address, key.as_deref(), Duration::from_secs(args.timeout)).map_err(|e| e.to_string())
 }
 
-/// DATA as JSON: valid JSON is sent as is, anything else as a JSON string.
-fn data_as_json(data: &str) -> Vec<u8> {
-    if kometa_protocol::json::validate(data.as_bytes()).is_ok() {
-        data.as_bytes().to_vec()
-    } else {
-        serde_json::to_vec(data).unwrap_or_default()
+/// DATA as JSON: as given (it must be valid JSON), or with `--string` as a
+/// JSON string. Guessing would turn a typo in JSON (`{"a":1`) into a string
+/// the subscribers did not expect.
+fn data_as_json(data: &str, string: bool) -> Result<Vec<u8>, (u8, String)> {
+    if string {
+        return Ok(serde_json::to_vec(data).unwrap_or_default());
+    }
+    match kometa_protocol::json::validate(data.as_bytes()) {
+        Ok(()) => Ok(data.as_bytes().to_vec()),
+        Err(why) => Err((2, format!("DATA is not valid JSON ({why}); pass --string to send it as a JSON string"))),
     }
 }
 
@@ -279,16 +289,18 @@ fn run(cli: Cli) -> Result<(), (u8, String)> {
             let source: kometa::server::ConfigSource = Box::new(move || load_config(&args));
             kometa::server::serve(config, Some(source)).map_err(|e| (1, e.to_string()))
         }
-        Command::Publish { admin, channel, event, data } => {
+        Command::Publish { admin, channel, event, data, string } => {
+            let data = data_as_json(&data, string)?;
             let mut client = connect(&admin)?;
-            let published = client.publish(&channel, &event, &data_as_json(&data)).map_err(|e| (1, e.to_string()))?;
+            let published = client.publish(&channel, &event, &data).map_err(|e| (1, e.to_string()))?;
             println!("{}", serde_json::json!({"offset": published.offset, "subscribers": published.subscribers}));
             Ok(())
         }
         Command::Stats { admin } => print_json(connect(&admin)?.stats()),
-        Command::SendUser { admin, users, event, data } => {
+        Command::SendUser { admin, users, event, data, string } => {
+            let data = data_as_json(&data, string)?;
             let users: Vec<&str> = users.split(',').filter(|u| !u.is_empty()).collect();
-            print_json(connect(&admin)?.send_user(&users, &event, &data_as_json(&data)))
+            print_json(connect(&admin)?.send_user(&users, &event, &data))
         }
         Command::Presence { admin, channel, stats, cursor, limit } => {
             let mut client = connect(&admin)?;

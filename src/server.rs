@@ -344,6 +344,8 @@ pub fn serve(config: Config, source: Option<ConfigSource>) -> Result<(), ServeEr
         tls_generation: std::sync::atomic::AtomicU64::new(0),
         config: std::sync::RwLock::new(Arc::clone(&config)),
         config_generation: std::sync::atomic::AtomicU64::new(0),
+        limiter: crate::bus::limiter::Limiter::new(&config.limits),
+        admin_refusals: Default::default(),
     });
 
     let signals = block_shutdown_signals();

@@ -496,7 +496,7 @@ fn cli_subcommands_print_json() {
         assert!(output.status.success(), "{args:?}: {}", String::from_utf8_lossy(&output.stderr));
         serde_json::from_slice(&output.stdout).unwrap_or_else(|e| panic!("{args:?}: {e}"))
     };
-    assert_eq!(run(&["send-user", "lena,mia", "hello", "hi"])["results"][0]["delivered"], 1);
+    assert_eq!(run(&["send-user", "--string", "lena,mia", "hello", "hi"])["results"][0]["delivered"], 1);
     assert_eq!(run(&["presence", "track_x"])["members"][0]["user"], "lena");
     assert_eq!(run(&["presence", "track_x", "--stats"])["users"], 1);
     assert_eq!(run(&["user-status", "lena", "mia"])["results"][1]["status"], "unknown");

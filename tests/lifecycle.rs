@@ -239,7 +239,7 @@ fn config_errors_name_the_key_and_exit_before_listening() {
 #[test]
 fn echo_endpoint_only_when_configured() {
     let plain = Server::start(1, "");
-    let response = common::http_exchange(&plain, b"GET /echo HTTP/1.1\r\nConnection: close\r\n\r\n");
+    let response = common::http_exchange(&plain, b"GET /echo HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
     assert!(response.starts_with("HTTP/1.1 404"));
     let echo = Server::start(1, "echo_path = \"/echo\"\n");
     let mut client = echo.client_at("/echo");

@@ -27,9 +27,9 @@ fn bad_http_requests_get_statuses_with_reasons() {
     let cases: Vec<(Vec<u8>, &str)> = vec![
         (b"\x16\x03\x01\x00\xa5\x01\x00\x00\xa1\x03\x03\r\n\r\n".to_vec(), "400"),
         (b"GET /ws HTTP/1.1\r\nHost: x\r\nBad Header\r\n\r\n".to_vec(), "400"),
-        ([b"GET / HTTP/1.1\r\nX: ".to_vec(), vec![b'a'; 2000], b"\r\n\r\n".to_vec()].concat(), "431"),
+        ([b"GET / HTTP/1.1\r\nHost: x\r\nX: ".to_vec(), vec![b'a'; 2000], b"\r\n\r\n".to_vec()].concat(), "431"),
         (
-            (0..10).fold(b"GET / HTTP/1.1\r\n".to_vec(), |mut head, i| {
+            (0..10).fold(b"GET / HTTP/1.1\r\nHost: x\r\n".to_vec(), |mut head, i| {
                 head.extend_from_slice(format!("X-{i}: y\r\n").as_bytes());
                 head
             })
@@ -39,22 +39,22 @@ fn bad_http_requests_get_statuses_with_reasons() {
             "431",
         ),
         (b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec(), "505"),
-        (b"GET /nope HTTP/1.1\r\nConnection: close\r\n\r\n".to_vec(), "404"),
-        (b"POST /health HTTP/1.1\r\nConnection: close\r\nContent-Length: 0\r\n\r\n".to_vec(), "405"),
-        (b"POST /ws HTTP/1.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nContent-Length: 0\r\n\r\n".to_vec(), "405"),
+        (b"GET /nope HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".to_vec(), "404"),
+        (b"POST /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: 0\r\n\r\n".to_vec(), "405"),
+        (b"POST /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nContent-Length: 0\r\n\r\n".to_vec(), "405"),
         (b"GET /ws HTTP/1.1\r\nHost: x\r\n\r\n".to_vec(), "426"),
         (
-            b"GET /ws HTTP/1.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 8\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n".to_vec(),
+            b"GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 8\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n".to_vec(),
             "426",
         ),
-        (b"GET /ws HTTP/1.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\n\r\n".to_vec(), "400"),
+        (b"GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\n\r\n".to_vec(), "400"),
         (
-            b"GET /ws HTTP/1.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: c2hvcnQ=\r\n\r\n".to_vec(),
+            b"GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: c2hvcnQ=\r\n\r\n".to_vec(),
             "400",
         ),
-        (b"GET /ws HTTP/1.1\r\nUpgrade: websocket\r\nConnection: close\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n".to_vec(), "400"),
-        (b"POST /x HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n".to_vec(), "501"),
-        (b"POST /x HTTP/1.1\r\nContent-Length: 99999999\r\n\r\n".to_vec(), "413"),
+        (b"GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: close\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n".to_vec(), "400"),
+        (b"POST /x HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n".to_vec(), "400"),
+        (b"POST /x HTTP/1.1\r\nHost: x\r\nContent-Length: 99999999\r\n\r\n".to_vec(), "413"),
     ];
     for (request, status) in cases {
         let response = http_exchange(&server, &request);

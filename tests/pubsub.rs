@@ -213,14 +213,22 @@ fn cli_publish_and_stats_print_json() {
         kometa_admin_client::AdminAddress::Unix(path) => format!("unix:{}", path.display()),
         other => panic!("{other}"),
     };
-    let output = std::process::Command::new(env!("CARGO_BIN_EXE_kometa"))
-        .args(["publish", "--admin", &admin, "news", "update", "plain text"])
-        .output()
-        .unwrap();
+    // Text that is not JSON is refused (a typo in JSON must not become a
+    // string), unless --string says it is one.
+    let kometa = |args: &[&str]| std::process::Command::new(env!("CARGO_BIN_EXE_kometa")).args(args).output().unwrap();
+    let output = kometa(&["publish", "--admin", &admin, "news", "update", "plain text"]);
+    assert_eq!(output.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&output.stderr).contains("--string"), "{output:?}");
+    let output = kometa(&["send-user", "--admin", &admin, "42", "note", "{\"a\":1"]);
+    assert_eq!(output.status.code(), Some(2), "{output:?}");
+    let output = kometa(&["publish", "--admin", &admin, "--string", "news", "update", "plain text"]);
     assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
     let printed: Value = serde_json::from_slice(&output.stdout).unwrap();
-    assert_eq!(printed, json!({"offset": 1, "subscribers": 1}));
+    assert_eq!(printed, json!({"offset": 1, "subscribers": 1}), "the refused one was not published");
     assert_eq!(subscriber.recv()["data"], "plain text");
+    let output = kometa(&["publish", "--admin", &admin, "--string", "news", "update", "{\"a\":1}"]);
+    assert!(output.status.success());
+    assert_eq!(subscriber.recv()["data"], "{\"a\":1}", "--string sends even JSON text as a string");
 
     let output =
         std::process::Command::new(env!("CARGO_BIN_EXE_kometa")).args(["stats", "--admin", &admin]).output().unwrap();

@@ -19,7 +19,7 @@ use kometa_protocol::client::{
     REQUEST_ID_BYTES_MAX,
 };
 use kometa_protocol::http::{parse_head, percent_decode, query_param, query_params, HeadLimits, HEADERS_HARD_MAX};
-use kometa_protocol::json::{single_line, validate};
+use kometa_protocol::json::{nested_deeper_than, single_line, validate};
 use kometa_protocol::session_id::{make_session_id, parse_event_id, parse_session_id};
 use kometa_protocol::token::{Verifier, GRANTS_MAX, USER_ID_BYTES_MAX};
 use kometa_protocol::ws::{
@@ -39,7 +39,7 @@ use kometa_protocol::ws::{
 /// re-parsing exactly `head_len` bytes gives the same head, and a shorter
 /// prefix is never a complete head (the server re-parses a growing buffer);
 /// "incomplete" is only answered below the size limit; refusals map to
-/// 400/431/505; decoded query values are never longer than their source.
+/// 400/417/431/505; decoded query values are never longer than their source.
 pub fn http_head(data: &[u8]) {
     let Some((&selector, buf)) = data.split_first() else { return };
     let limits = HeadLimits {
@@ -50,7 +50,7 @@ pub fn http_head(data: &[u8]) {
         Ok(Some(request)) => {
             assert!(request.head_len <= buf.len(), "head_len past the input");
             assert!(request.head_len <= limits.head_bytes_max, "head_len past the limit");
-            assert!(request.path.starts_with('/'));
+            assert!(request.path.starts_with('/') || request.path == "*");
             assert!(request.minor_version <= 1);
             let again = parse_head(&buf[..request.head_len], limits)
                 .expect("the head alone does not parse")
@@ -73,7 +73,7 @@ pub fn http_head(data: &[u8]) {
             }
             let origins = ["https://app.example".to_string()];
             for allowed in [&[][..], &origins[..]] {
-                if let Ok(upgrade) = check_upgrade(&request, allowed) {
+                if let Ok(upgrade) = check_upgrade(&request, allowed, selector & 0x10 != 0) {
                     assert_eq!(upgrade.accept.len(), 28);
                     let mut out = Vec::new();
                     write_upgrade_response(&mut out, &upgrade);
@@ -83,7 +83,7 @@ pub fn http_head(data: &[u8]) {
         }
         Ok(None) => assert!(buf.len() < limits.head_bytes_max, "incomplete head at or past the limit"),
         Err(error) => {
-            assert!(matches!(error.status(), 400 | 431 | 505), "status {}", error.status());
+            assert!(matches!(error.status(), 400 | 417 | 431 | 505), "status {}", error.status());
             assert!(!error.reason().is_empty());
         }
     }
@@ -299,7 +299,7 @@ pub fn client_command(data: &[u8]) {
             match &request.command {
                 Command::Subscribe { channel, .. }
                 | Command::Unsubscribe { channel }
-                | Command::Presence { channel }
+                | Command::Presence { channel, .. }
                 | Command::PresenceStats { channel }
                 | Command::History { channel, .. } => client_check_name(channel),
                 Command::Publish { channel, event, data: payload } => {
@@ -427,7 +427,8 @@ pub fn admin_frames(data: &[u8]) {
 /// Invariants: `single_line` keeps the length and leaves no CR or LF, and
 /// changes nothing without them; valid input stays valid after it, and
 /// reads as the same `Value` wherever serde_json can build one; what
-/// serde_json reads as one `Value` passes `validate`.
+/// serde_json reads as one `Value` passes `validate`; for such a value,
+/// `nested_deeper_than` measures exactly the value's nesting depth.
 pub fn json_data(data: &[u8]) {
     let valid = validate(data);
     let flat = single_line(data);
@@ -440,7 +441,12 @@ pub fn json_data(data: &[u8]) {
         Ok(()) => {
             assert!(validate(&flat).is_ok(), "single_line made valid JSON invalid");
             match (serde_json::from_slice::<Value>(data), serde_json::from_slice::<Value>(&flat)) {
-                (Ok(before), Ok(after)) => assert_eq!(before, after, "single_line changed the value"),
+                (Ok(before), Ok(after)) => {
+                    assert_eq!(before, after, "single_line changed the value");
+                    let depth = value_depth(&before);
+                    assert!(!nested_deeper_than(data, depth), "depth {depth} measured deeper");
+                    assert!(depth == 0 || nested_deeper_than(data, depth - 1), "depth {depth} measured shallower");
+                }
                 (Err(_), Err(_)) => {}
                 (before, after) => panic!("Value parse differs: {before:?} vs {after:?}"),
             }
@@ -449,6 +455,15 @@ pub fn json_data(data: &[u8]) {
             assert!(message.len() <= 120);
             assert!(serde_json::from_slice::<Value>(data).is_err(), "validate refused a value serde_json reads");
         }
+    }
+}
+
+/// Nesting depth of a parsed value (serde_json caps parsing at 128 levels).
+fn value_depth(value: &Value) -> usize {
+    match value {
+        Value::Array(items) => 1 + items.iter().map(value_depth).max().unwrap_or(0),
+        Value::Object(fields) => 1 + fields.values().map(value_depth).max().unwrap_or(0),
+        _ => 0,
     }
 }
 

@@ -5,10 +5,11 @@
 //! `bad_frame` error and the connection is closed.
 
 use std::cell::{Cell, RefCell};
+use std::collections::VecDeque;
 use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, OwnedFd};
 use std::rc::Rc;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use futures_channel::oneshot;
 use futures_lite::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -19,6 +20,7 @@ use crate::bus::message::{PublishOk, PublishRefusal, PublishRequest, QueryReques
 use crate::bus::query::{first_failure, merge_channels, merge_rows, merge_stats, stats_document, Answer, Query};
 use crate::bus::Message;
 use crate::hub::owner_of;
+use crate::limits::LimitKind;
 use kometa_protocol::admin::{opcode, split_frame, AdminError, ErrorCode, FrameWriter, RawFrame, Reader};
 use kometa_protocol::{client, json, ws};
 
@@ -32,9 +34,45 @@ pub enum Transport {
     Tcp,
 }
 
+/// TCP admin connections that have not authenticated yet, oldest first:
+/// at most `limits.admin_unauthenticated_max`. A newcomer past it pushes
+/// the oldest out (its `Sender` fires), so connections that never send
+/// AUTH (or send wrong keys slowly) cannot keep a backend from connecting:
+/// to lock it out they would have to outrun its AUTH round trip.
+#[derive(Default)]
+struct Unauthenticated {
+    next_id: u64,
+    waiting: VecDeque<(u64, oneshot::Sender<()>)>,
+}
+
+/// An unauthenticated TCP admin connection's place in `Unauthenticated`.
+struct AuthGate {
+    id: u64,
+    registry: Rc<RefCell<Unauthenticated>>,
+    /// Fires (or is dropped) when a newcomer pushes this connection out.
+    pushed_out: oneshot::Receiver<()>,
+    /// AUTH must have succeeded by then (`timeouts.admin_auth_timeout_ms`).
+    deadline: Instant,
+}
+
+impl AuthGate {
+    /// Leaves the registry (authenticated, or gone).
+    fn leave(&self) {
+        self.registry.borrow_mut().waiting.retain(|(id, _)| *id != self.id);
+    }
+}
+
+/// Where a connection's AUTH stands.
+struct AuthState {
+    authorized: bool,
+    /// Wrong keys so far (closed at `limits.admin_auth_failures_max`).
+    failures: u32,
+}
+
 /// Accepts admin connections until the shard's executor ends.
 pub async fn serve(shard: Rc<RefCell<Gateway>>, listener: OwnedFd, transport: Transport) {
     let open = Rc::new(Cell::new(0usize));
+    let unauthenticated = Rc::new(RefCell::new(Unauthenticated::default()));
     let listener_fd = listener.as_raw_fd();
     loop {
         sys::readable(listener_fd).await;
@@ -61,6 +99,7 @@ pub async fn serve(shard: Rc<RefCell<Gateway>>, listener: OwnedFd, transport: Tr
                 continue;
             }
             open.set(open.get() + 1);
+            let gate = (transport == Transport::Tcp).then(|| admit_unauthenticated(&shard, &unauthenticated));
             let shard = Rc::clone(&shard);
             let open = Rc::clone(&open);
             let raw = fd.into_raw_fd();
@@ -69,13 +108,13 @@ pub async fn serve(shard: Rc<RefCell<Gateway>>, listener: OwnedFd, transport: Tr
                     Transport::Unix => {
                         // SAFETY: `raw` is an accepted, connected socket we own.
                         let stream = unsafe { glommio::net::UnixStream::from_raw_fd(raw) };
-                        connection(shard, stream, false).await;
+                        connection(shard, stream, None).await;
                     }
                     Transport::Tcp => {
                         // SAFETY: as above.
                         let stream = unsafe { glommio::net::TcpStream::from_raw_fd(raw) };
                         let _ = stream.set_nodelay(true);
-                        connection(shard, stream, true).await;
+                        connection(shard, stream, gate).await;
                     }
                 }
                 open.set(open.get() - 1);
@@ -83,6 +122,28 @@ pub async fn serve(shard: Rc<RefCell<Gateway>>, listener: OwnedFd, transport: Tr
             .detach();
         }
     }
+}
+
+/// Registers a new TCP connection as unauthenticated, pushing out the
+/// oldest one when `limits.admin_unauthenticated_max` are waiting already.
+fn admit_unauthenticated(shard: &Rc<RefCell<Gateway>>, registry: &Rc<RefCell<Unauthenticated>>) -> AuthGate {
+    let (max, timeout, shared) = {
+        let shard = shard.borrow();
+        let config = &shard.config;
+        let timeout = Duration::from_millis(config.timeouts.admin_auth_timeout_ms);
+        (config.limits.admin_unauthenticated_max, timeout, Arc::clone(&shard.shared))
+    };
+    let mut unauthenticated = registry.borrow_mut();
+    while unauthenticated.waiting.len() >= max {
+        let Some((_, push_out)) = unauthenticated.waiting.pop_front() else { break };
+        shared.admin_refusals.add(LimitKind::AdminUnauthenticated);
+        let _ = push_out.send(());
+    }
+    let id = unauthenticated.next_id;
+    unauthenticated.next_id += 1;
+    let (sender, pushed_out) = oneshot::channel();
+    unauthenticated.waiting.push_back((id, sender));
+    AuthGate { id, registry: Rc::clone(registry), pushed_out, deadline: Instant::now() + timeout }
 }
 
 /// A reply that may still be waiting for other shards.
@@ -94,9 +155,11 @@ enum PendingReply {
 
 /// How the answers of a gather become the reply document.
 enum Finish {
-    /// `node`: this node's id in cluster mode.
+    /// `node`: this node's id in cluster mode; `admin_refusals`: the
+    /// gateway's own limit refusals when the request came.
     Stats {
         node: Option<String>,
+        admin_refusals: crate::limits::LimitRefusals,
     },
     /// `{"results":[…]}` in request order.
     Rows,
@@ -126,12 +189,12 @@ impl PendingReply {
                     return FrameWriter::error(op, request_id, &failure.admin_error());
                 }
                 let document = match finish {
-                    Finish::Stats { node } => {
+                    Finish::Stats { node, admin_refusals } => {
                         let others = answers.iter().find_map(|answer| match answer {
                             Answer::Object(fields) => fields.get("nodes").and_then(|n| n.as_array()).cloned(),
                             _ => None,
                         });
-                        let local = stats_document(&merge_stats(answers));
+                        let local = stats_document(&merge_stats(answers), &admin_refusals);
                         let document = match node {
                             Some(node) => cluster_stats(local, &node, others.unwrap_or_default()),
                             None => local,
@@ -191,7 +254,7 @@ fn refusal_error(refusal: PublishRefusal) -> AdminError {
 
 /// The `STATS` document: totals plus each shard's counters.
 pub fn stats_json(shards: &[ShardStats]) -> Vec<u8> {
-    serde_json::to_vec(&stats_document(shards)).unwrap_or_default()
+    serde_json::to_vec(&stats_document(shards, &Default::default())).unwrap_or_default()
 }
 
 /// Totals summed over nodes in a cluster's STATS.
@@ -243,14 +306,39 @@ async fn write_within<S: AsyncWrite + Unpin>(stream: &mut S, bytes: &[u8], timeo
 /// and a connection holds at most this plus one reply.
 const OUTPUT_FLUSH_BYTES: usize = 64 * 1024;
 
-async fn connection<S: AsyncRead + AsyncWrite + Unpin>(shard: Rc<RefCell<Gateway>>, mut stream: S, needs_auth: bool) {
-    let (frame_bytes_max, in_flight_max, write_timeout) = {
+/// Serves one admin connection; `gate` is its place among unauthenticated
+/// TCP connections (None: a Unix socket, which needs no AUTH).
+async fn connection<S: AsyncRead + AsyncWrite + Unpin>(
+    shard: Rc<RefCell<Gateway>>,
+    mut stream: S,
+    mut gate: Option<AuthGate>,
+) {
+    serve_frames(&shard, &mut stream, &mut gate).await;
+    if let Some(gate) = gate {
+        gate.leave();
+    }
+}
+
+async fn serve_frames<S: AsyncRead + AsyncWrite + Unpin>(
+    shard: &Rc<RefCell<Gateway>>,
+    stream: &mut S,
+    gate: &mut Option<AuthGate>,
+) {
+    let (frame_bytes_max, in_flight_max, write_timeout, failures_max, shared) = {
         let shard = shard.borrow();
         let config = &shard.config;
         let write_timeout = Duration::from_millis(config.timeouts.admin_write_timeout_ms);
-        (config.limits.admin_frame_bytes_max, config.limits.admin_requests_in_flight_max, write_timeout)
+        let limits = &config.limits;
+        let shared = Arc::clone(&shard.shared);
+        (
+            limits.admin_frame_bytes_max,
+            limits.admin_requests_in_flight_max,
+            write_timeout,
+            limits.admin_auth_failures_max,
+            shared,
+        )
     };
-    let mut authorized = !needs_auth;
+    let mut auth = AuthState { authorized: gate.is_none(), failures: 0 };
     let mut input: Vec<u8> = Vec::new();
     let mut chunk = vec![0u8; READ_CHUNK_BYTES];
     loop {
@@ -262,8 +350,19 @@ async fn connection<S: AsyncRead + AsyncWrite + Unpin>(shard: Rc<RefCell<Gateway
             match split_frame(&input[consumed..], frame_bytes_max) {
                 Ok(None) => break,
                 Ok(Some((frame, used))) => {
-                    pending.push(dispatch(&shard, frame, &mut authorized));
+                    pending.push(dispatch(shard, frame, &mut auth));
                     consumed += used;
+                    if auth.authorized {
+                        if let Some(gate) = gate.take() {
+                            gate.leave();
+                        }
+                    } else if auth.failures >= failures_max {
+                        // Guessing keys: the replies so far, then the close.
+                        shared.admin_refusals.add(LimitKind::AdminAuthFailures);
+                        tracing::debug!(failures = auth.failures, "admin connection closed after failed AUTH attempts");
+                        broken = true;
+                        break;
+                    }
                 }
                 Err(error) => {
                     tracing::debug!(reason = %error.0, "admin framing error; closing connection");
@@ -284,14 +383,14 @@ async fn connection<S: AsyncRead + AsyncWrite + Unpin>(shard: Rc<RefCell<Gateway
         for reply in pending {
             output.extend_from_slice(&reply.into_bytes().await);
             if output.len() >= OUTPUT_FLUSH_BYTES {
-                if !write_within(&mut stream, &output, write_timeout).await {
+                if !write_within(stream, &output, write_timeout).await {
                     return;
                 }
                 output.clear();
                 output.shrink_to(OUTPUT_FLUSH_BYTES);
             }
         }
-        if !output.is_empty() && !write_within(&mut stream, &output, write_timeout).await {
+        if !output.is_empty() && !write_within(stream, &output, write_timeout).await {
             return;
         }
         if broken {
@@ -301,11 +400,66 @@ async fn connection<S: AsyncRead + AsyncWrite + Unpin>(shard: Rc<RefCell<Gateway
         if more_buffered {
             continue;
         }
-        match stream.read(&mut chunk).await {
+        let read = match gate {
+            None => stream.read(&mut chunk).await,
+            Some(gate) => match read_before_auth(stream, &mut chunk, gate).await {
+                Ok(read) => read,
+                Err(ended) => {
+                    let message = match ended {
+                        AuthEnded::Deadline => {
+                            shared.admin_refusals.add(LimitKind::AdminAuthTimeout);
+                            "no AUTH within timeouts.admin_auth_timeout_ms"
+                        }
+                        // Counted by the newcomer that pushed it out.
+                        AuthEnded::PushedOut => {
+                            "too many unauthenticated admin connections (limits.admin_unauthenticated_max)"
+                        }
+                    };
+                    let error = AdminError::new(ErrorCode::Unauthorized, message);
+                    let _ = write_within(stream, &FrameWriter::error(0, 0, &error), write_timeout).await;
+                    let _ = stream.close().await;
+                    return;
+                }
+            },
+        };
+        match read {
             Ok(0) | Err(_) => return,
             Ok(count) => input.extend_from_slice(&chunk[..count]),
         }
     }
+}
+
+/// Why an unauthenticated connection stops being served.
+enum AuthEnded {
+    /// `timeouts.admin_auth_timeout_ms` passed without a successful AUTH.
+    Deadline,
+    /// A newcomer took its place (`limits.admin_unauthenticated_max`).
+    PushedOut,
+}
+
+/// A read by a connection that has not authenticated yet: it ends at the
+/// AUTH deadline or when pushed out, whichever comes first. Checked before
+/// reading too, so a client that keeps sending (never waiting on a read)
+/// meets the deadline all the same.
+async fn read_before_auth<S: AsyncRead + Unpin>(
+    stream: &mut S,
+    chunk: &mut [u8],
+    gate: &mut AuthGate,
+) -> Result<std::io::Result<usize>, AuthEnded> {
+    let remaining = gate.deadline.saturating_duration_since(Instant::now());
+    if remaining.is_zero() {
+        return Err(AuthEnded::Deadline);
+    }
+    let read = async { Ok(stream.read(chunk).await) };
+    let pushed_out = async {
+        let _ = (&mut gate.pushed_out).await;
+        Err(AuthEnded::PushedOut)
+    };
+    let deadline = async {
+        glommio::timer::sleep(remaining).await;
+        Err(AuthEnded::Deadline)
+    };
+    futures_lite::future::or(read, futures_lite::future::or(pushed_out, deadline)).await
 }
 
 fn ok_empty(op: u8, request_id: u32) -> PendingReply {
@@ -320,7 +474,7 @@ fn bad_argument(message: impl Into<String>) -> AdminError {
     AdminError::new(ErrorCode::BadArgument, message)
 }
 
-fn dispatch(shard: &Rc<RefCell<Gateway>>, frame: RawFrame<'_>, authorized: &mut bool) -> PendingReply {
+fn dispatch(shard: &Rc<RefCell<Gateway>>, frame: RawFrame<'_>, auth: &mut AuthState) -> PendingReply {
     let (op, request_id) = (frame.first, frame.request_id);
     let result = (|| -> Result<PendingReply, AdminError> {
         if frame.second != 0 {
@@ -333,15 +487,18 @@ fn dispatch(shard: &Rc<RefCell<Gateway>>, frame: RawFrame<'_>, authorized: &mut 
             let shard = shard.borrow();
             return match &shard.config.admin_key {
                 Some(expected) if !crate::util::constant_time_eq(expected.as_bytes(), key.as_bytes()) => {
-                    Err(AdminError::new(ErrorCode::Unauthorized, "wrong admin key"))
+                    auth.failures += 1;
+                    let max = shard.config.limits.admin_auth_failures_max;
+                    let message = format!("wrong admin key ({} of {max} attempts)", auth.failures);
+                    Err(AdminError::new(ErrorCode::Unauthorized, message))
                 }
                 _ => {
-                    *authorized = true;
+                    auth.authorized = true;
                     Ok(ok_empty(op, request_id))
                 }
             };
         }
-        if !*authorized {
+        if !auth.authorized {
             return Err(AdminError::new(ErrorCode::Unauthorized, "send AUTH with the admin key first"));
         }
         if shard.borrow().is_draining() {
@@ -356,15 +513,16 @@ fn dispatch(shard: &Rc<RefCell<Gateway>>, frame: RawFrame<'_>, authorized: &mut 
             opcode::PUBLISH => return publish(shard, request_id, reader),
             opcode::STATS => {
                 reader.finish()?;
-                let (count, cluster, node) = {
+                let (count, cluster, node, admin_refusals) = {
                     let shard = shard.borrow();
-                    (shard.shard_count(), shard.cluster, shard.config.cluster.node_id.clone())
+                    let admin_refusals = shard.shared.admin_refusals.snapshot();
+                    (shard.shard_count(), shard.cluster, shard.config.cluster.node_id.clone(), admin_refusals)
                 };
                 let mut queries: Vec<(usize, Query)> = (0..count).map(|s| (s, Query::Stats)).collect();
                 // Cluster mode: the other nodes' STATS too.
                 queries.extend(cluster.map(|gateway| (gateway, Query::NodeStats)));
                 let node = cluster.and(node);
-                gather(shard, op, request_id, queries, Finish::Stats { node })
+                gather(shard, op, request_id, queries, Finish::Stats { node, admin_refusals })
             }
             opcode::SEND_USER => {
                 let users = read_users(&mut reader, shard)?;
@@ -480,9 +638,13 @@ fn check_event(event: &str) -> Result<(), AdminError> {
     client::check_event_name(event).map_err(bad_argument)
 }
 
-/// Checks size and JSON validity; returns the data with raw newlines flattened.
+/// Checks size, JSON validity and nesting depth; returns the data with raw
+/// newlines flattened.
 fn check_data(shard: &Rc<RefCell<Gateway>>, data: &[u8]) -> Result<Arc<[u8]>, AdminError> {
-    let limit = shard.borrow().config.limits.publication_data_bytes_max;
+    let (limit, depth_max) = {
+        let limits = &shard.borrow().config.limits;
+        (limits.publication_data_bytes_max, limits.json_depth_max)
+    };
     if data.len() > limit {
         return Err(AdminError::new(
             ErrorCode::TooLarge,
@@ -490,6 +652,10 @@ fn check_data(shard: &Rc<RefCell<Gateway>>, data: &[u8]) -> Result<Arc<[u8]>, Ad
         ));
     }
     json::validate(data).map_err(|why| bad_argument(format!("data is not valid JSON: {why}")))?;
+    if json::nested_deeper_than(data, depth_max) {
+        shard.borrow().shared.admin_refusals.add(LimitKind::JsonDepth);
+        return Err(bad_argument(format!("data nests deeper than {depth_max} levels (limits.json_depth_max)")));
+    }
     Ok(json::single_line(data).into_owned().into())
 }
 

@@ -15,6 +15,7 @@ use crate::connection::http::BufItem;
 use crate::connection::{Marks, Phase, Subscription, PENDING_SLOT};
 use crate::hub::index::ConnKey;
 use crate::hub::owner_of;
+use crate::limits::LimitKind;
 use crate::shard::Shard;
 use crate::util::unix_time_ms;
 use kometa_protocol::client::{self, Command, CommandError, ErrorCode, Position, RequestId};
@@ -33,7 +34,22 @@ const CLIENT_HISTORY_DEFAULT_LIMIT: usize = 100;
 
 impl Shard {
     pub(crate) fn client_command(&mut self, key: ConnKey, generation: u32, message: &[u8]) {
-        let request = match client::decode(message) {
+        let decoded = client::decode(message);
+        // Every command spends a token (garbage too: a flood of it costs
+        // replies); the refusal is an error reply, the connection stays.
+        let now_ms = self.now_ms;
+        let Some(conn) = self.conns.get_mut(key as usize).filter(|c| c.state.generation() == generation) else {
+            return;
+        };
+        if !conn.rates.take_command(&self.config.limits, now_ms) {
+            self.metrics.limit_refusals.add(LimitKind::CommandsPerConnection);
+            let id = decoded.ok().and_then(|request| request.id);
+            let per_s = self.config.limits.client_commands_per_s;
+            let message = format!("more than {per_s} commands a second (limits.client_commands_per_s)");
+            self.reply_error(key, &CommandError::new(id, ErrorCode::RateLimited, message));
+            return;
+        }
+        let request = match decoded {
             Ok(request) => request,
             Err(error) => {
                 self.reply_error(key, &error);
@@ -46,8 +62,8 @@ impl Shard {
                 self.reply_ok(key, id.as_ref(), |_| {});
                 Ok(())
             }
-            Command::Subscribe { channel, since } => {
-                self.subscribe(key, generation, id.clone(), &channel, since, false)
+            Command::Subscribe { channel, since, presence_counts } => {
+                self.subscribe(key, generation, id.clone(), &channel, since, presence_counts, false)
             }
             Command::Unsubscribe { channel } => self.unsubscribe(key, generation, id.as_ref(), &channel),
             Command::Publish { channel, event, data } => {
@@ -56,8 +72,9 @@ impl Shard {
             Command::Rpc { method, data } => self.rpc_command(key, generation, id.clone(), &method, data),
             Command::Connect { token } => self.connect_command(key, generation, id.clone(), &token),
             Command::Ack { inbox } => self.ack(key, generation, id.as_ref(), inbox),
-            Command::Presence { channel } => {
-                self.channel_query(key, generation, id.clone(), &channel, QueryKind::Presence)
+            Command::Presence { channel, cursor, limit } => {
+                let cursor = cursor.filter(|cursor| !cursor.is_empty()).map(|cursor| cursor.into());
+                self.channel_query(key, generation, id.clone(), &channel, QueryKind::Presence { cursor, limit })
             }
             Command::PresenceStats { channel } => {
                 self.channel_query(key, generation, id.clone(), &channel, QueryKind::PresenceStats)
@@ -96,6 +113,7 @@ impl Shard {
     }
 
     /// `approved`: the backend's subscribe proxy said yes already.
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn subscribe(
         &mut self,
         key: ConnKey,
@@ -103,9 +121,18 @@ impl Shard {
         id: Option<RequestId>,
         channel: &str,
         since: Option<Position>,
+        presence_counts: bool,
         approved: bool,
     ) -> Result<(), Refusal> {
         let config = self.channel_access(key, channel)?;
+        if presence_counts {
+            if !config.namespace_for(channel).presence {
+                return Err(refuse(ErrorCode::Forbidden, "presence is not kept for this channel"));
+            }
+            if self.is_cluster() {
+                return Err(refuse(ErrorCode::NotAvailable, "presence_counts is not available in cluster mode"));
+            }
+        }
         let Some(conn) = self.conn_mut(key, generation) else { return Ok(()) };
         let user = conn.state.user().cloned();
         if conn.state.subscriptions.len() >= config.limits.channels_per_connection_max {
@@ -124,7 +151,7 @@ impl Shard {
             return Err(refuse(ErrorCode::Overloaded, "server busy, retry"));
         }
         if config.namespace_for(channel).proxy_subscribe && !approved {
-            let call = BackendCall::Subscribe { channel: channel.into(), since };
+            let call = BackendCall::Subscribe { channel: channel.into(), since, presence_counts };
             return self.ask_backend_first(key, generation, id, call);
         }
         let (local, name) = self.index.intern(channel);
@@ -139,6 +166,7 @@ impl Shard {
             user,
             since,
             request_id: id,
+            presence_counts,
         };
         self.bus.send(owner, Message::Subscribe(Box::new(request)));
         Ok(())
@@ -165,10 +193,11 @@ impl Shard {
         let subscription = conn.state.subscriptions.swap_remove(position);
         let user = conn.state.user().cloned();
         let name = self.index.get(local).map(|c| Arc::clone(&c.name));
-        self.index.remove(local, subscription.slot);
-        if let Some(name) = name {
+        let removed = self.index.remove(local, subscription.slot);
+        if let (Some(name), Some(subscriber)) = (name, removed) {
             let owner = owner_of(&name, self.shard_count());
-            self.bus.send(owner, Message::Unsubscribe { channel: name, shard: self.id as u16, user });
+            let presence_counts = subscriber.presence_counts;
+            self.bus.send(owner, Message::Unsubscribe { channel: name, shard: self.id as u16, user, presence_counts });
         }
         self.reply_ok(key, id, |_| {});
         Ok(())
@@ -199,8 +228,38 @@ impl Shard {
                 format!("data over {} bytes", config.limits.publication_data_bytes_max),
             ));
         }
+        let depth_max = config.limits.json_depth_max;
+        if json::nested_deeper_than(data, depth_max) {
+            self.metrics.limit_refusals.add(LimitKind::JsonDepth);
+            return Err(refuse(
+                ErrorCode::BadRequest,
+                format!("data nests deeper than {depth_max} levels (limits.json_depth_max)"),
+            ));
+        }
         if self.bus.overloaded() {
             return Err(refuse(ErrorCode::Overloaded, "server busy, retry"));
+        }
+        let now_ms = self.now_ms;
+        let Some(conn) = self.conn_mut(key, generation) else { return Ok(()) };
+        let user = conn.state.user().cloned();
+        // Rates are charged once: not again when the publish proxy approves.
+        if !approved {
+            if !conn.rates.take_publication(&config.limits, now_ms) {
+                self.metrics.limit_refusals.add(LimitKind::PublicationsPerConnection);
+                let per_s = config.limits.client_publications_per_s;
+                let message = format!("more than {per_s} publications a second (limits.client_publications_per_s)");
+                return Err(refuse(ErrorCode::RateLimited, message));
+            }
+            if let Some(user) = &user {
+                let limiter = &self.shared.limiter;
+                if !limiter.user_publication(user, limiter.now_ms()) {
+                    self.metrics.limit_refusals.add(LimitKind::PublicationsPerUser);
+                    let per_s = config.limits.user_publications_per_s;
+                    let message =
+                        format!("this user publishes more than {per_s} a second (limits.user_publications_per_s)");
+                    return Err(refuse(ErrorCode::RateLimited, message));
+                }
+            }
         }
         if namespace.proxy_publish && !approved {
             let data = serde_json::value::RawValue::from_string(String::from_utf8_lossy(data).into_owned())
@@ -209,7 +268,6 @@ impl Shard {
             return self.ask_backend_first(key, generation, id, call);
         }
         let Some(conn) = self.conn_mut(key, generation) else { return Ok(()) };
-        let user = conn.state.user().cloned();
         conn.state.marks.insert(Marks::AWAITING_REPLY);
         let request = PublishRequest {
             channel: channel.into(),
@@ -299,10 +357,15 @@ impl Shard {
         let channel: Arc<str> = channel.into();
         let items_max = config.limits.query_items_max;
         let query = match kind {
-            QueryKind::Presence | QueryKind::PresenceStats if !namespace.presence => {
+            QueryKind::Presence { .. } | QueryKind::PresenceStats if !namespace.presence => {
                 return Err(refuse(ErrorCode::Forbidden, "presence is not kept for this channel"));
             }
-            QueryKind::Presence => Query::Presence { channel: Arc::clone(&channel), cursor: None, limit: items_max },
+            QueryKind::Presence { cursor, limit } => Query::Presence {
+                channel: Arc::clone(&channel),
+                cursor,
+                // As on the admin socket: 0 or none is the maximum.
+                limit: limit.filter(|&limit| limit > 0).map_or(items_max, |limit| (limit as usize).min(items_max)),
+            },
             QueryKind::PresenceStats => Query::PresenceStats { channel: Arc::clone(&channel) },
             QueryKind::History { .. } if !namespace.client_history => {
                 return Err(refuse(ErrorCode::Forbidden, "clients may not read this channel's history"));
@@ -361,7 +424,7 @@ impl Shard {
 
 /// Which channel query a client asked for.
 enum QueryKind {
-    Presence,
+    Presence { cursor: Option<Box<str>>, limit: Option<u32> },
     PresenceStats,
     History { since: Option<Position>, limit: Option<u32> },
 }

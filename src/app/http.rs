@@ -8,6 +8,7 @@ use crate::app::sessions::Handled;
 use crate::config::RedisDownPolicy;
 use crate::connection::Context;
 use crate::hub::index::ConnKey;
+use crate::limits::LimitKind;
 use crate::shard::Shard;
 use crate::util::unix_time_ms;
 use kometa_protocol::http::{self, Method, Request};
@@ -37,6 +38,8 @@ impl Shard {
                 _ => self.respond(key, 405, &[("Allow", "GET, HEAD")], "use GET", keep_alive, with_body),
             },
             "/ws" => return self.upgrade(key, request, input, false),
+            // `OPTIONS *` (RFC 9110 §9.3.7): what the server allows.
+            "*" => self.respond(key, 204, &[("Allow", "GET, HEAD, POST, OPTIONS")], "", keep_alive, false),
             path if self.config.echo_path.as_deref() == Some(path) => return self.upgrade(key, request, input, true),
             _ => self.respond(key, 404, &[], "not found", keep_alive, with_body),
         }
@@ -75,7 +78,7 @@ impl Shard {
     }
 
     fn upgrade(&mut self, key: ConnKey, request: &Request<'_>, input: &[u8], echo: bool) -> bool {
-        let upgrade = match ws::check_upgrade(request, &self.config.allowed_origins) {
+        let upgrade = match ws::check_upgrade(request, &self.config.allowed_origins, self.config.allow_missing_origin) {
             Ok(upgrade) => upgrade,
             Err(refusal) => {
                 self.respond(key, refusal.status, refusal.headers, refusal.reason, false, true);
@@ -86,6 +89,12 @@ impl Shard {
         if self.cluster_refuses() {
             let reason = "the cluster's Redis is unreachable; try another node";
             self.respond(key, 503, &[("Retry-After", "1")], reason, false, true);
+            self.end_after_flush(key);
+            return false;
+        }
+        if !self.handshake_allowed(key) {
+            let reason = "too many WebSocket handshakes from your address (limits.handshakes_per_ip_per_s)";
+            self.respond(key, 429, &[("Retry-After", "1")], reason, false, true);
             self.end_after_flush(key);
             return false;
         }
@@ -120,6 +129,18 @@ impl Shard {
             None => {}
         }
         true
+    }
+
+    /// Takes a handshake token of the connection's address (an upgrade or
+    /// a new HTTP session); false, counted, past `limits.handshakes_per_ip_per_s`.
+    pub(crate) fn handshake_allowed(&mut self, key: ConnKey) -> bool {
+        let Some(peer) = self.conns.get(key as usize).and_then(|conn| conn.peer) else { return true };
+        let limiter = &self.shared.limiter;
+        if limiter.handshake(peer, limiter.now_ms()) {
+            return true;
+        }
+        self.metrics.limit_refusals.add(LimitKind::HandshakesPerIp);
+        false
     }
 
     /// Sends a plain-text response.

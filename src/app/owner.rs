@@ -13,6 +13,7 @@ use crate::config::Namespace;
 use crate::connection::PENDING_SLOT;
 use crate::hub::index::Subscriber;
 use crate::hub::owner_of;
+use crate::hub::presence::CountsNow;
 use crate::hub::publication::{Publication, PushFields};
 use crate::shard::Shard;
 use kometa_protocol::client::{CommandError, ErrorCode};
@@ -23,7 +24,7 @@ impl Shard {
             // The owner's cluster-mode side (shard/cluster.rs).
             match message {
                 Message::Subscribe(request) => return self.cluster_subscribe(*request),
-                Message::Unsubscribe { channel, shard, user } => {
+                Message::Unsubscribe { channel, shard, user, .. } => {
                     return self.cluster_unsubscribe(&channel, usize::from(shard), user)
                 }
                 Message::Publish(request) => return self.cluster_publish(*request),
@@ -43,7 +44,9 @@ impl Shard {
     fn handle_local_message(&mut self, message: Message) {
         match message {
             Message::Subscribe(request) => self.owner_subscribe(*request),
-            Message::Unsubscribe { channel, shard, user } => self.owner_unsubscribe(&channel, usize::from(shard), user),
+            Message::Unsubscribe { channel, shard, user, presence_counts } => {
+                self.owner_unsubscribe(&channel, usize::from(shard), user, presence_counts)
+            }
             Message::Publish(request) => self.owner_publish(*request),
             Message::Deliver { publication, accounted } => self.queue_fanout(publication, accounted as usize),
             Message::SubscribeReply(reply) => self.subscribe_reply(*reply),
@@ -63,7 +66,7 @@ impl Shard {
                 self.send_answer(request.reply, answer);
             }
             Message::Answer(answer) => self.receive_answer(*answer),
-            Message::Adopt { fd, input, tls } => self.adopt(fd, input, tls),
+            Message::Adopt { fd, peer, input, tls } => self.adopt(fd, peer, input, tls),
             Message::BackendReply(reply) => self.backend_reply(*reply),
             Message::Backend(_) => tracing::warn!(shard = self.id, "a backend call reached a shard"),
             Message::ToCluster(_) | Message::FromCluster(_) => {
@@ -105,10 +108,14 @@ impl Shard {
                 if namespace.presence {
                     joined = channel.presence.join(request.user.as_ref());
                 }
+                if request.presence_counts {
+                    channel.counts_push.watchers += 1;
+                }
                 let recovery = request.since.as_ref().map(|position| channel.recover(&position.epoch, position.offset));
                 Ok(SubscribeOk { epoch: Arc::clone(&channel.epoch), offset: channel.last_offset, recovery })
             }
         };
+        let accepted = result.is_ok();
         let channel = Arc::clone(&request.channel);
         let user = request.user.clone();
         let reply = SubscribeReply {
@@ -116,6 +123,7 @@ impl Shard {
             channel: request.channel,
             user: request.user,
             request_id: request.request_id,
+            presence_counts: request.presence_counts,
             result,
         };
         self.bus.send(shard, Message::SubscribeReply(Box::new(reply)));
@@ -124,21 +132,85 @@ impl Shard {
                 self.presence_event(&channel, "join", &user);
             }
         }
+        if accepted && namespace.presence {
+            // After the reply on the same queue: a new watcher hears the counts too.
+            self.presence_counts_changed(&channel);
+        }
     }
 
-    fn owner_unsubscribe(&mut self, channel_name: &str, shard: usize, user: Option<Arc<str>>) {
+    fn owner_unsubscribe(&mut self, channel_name: &str, shard: usize, user: Option<Arc<str>>, presence_counts: bool) {
         let config = Arc::clone(&self.config);
         let namespace = config.namespace_for(channel_name);
         let now_ms = self.now_ms;
         let Some(channel) = self.owned.get_mut(channel_name) else { return };
         channel.remove_subscriber(shard, now_ms);
+        if presence_counts {
+            channel.counts_push.watchers = channel.counts_push.watchers.saturating_sub(1);
+        }
         let left = namespace.presence && channel.presence.leave(user.as_ref());
+        let name = Arc::clone(&channel.name);
         if left && namespace.join_leave {
-            let name = Arc::clone(&channel.name);
             if let Some(user) = user {
                 self.presence_event(&name, "leave", &user);
             }
         }
+        if namespace.presence {
+            self.presence_counts_changed(&name);
+        }
+    }
+
+    /// A channel's presence changed: its counts go to the subscriptions
+    /// that asked for them, at once or when `presence_counts_interval_ms`
+    /// since the last push is over (`push_due_presence_counts`).
+    fn presence_counts_changed(&mut self, name: &Arc<str>) {
+        let interval_ms = self.config.timeouts.presence_counts_interval_ms;
+        let now_ms = self.now_ms;
+        let Some(channel) = self.owned.get_mut(name) else { return };
+        match channel.counts_push.changed(now_ms, interval_ms) {
+            CountsNow::Push => self.push_presence_counts(name),
+            CountsNow::Scheduled => {
+                let due_ms = channel.counts_push.due_at_ms(interval_ms).unwrap_or(now_ms);
+                self.presence_counts_due.push(Arc::clone(name));
+                self.presence_counts_next_ms = self.presence_counts_next_ms.min(due_ms);
+            }
+            CountsNow::Nothing => {}
+        }
+    }
+
+    /// Pushes the scheduled presence counts whose time has come (each tick
+    /// once the earliest is due).
+    pub(crate) fn push_due_presence_counts(&mut self) {
+        if self.now_ms < self.presence_counts_next_ms {
+            return;
+        }
+        let interval_ms = self.config.timeouts.presence_counts_interval_ms;
+        let now_ms = self.now_ms;
+        let mut next_ms = u64::MAX;
+        for name in std::mem::take(&mut self.presence_counts_due) {
+            let Some(channel) = self.owned.get_mut(&name) else { continue };
+            match channel.counts_push.due(now_ms, interval_ms) {
+                CountsNow::Push => self.push_presence_counts(&name),
+                CountsNow::Scheduled => {
+                    next_ms = next_ms.min(channel.counts_push.due_at_ms(interval_ms).unwrap_or(now_ms));
+                    self.presence_counts_due.push(name);
+                }
+                CountsNow::Nothing => {}
+            }
+        }
+        self.presence_counts_next_ms = next_ms;
+    }
+
+    fn push_presence_counts(&mut self, name: &Arc<str>) {
+        let Some(channel) = self.owned.get(name) else { return };
+        let stats = channel.presence.stats();
+        let publication = Arc::new(Publication::presence_counts(
+            Arc::clone(name),
+            stats.users,
+            stats.connections,
+            stats.anonymous_connections,
+        ));
+        let targets = channel.subscriber_targets();
+        self.send_deliveries(&publication, &targets);
     }
 
     fn owner_publish(&mut self, request: PublishRequest) {
@@ -191,7 +263,7 @@ impl Shard {
     }
 
     fn subscribe_reply(&mut self, reply: SubscribeReply) {
-        let SubscribeReply { conn: conn_ref, channel, user, request_id, result } = reply;
+        let SubscribeReply { conn: conn_ref, channel, user, request_id, presence_counts, result } = reply;
         let (key, generation) = (conn_ref.key, conn_ref.generation);
         let local = self.index.lookup(&channel);
         debug_assert!(local.is_some(), "pending subscription without a local channel entry");
@@ -203,14 +275,15 @@ impl Shard {
             }
             if result.is_ok() {
                 let owner = owner_of(&channel, self.shard_count());
-                self.bus.send(owner, Message::Unsubscribe { channel, shard: self.id as u16, user });
+                self.bus.send(owner, Message::Unsubscribe { channel, shard: self.id as u16, user, presence_counts });
             }
             return;
         }
         let Some(local) = local else { return };
         match result {
             Ok(ok) => {
-                let slot = self.index.resolve_pending(local, Some(Subscriber { conn: key, after_offset: ok.offset }));
+                let subscriber = Subscriber { conn: key, after_offset: ok.offset, presence_counts };
+                let slot = self.index.resolve_pending(local, Some(subscriber));
                 if let (Some(slot), Some(conn)) = (slot, self.conn_mut(key, generation)) {
                     if let Some(subscription) =
                         conn.state.subscriptions.iter_mut().find(|s| s.channel == local && s.slot == PENDING_SLOT)

@@ -166,10 +166,10 @@ impl Shard {
                 }
             }
             BackendCall::Connect { .. } => self.connect_answered(key, generation, outcome),
-            BackendCall::Subscribe { channel, since } => {
+            BackendCall::Subscribe { channel, since, presence_counts } => {
                 self.unpause(key, generation);
                 let result = match outcome {
-                    Ok(_) => self.subscribe(key, generation, id.clone(), &channel, since, true),
+                    Ok(_) => self.subscribe(key, generation, id.clone(), &channel, since, presence_counts, true),
                     Err(failure) => Err(refusal(failure)),
                 };
                 if let Err((code, message)) = result {

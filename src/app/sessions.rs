@@ -19,6 +19,7 @@ use crate::connection::http::{Attachment, BufItem, HttpRole, HttpSession, Sessio
 use crate::connection::outbox::OutItem;
 use crate::connection::{Connection, Context, Marks, Phase};
 use crate::hub::index::ConnKey;
+use crate::limits::ClientRates;
 use crate::shard::{Conn, Shard};
 use crate::util::{random_bytes, unix_time_ms};
 use kometa_protocol::http::{self, Method, Request};
@@ -53,14 +54,17 @@ enum Located {
 
 impl Shard {
     /// `Access-Control-Allow-Origin` for this request: `*` with no
-    /// allow-list, the request's origin when listed, `Err` when not.
+    /// allow-list, the request's origin when listed, `Err` when not. A
+    /// request without `Origin` (same-origin in some browsers, or not a
+    /// browser) is served as `allow_missing_origin` says, without the header.
     fn cors_origin(&self, request: &Request<'_>) -> Result<Option<String>, ()> {
         let allowed = &self.config.allowed_origins;
         match request.origin {
             _ if allowed.is_empty() => Ok(Some("*".into())),
             Some(origin) if allowed.iter().any(|o| o == origin) => Ok(Some(origin.into())),
             Some(_) => Err(()),
-            None => Ok(None),
+            None if self.config.allow_missing_origin => Ok(None),
+            None => Err(()),
         }
     }
 
@@ -215,7 +219,8 @@ impl Shard {
         let id = make_session_id(self.id, key, generation, &random_bytes::<16>());
         let cx = Context { now_ms: self.now_ms, limits: &self.config.limits, timeouts: &self.config.timeouts };
         let state = Connection::session(generation, HttpSession::new(id, kind), &cx);
-        entry.insert(Conn { fd: None, state, tls: None });
+        let rates = ClientRates::new(&self.config.limits, self.now_ms);
+        entry.insert(Conn { fd: None, rates, peer: None, state, tls: None });
         self.metrics.http_sessions += 1;
         Some((key, generation))
     }
@@ -250,6 +255,11 @@ impl Shard {
                 "unavailable",
                 "the cluster's Redis is unreachable; try another node",
             );
+            return None;
+        }
+        if !self.handshake_allowed(key) {
+            let message = "too many new sessions from your address (limits.handshakes_per_ip_per_s)";
+            self.respond_json_error(key, 429, cors, "rate_limited", message);
             return None;
         }
         let channels: Vec<String> = http::query_params(request.query, "channel").map(|c| c.into_owned()).collect();

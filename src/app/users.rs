@@ -17,9 +17,11 @@ use crate::connection::Marks;
 use crate::hub::index::ConnKey;
 use crate::hub::owner_of;
 use crate::hub::publication::Publication;
+use crate::hub::user::Refused;
+use crate::limits::LimitKind;
 use crate::shard::Shard;
 use crate::util::unix_time_ms;
-use kometa_protocol::client::RequestId;
+use kometa_protocol::client::{CommandError, ErrorCode, RequestId};
 use kometa_protocol::token::Identity;
 use kometa_protocol::ws;
 
@@ -56,7 +58,7 @@ impl Shard {
         let result = self.users.connect(&request.user, shard, request.issued_at_s, unix_time_ms());
         let (came_online, result) = match result {
             Ok((came_online, inbox)) => (came_online, Ok(inbox)),
-            Err(_) => (false, Err(())),
+            Err(refused) => (false, Err(refused)),
         };
         let user = Arc::clone(&request.user);
         let reply = UserConnectReply {
@@ -126,8 +128,23 @@ impl Shard {
                 }
                 self.unpause(key, generation);
             }
-            Err(()) => {
-                self.close_websocket(key, ws::close::INVALID_TOKEN, "token revoked");
+            Err(refused) => {
+                let (code, close_code, message) = match refused {
+                    Refused::Revoked => (ErrorCode::Unauthorized, ws::close::INVALID_TOKEN, "token revoked".into()),
+                    Refused::TooManyConnections => {
+                        self.metrics.limit_refusals.add(LimitKind::ConnectionsPerUser);
+                        let max = self.config.limits.connections_per_user_max;
+                        let message =
+                            format!("this user has {max} connections already (limits.connections_per_user_max)");
+                        (ErrorCode::TooManyConnections, ws::close::TOO_MANY_CONNECTIONS, message)
+                    }
+                };
+                // Like any other bad token on `connect`: the reply says why,
+                // then the close (a token in the URL gets only the close).
+                if via_command {
+                    self.reply_error(key, &CommandError::new(request_id, code, message.clone()));
+                }
+                self.close_websocket(key, close_code, &message);
                 // Read on, so the client's close reply completes the handshake
                 // (paused, the connection would wait out close_timeout_ms).
                 self.unpause(key, generation);

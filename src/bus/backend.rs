@@ -18,7 +18,7 @@ pub enum BackendCall {
     Connect { headers: Vec<(Box<str>, Box<str>)> },
     /// Subscribe proxy: may the client subscribe? (`since` is kept for the
     /// subscription that follows an approval.)
-    Subscribe { channel: Box<str>, since: Option<Position> },
+    Subscribe { channel: Box<str>, since: Option<Position>, presence_counts: bool },
     /// Publish proxy: may the client publish this (and with what data)?
     Publish { channel: Box<str>, event: Box<str>, data: Box<RawValue> },
 }

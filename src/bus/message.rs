@@ -9,6 +9,8 @@ use super::cluster::{FromCluster, ToCluster};
 use crate::bus::query::{Answer, Query};
 use crate::hub::history::RecoveryFailure;
 use crate::hub::publication::Publication;
+use crate::hub::user::Refused;
+use crate::limits::LimitRefusals;
 use kometa_protocol::client::{CommandError, Position, RequestId};
 
 /// Names one connection anywhere in the process. The generation tells a
@@ -50,6 +52,8 @@ pub struct SubscribeRequest {
     /// Resume position, when the client had one.
     pub since: Option<Position>,
     pub request_id: Option<RequestId>,
+    /// The subscription asks for pushes of the presence counts.
+    pub presence_counts: bool,
 }
 
 /// The owner accepted a subscription.
@@ -72,6 +76,8 @@ pub struct SubscribeReply {
     /// still be unsubscribed (and leave presence) correctly.
     pub user: Option<Arc<str>>,
     pub request_id: Option<RequestId>,
+    /// Echoed from the request (for the subscriber entry, or the undo).
+    pub presence_counts: bool,
     pub result: Result<SubscribeOk, CommandError>,
 }
 
@@ -133,8 +139,8 @@ pub struct UserConnectReply {
     pub user: Arc<str>,
     pub request_id: Option<RequestId>,
     pub via_command: bool,
-    /// The inbox to replay, or `Err` when the token was revoked.
-    pub result: Result<Vec<Arc<Publication>>, ()>,
+    /// The inbox to replay, or why the connection was refused.
+    pub result: Result<Vec<Arc<Publication>>, Refused>,
 }
 
 /// An admin or client query for an owner (or for every shard).
@@ -195,6 +201,8 @@ pub struct ShardStats {
     /// TLS handshakes completed, and failed (bad client, plain HTTP on the TLS port).
     pub tls_handshakes: u64,
     pub tls_failures: u64,
+    /// Peers refused by a limit against abuse, by kind (`LimitKind::name`).
+    pub limit_refusals: LimitRefusals,
 }
 
 /// Everything that crosses between shards.
@@ -202,11 +210,13 @@ pub struct ShardStats {
 pub enum Message {
     // To a channel's owner.
     Subscribe(Box<SubscribeRequest>),
-    /// One subscriber on `shard` left `channel`.
+    /// One subscriber on `shard` left `channel` (`presence_counts`: one
+    /// that had asked for presence counts).
     Unsubscribe {
         channel: Arc<str>,
         shard: u16,
         user: Option<Arc<str>>,
+        presence_counts: bool,
     },
     Publish(Box<PublishRequest>),
 
@@ -256,6 +266,8 @@ pub enum Message {
     /// for, with the bytes already read from it (its request onward).
     Adopt {
         fd: std::os::fd::OwnedFd,
+        /// Its address under the per-address limits (still counted).
+        peer: Option<crate::bus::limiter::AddressKey>,
         input: Box<[u8]>,
         /// The connection's TLS session (keys, partial records), if any.
         tls: Option<Box<crate::tls::TlsSession>>,

@@ -13,6 +13,7 @@
 
 pub mod backend;
 pub mod cluster;
+pub mod limiter;
 pub mod message;
 pub mod query;
 
@@ -58,6 +59,11 @@ pub struct Shared {
     /// Bumped when `config` is replaced: shards and the admin gateway take
     /// the new one at their next turn.
     pub config_generation: std::sync::atomic::AtomicU64,
+    /// Connections and handshakes per client address, publications per
+    /// user: limits kept for the whole process.
+    pub limiter: limiter::Limiter,
+    /// Refusals by the admin gateway's limits (AUTH), for STATS.
+    pub admin_refusals: crate::limits::SharedRefusals,
 }
 
 /// Wakes one shard's event loop through an eventfd in its epoll set.

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use serde_json::{Map, Value};
 
 use crate::bus::message::ShardStats;
+use crate::limits::LimitRefusals;
 use kometa_protocol::admin;
 use kometa_protocol::client;
 
@@ -178,9 +179,14 @@ pub fn merge_stats(answers: Vec<Answer>) -> Vec<ShardStats> {
     stats
 }
 
-/// The `STATS` document of this process.
-pub fn stats_document(shards: &[ShardStats]) -> serde_json::Value {
+/// The `STATS` document of this process. `limit_refusals` sums the shards'
+/// and `admin` (the admin gateway's own, AUTH on the admin listener).
+pub fn stats_document(shards: &[ShardStats], admin: &LimitRefusals) -> serde_json::Value {
     let sum = |field: fn(&ShardStats) -> u64| shards.iter().map(field).sum::<u64>();
+    let mut limit_refusals = *admin;
+    for shard in shards {
+        limit_refusals.merge(&shard.limit_refusals);
+    }
     serde_json::json!({
         "connections": sum(|s| s.connections),
         "websockets": sum(|s| s.websockets),
@@ -197,6 +203,7 @@ pub fn stats_document(shards: &[ShardStats]) -> serde_json::Value {
         "publications_refused": sum(|s| s.publications_refused),
         "tls_handshakes": sum(|s| s.tls_handshakes),
         "tls_failures": sum(|s| s.tls_failures),
+        "limit_refusals": limit_refusals,
         "shards": shards,
     })
 }

@@ -1639,7 +1639,7 @@ impl ClusterGateway {
     /// The node's own STATS document (as the admin STATS of a single node,
     /// plus its id), kept in Redis for the other nodes.
     fn node_document(&self, shards: &[ShardStats]) -> serde_json::Value {
-        let mut document = crate::bus::query::stats_document(shards);
+        let mut document = crate::bus::query::stats_document(shards, &self.shared.admin_refusals.snapshot());
         document["node"] = self.node_id.clone().into();
         document
     }

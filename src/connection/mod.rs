@@ -23,7 +23,7 @@ use std::sync::Arc;
 
 use crate::hub::index::LocalChannelId;
 use crate::hub::publication::Publication;
-use crate::limits::{Limits, Timeouts};
+use crate::limits::{LimitKind, Limits, Timeouts};
 use kometa_protocol::http::{self as http_codec, HeadLimits, Request};
 use kometa_protocol::token::Identity;
 use kometa_protocol::ws::{self, DecodeLimits, Event, Fragments, MessageKind, Payload};
@@ -36,6 +36,8 @@ pub const IOVECS_MAX: usize = kometa_sys::IOVECS_MAX;
 const REMAINDER_SHRINK_BYTES: usize = 64 * 1024;
 /// A ping with an empty payload.
 const PING_FRAME: [u8; 2] = [0x80 | ws::OPCODE_PING, 0];
+/// The interim response to `Expect: 100-continue`.
+const CONTINUE_RESPONSE: &[u8] = b"HTTP/1.1 100 Continue\r\n\r\n";
 /// An SSE comment: keeps proxies from timing out an idle stream.
 pub const SSE_HEARTBEAT: &[u8] = b": ping\n\n";
 
@@ -50,6 +52,8 @@ pub enum Count {
     ProtocolError,
     /// The outbox passed its cap and the connection is being closed.
     SlowConsumer,
+    /// A limit against abuse refused the peer (here: a deadline).
+    Limit(LimitKind),
 }
 
 /// What a connection needs from its socket and its driver.
@@ -134,6 +138,8 @@ impl Flags {
     const CLOSE_AFTER_FLUSH: Flags = Flags(1 << 1);
     /// We sent a WebSocket close frame.
     const CLOSE_SENT: Flags = Flags(1 << 2);
+    /// `100 Continue` went out for the request whose body is being read.
+    const CONTINUE_SENT: Flags = Flags(1 << 3);
 
     fn contains(self, other: Flags) -> bool {
         self.0 & other.0 == other.0
@@ -141,6 +147,10 @@ impl Flags {
 
     fn insert(&mut self, other: Flags) {
         self.0 |= other.0;
+    }
+
+    fn remove(&mut self, other: Flags) {
+        self.0 &= !other.0;
     }
 }
 
@@ -258,8 +268,10 @@ pub struct Connection {
     last_input_ms: u64,
     /// Last ping (WebSocket) or heartbeat (SSE) sent.
     last_ping_ms: u64,
-    /// Http: the head must be complete by then. Ending: give up then.
-    /// Polling: answer then. Session: expire then (u64::MAX while served).
+    /// Http: the head (and body) must be complete by then. WebSocket: a
+    /// message begun must be complete by then (`message_timeout_ms` from
+    /// its first byte; meaningful while input is kept). Ending: give up
+    /// then. Polling: answer then. Session: expire then (u64::MAX while served).
     deadline_ms: u64,
     rx: Option<Box<RxState>>,
     outbox: Option<Box<Outbox>>,
@@ -346,6 +358,8 @@ impl Connection {
         self.phase = Phase::WebSocket;
         self.last_input_ms = cx.now_ms;
         self.last_ping_ms = cx.now_ms;
+        // Frames sent right behind the upgrade request started with it.
+        self.deadline_ms = cx.now_ms + cx.timeouts.message_timeout_ms;
         self.marks.insert(Marks::UPGRADED);
         if echo {
             self.flags.insert(Flags::ECHO);
@@ -403,9 +417,13 @@ impl Connection {
 
     // -- Input ------------------------------------------------------------
 
-    /// Bytes arrived (liveness).
-    pub fn on_input(&mut self, now_ms: u64) {
-        self.last_input_ms = now_ms;
+    /// Bytes arrived (liveness). On a WebSocket with nothing kept, they
+    /// begin a message: it must be whole within `message_timeout_ms`.
+    pub fn on_input(&mut self, cx: &Context<'_>) {
+        self.last_input_ms = cx.now_ms;
+        if self.phase == Phase::WebSocket && self.rx.is_none() {
+            self.deadline_ms = cx.now_ms + cx.timeouts.message_timeout_ms;
+        }
     }
 
     /// Takes the input kept from earlier reads (empty when none): the driver
@@ -475,7 +493,9 @@ impl Connection {
             Err(error) => return refuse(self, io, error.status(), error.reason()),
         };
         if request.transfer_encoding {
-            return refuse(self, io, 501, "chunked request bodies are not supported; send Content-Length");
+            // No chunked bodies (or anything else but Content-Length): the
+            // body's end is unknown, so the connection cannot go on either.
+            return refuse(self, io, 400, "Transfer-Encoding is not supported in requests; send Content-Length");
         }
         let body_bytes = request.content_length.unwrap_or(0);
         if body_bytes > cx.limits.http_body_bytes_max as u64 {
@@ -484,8 +504,17 @@ impl Connection {
         // Within http_body_bytes_max, so it fits in usize.
         let used = request.head_len + body_bytes as usize;
         if input.len() < used {
+            // RFC 9110 §10.1.1: a client that expects it waits for this
+            // before sending the body (refusals went out above instead).
+            if request.expect == http_codec::Expect::Continue && !self.flags.contains(Flags::CONTINUE_SENT) {
+                self.flags.insert(Flags::CONTINUE_SENT);
+                if self.send_owned(CONTINUE_RESPONSE.to_vec(), io, cx) == Verdict::Close {
+                    return Step::Close;
+                }
+            }
             return Step::Wait;
         }
+        self.flags.remove(Flags::CONTINUE_SENT);
         let body = &input[request.head_len..used];
         Step::Request { used, request, body, input }
     }
@@ -534,6 +563,11 @@ impl Connection {
         };
         let used = decoded.consumed;
         let Some(event) = decoded.event else { return Step::Used(used) };
+        if !closing && self.rx.as_ref().is_none_or(|rx| rx.fragments.is_none()) {
+            // A message (or a control frame between messages) is whole: what
+            // follows in this input began now.
+            self.deadline_ms = cx.now_ms + cx.timeouts.message_timeout_ms;
+        }
         let verdict = match event {
             Event::Ping(payload) if !closing => self.send_owned(ws::encode_frame(ws::OPCODE_PONG, payload), io, cx),
             // Any input already counts as liveness.
@@ -776,8 +810,9 @@ impl Connection {
     // -- Time -------------------------------------------------------------
 
     /// What the timer sweep does with this connection now: pings and their
-    /// timeout, SSE heartbeats, the HTTP head deadline (408), close and poll
-    /// deadlines, and session expiry.
+    /// timeout, SSE heartbeats, the HTTP request deadline (408), the
+    /// WebSocket message deadline (1008), close and poll deadlines, and
+    /// session expiry.
     pub fn on_timer(&mut self, io: &mut impl Io, cx: &Context<'_>) -> Timer {
         let now_ms = cx.now_ms;
         let timeouts = cx.timeouts;
@@ -789,8 +824,9 @@ impl Connection {
         match self.phase {
             Phase::Http if now_ms < self.deadline_ms => Timer::Nothing,
             Phase::Http if self.rx.is_some() => {
-                // Part of a head arrived: say why we hang up. The client may
-                // still be sending, so linger (see `Phase::Lingering`).
+                // Part of a request arrived: say why we hang up. The client
+                // may still be sending, so linger (see `Phase::Lingering`).
+                io.count(Count::Limit(LimitKind::RequestTimeout));
                 let mut response = Vec::with_capacity(160);
                 http_codec::write_text_response(&mut response, 408, &[], "request head not received in time", false);
                 if self.send_owned(response, io, cx) == Verdict::Close {
@@ -808,6 +844,21 @@ impl Connection {
                 closed(self.send(OutItem::Owned(SSE_HEARTBEAT.into()), io, cx))
             }
             Phase::Stream => Timer::Nothing,
+            // (Not while paused for a reply: complete frames may wait then.)
+            Phase::WebSocket
+                if self.rx.is_some() && now_ms >= self.deadline_ms && !self.marks.contains(Marks::AWAITING_REPLY) =>
+            {
+                // A message begun and not finished in time (a client
+                // dribbling it byte by byte, each byte keeping it "alive").
+                io.count(Count::Limit(LimitKind::MessageTimeout));
+                tracing::debug!("closing a websocket whose message did not arrive in time");
+                closed(self.close_websocket(
+                    ws::close::POLICY_VIOLATION,
+                    "message not completed in time (timeouts.message_timeout_ms)",
+                    io,
+                    cx,
+                ))
+            }
             Phase::WebSocket => {
                 let silent_ms = now_ms.saturating_sub(self.last_input_ms);
                 if silent_ms >= timeouts.ping_interval_ms + timeouts.pong_timeout_ms {

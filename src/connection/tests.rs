@@ -5,6 +5,7 @@
 use super::*;
 use crate::connection::http::{HttpSession, SessionKind};
 use crate::hub::publication::{Publication, PushFields};
+use crate::limits::LimitKind;
 
 /// A socket whose send buffer takes `room` more bytes.
 #[derive(Default)]
@@ -86,6 +87,9 @@ fn timeouts() -> Timeouts {
         poll_timeout_ms: 1_000,
         sse_heartbeat_ms: 500,
         admin_write_timeout_ms: 1_000,
+        message_timeout_ms: 3_000,
+        admin_auth_timeout_ms: 1_000,
+        presence_counts_interval_ms: 1_000,
     }
 }
 
@@ -115,8 +119,8 @@ impl Harness {
     /// Feeds bytes the way the shard does: after the kept remainder, step
     /// by step; a request is answered 200 and kept alive.
     fn feed(&mut self, fresh: &[u8]) -> Vec<Seen> {
-        let now_ms = self.now_ms;
-        self.conn.on_input(now_ms);
+        let cx = Context { now_ms: self.now_ms, limits: &self.limits, timeouts: &self.timeouts };
+        self.conn.on_input(&cx);
         let mut input = self.conn.take_remainder();
         input.extend_from_slice(fresh);
         let mut seen = Vec::new();
@@ -205,7 +209,7 @@ fn requests_arrive_whole_even_when_split_and_pipelined() {
     let mut h = Harness::new();
     assert_eq!(h.feed(b"GET /a HTTP/1.1\r\nHost: x\r"), vec![]);
     assert_eq!(
-        h.feed(b"\n\r\nGET /b HTTP/1.1\r\n\r\nPOST /c HTTP/1.1\r\nContent-Length: 4\r\n\r\nab"),
+        h.feed(b"\n\r\nGET /b HTTP/1.1\r\nHost: x\r\n\r\nPOST /c HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\n\r\nab"),
         vec![Seen::Request("/a".into()), Seen::Request("/b".into())]
     );
     assert!(!h.conn.is_at_rest(), "the partial body is kept");
@@ -228,8 +232,13 @@ fn http_1_0_without_keep_alive_ends_after_the_response() {
 fn malformed_heads_are_answered_and_the_connection_lingers() {
     for (input, status) in [
         (&b"BLAH\r\n\r\n"[..], "400"),
-        (b"GET / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n", "501"),
-        (b"POST / HTTP/1.1\r\nContent-Length: 999999999\r\n\r\n", "413"),
+        (b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n", "400"),
+        (b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nContent-Length: 3\r\n\r\n", "400"),
+        (b"GET / HTTP/1.1\r\n\r\n", "400"),
+        (b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n", "400"),
+        (b"GET / HTTQ/1.1\r\nHost: x\r\n\r\n", "400"),
+        (b"POST / HTTP/1.1\r\nHost: x\r\nExpect: tea\r\nContent-Length: 3\r\n\r\n", "417"),
+        (b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 999999999\r\n\r\n", "413"),
         (b"GET / HTTP/2.0\r\n\r\n", "505"),
     ] {
         let mut h = Harness::new();
@@ -240,7 +249,7 @@ fn malformed_heads_are_answered_and_the_connection_lingers() {
         assert_eq!(h.socket.counts, vec![Count::ProtocolError]);
         // The rest of the request is read away, never parsed.
         let sent = h.socket.sent.len();
-        assert_eq!(h.feed(b"GET / HTTP/1.1\r\n\r\n"), vec![]);
+        assert_eq!(h.feed(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"), vec![]);
         assert_eq!(h.socket.sent.len(), sent);
         assert_eq!(h.timer_at(1_999), Timer::Nothing);
         assert_eq!(h.timer_at(2_000), Timer::Close, "bounded by close_timeout_ms");
@@ -250,7 +259,7 @@ fn malformed_heads_are_answered_and_the_connection_lingers() {
 #[test]
 fn a_slow_head_gets_408_and_an_idle_keep_alive_closes_quietly() {
     let mut h = Harness::new();
-    h.feed(b"GET / HTTP/1.1\r\n");
+    h.feed(b"GET / HTTP/1.1\r\nHost: x\r\n");
     assert_eq!(h.timer_at(999), Timer::Nothing);
     assert_eq!(h.timer_at(1_000), Timer::Nothing, "answered, then lingering");
     assert!(status_line(&h.socket.sent).contains("408"));
@@ -258,18 +267,132 @@ fn a_slow_head_gets_408_and_an_idle_keep_alive_closes_quietly() {
     assert_eq!(h.timer_at(3_000), Timer::Close);
 
     let mut idle = Harness::new();
-    assert_eq!(idle.feed(b"GET / HTTP/1.1\r\n\r\n").len(), 1);
+    assert_eq!(idle.feed(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").len(), 1);
     idle.take_sent();
     // Keep-alive restarts the head deadline from the answer.
     idle.now_ms = 500;
-    idle.feed(b"GET / HTTP/1.1\r\n\r\n");
+    idle.feed(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n");
     idle.take_sent();
     assert_eq!(idle.timer_at(1_499), Timer::Nothing);
     assert_eq!(idle.timer_at(1_500), Timer::Close);
     assert!(idle.socket.sent.is_empty(), "no 408 without a partial request");
 }
 
+#[test]
+fn a_dribbled_body_gets_408_at_the_request_deadline() {
+    let mut h = Harness::new();
+    h.feed(b"POST /cmd HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n");
+    // A byte every 100 ms: activity all the time, the request never whole.
+    for now_ms in (100..1_000).step_by(100) {
+        h.now_ms = now_ms;
+        assert_eq!(h.feed(b"x"), vec![]);
+        assert_eq!(h.timer_at(now_ms), Timer::Nothing);
+    }
+    assert_eq!(h.timer_at(1_000), Timer::Nothing, "answered, then lingering");
+    assert!(status_line(&h.socket.sent).contains("408"), "{:?}", status_line(&h.socket.sent));
+    assert_eq!(h.socket.counts, vec![Count::Limit(LimitKind::RequestTimeout)]);
+}
+
+#[test]
+fn expect_100_continue_is_answered_once_before_the_body() {
+    let mut h = Harness::new();
+    let head = b"POST /cmd HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\nContent-Length: 4\r\n\r\n";
+    assert_eq!(h.feed(head), vec![]);
+    assert_eq!(h.take_sent(), b"HTTP/1.1 100 Continue\r\n\r\n");
+    assert_eq!(h.feed(b"ab"), vec![]);
+    assert!(h.socket.sent.is_empty(), "once per request");
+    assert_eq!(h.feed(b"cd"), vec![Seen::Request("/cmd".into())]);
+    assert!(status_line(&h.take_sent()).contains("200"));
+    // The next request asks again and gets its own.
+    h.feed(head);
+    assert_eq!(h.take_sent(), b"HTTP/1.1 100 Continue\r\n\r\n");
+
+    // The body came along with the head: nothing to wait for.
+    let mut eager = Harness::new();
+    let whole = [&head[..], b"abcd"].concat();
+    assert_eq!(eager.feed(&whole), vec![Seen::Request("/cmd".into())]);
+    assert!(!String::from_utf8_lossy(&eager.socket.sent).contains("100 Continue"));
+
+    // A body that will be refused is refused instead, before it is sent.
+    let mut big = Harness::new();
+    big.feed(b"POST /cmd HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\nContent-Length: 999999999\r\n\r\n");
+    let sent = String::from_utf8_lossy(&big.socket.sent).into_owned();
+    assert!(sent.starts_with("HTTP/1.1 413"), "{sent}");
+    assert!(!sent.contains("100 Continue"));
+}
+
 // -- WebSocket ------------------------------------------------------------
+
+#[test]
+fn a_dribbled_message_is_cut_off_at_the_message_deadline() {
+    let mut h = Harness::websocket();
+    let frame = client_frame(ws::OPCODE_TEXT, &[b'x'; 200]);
+    // One byte every 500 ms: each keeps the connection "alive" (no ping
+    // timeout), but the message must be whole 3 s after its first byte.
+    let mut now_ms = 1_000;
+    for byte in frame.iter().take(6) {
+        h.now_ms = now_ms;
+        assert_eq!(h.feed(&[*byte]), vec![]);
+        assert_eq!(h.timer_at(now_ms), Timer::Nothing, "at {now_ms} ms");
+        assert!(h.socket.sent.is_empty());
+        now_ms += 500;
+    }
+    assert_eq!(h.timer_at(3_999), Timer::Nothing);
+    assert_eq!(h.timer_at(4_000), Timer::Nothing, "a close frame, then the closing handshake");
+    let frames = server_frames(&h.take_sent());
+    assert_eq!((frames[0].0, close_code(&frames[0].1)), (ws::OPCODE_CLOSE, ws::close::POLICY_VIOLATION));
+    assert_eq!(h.socket.counts, vec![Count::Limit(LimitKind::MessageTimeout)]);
+    assert_eq!(h.conn.phase(), Phase::Closing);
+    assert_eq!(h.timer_at(6_000), Timer::Close, "bounded by close_timeout_ms");
+}
+
+#[test]
+fn messages_in_a_steady_stream_each_get_their_own_deadline() {
+    // Every read ends inside a frame (a slow link, back-to-back messages):
+    // input is never empty, yet each message arrives well in time.
+    let mut h = Harness::websocket();
+    let stream: Vec<u8> = (0..40).flat_map(|_| client_frame(ws::OPCODE_TEXT, &[b'y'; 100])).collect();
+    let mut messages = 0;
+    for (step, chunk) in stream.chunks(70).enumerate() {
+        h.now_ms = 1_000 + step as u64 * 400;
+        messages += h.feed(chunk).len();
+        assert_eq!(h.timer_at(h.now_ms), Timer::Nothing, "step {step}");
+    }
+    assert_eq!(messages, 40);
+    assert!(h.socket.sent.is_empty(), "no close");
+    assert!(h.socket.counts.is_empty());
+}
+
+#[test]
+fn a_fragmented_message_counts_from_its_first_fragment() {
+    let mut h = Harness::websocket();
+    h.now_ms = 100;
+    assert_eq!(h.feed(&ws::encode_client_frame(ws::OPCODE_TEXT, b"ab", [1, 1, 1, 1])), vec![]);
+    // Control frames in between are whole, but the message is not.
+    for now_ms in [1_000, 2_000, 3_000] {
+        h.now_ms = now_ms;
+        h.feed(&client_frame(ws::OPCODE_PING, b""));
+        assert_eq!(h.timer_at(now_ms), Timer::Nothing);
+    }
+    h.take_sent();
+    assert_eq!(h.timer_at(3_100), Timer::Nothing);
+    let frames = server_frames(&h.take_sent());
+    assert_eq!(close_code(&frames[0].1), ws::close::POLICY_VIOLATION);
+}
+
+#[test]
+fn input_held_while_paused_for_a_reply_is_not_timed_out() {
+    let mut h = Harness::websocket();
+    h.conn.marks.insert(Marks::AWAITING_REPLY);
+    let frame = client_frame(ws::OPCODE_TEXT, b"{\"op\":\"ping\"}");
+    assert_eq!(h.feed(&frame), vec![], "kept: the connection waits for a reply");
+    assert_eq!(h.timer_at(9_000), Timer::Nothing);
+    assert!(h.socket.sent.is_empty(), "no close");
+    assert!(h.socket.counts.is_empty());
+    h.conn.marks.remove(Marks::AWAITING_REPLY);
+    h.now_ms = 10_000;
+    assert_eq!(h.feed(b""), vec![Seen::Message(b"{\"op\":\"ping\"}".to_vec())]);
+}
 
 #[test]
 fn text_messages_reach_the_application_whole() {
@@ -505,7 +628,7 @@ fn a_poll_times_out_and_then_reads_its_next_request() {
         conn.serve_poll(http::HttpRole::Stream { session: 0, generation: 0 }, cx);
     });
     // Pipelined input waits while the poll is held.
-    assert_eq!(h.feed(b"GET /next HTTP/1.1\r\n\r\n"), vec![]);
+    assert_eq!(h.feed(b"GET /next HTTP/1.1\r\nHost: x\r\n\r\n"), vec![]);
     assert_eq!(h.timer_at(1_199), Timer::Nothing);
     assert_eq!(h.timer_at(1_200), Timer::PollTimeout);
     h.with(|conn, _, cx| {
@@ -527,7 +650,7 @@ fn an_sse_stream_sends_heartbeats() {
     assert_eq!(h.timer_at(700), Timer::Nothing);
     assert!(h.socket.sent.is_empty());
     // What the client sends on a stream is discarded.
-    assert_eq!(h.feed(b"GET / HTTP/1.1\r\n\r\n"), vec![]);
+    assert_eq!(h.feed(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"), vec![]);
 }
 
 #[test]
@@ -546,4 +669,7 @@ fn shutdown_says_going_away() {
 fn a_connection_stays_small() {
     // Invariant 1: a connection at rest is this struct plus a slab slot.
     assert!(std::mem::size_of::<Connection>() <= 112, "{}", std::mem::size_of::<Connection>());
+    // With the socket, the client's rates, its address key and the pointer
+    // to a TLS session (shard::Conn).
+    assert!(std::mem::size_of::<crate::shard::Conn>() <= 120, "{}", std::mem::size_of::<crate::shard::Conn>());
 }

@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use super::history::{History, RecoveryFailure};
-use super::presence::Presence;
+use super::presence::{CountsPush, Presence};
 use super::publication::{Publication, PushFields};
 use crate::config::Namespace;
 
@@ -24,6 +24,8 @@ pub struct OwnedChannel {
     pub history: History,
     /// Members, when the namespace keeps presence.
     pub presence: Presence,
+    /// Pushes of the presence counts to subscriptions that asked for them.
+    pub counts_push: CountsPush,
     /// Last publish or subscription change; idle channels are dropped by the sweep.
     pub last_active_ms: u64,
 }
@@ -38,6 +40,7 @@ impl OwnedChannel {
             subscribers: 0,
             history: History::default(),
             presence: Presence::default(),
+            counts_push: CountsPush::default(),
             last_active_ms: now_ms,
         }
     }

@@ -24,6 +24,8 @@ pub struct Subscriber {
     /// This keeps delivery exactly-once even when a fan-out is spread over
     /// several ticks and the subscriber joined halfway.
     pub after_offset: u64,
+    /// The subscription asked for pushes of the channel's presence counts.
+    pub presence_counts: bool,
 }
 
 /// A channel as seen by one shard.
@@ -91,15 +93,13 @@ impl LocalIndex {
         slot
     }
 
-    /// Removes a subscriber by its slot. Returns false if it was not there.
-    pub fn remove(&mut self, id: LocalChannelId, slot: u32) -> bool {
-        let Some(channel) = self.channels.get_mut(id as usize) else { return false };
-        if channel.subscribers.try_remove(slot as usize).is_none() {
-            return false;
-        }
+    /// Removes a subscriber by its slot; None if it was not there.
+    pub fn remove(&mut self, id: LocalChannelId, slot: u32) -> Option<Subscriber> {
+        let channel = self.channels.get_mut(id as usize)?;
+        let subscriber = channel.subscribers.try_remove(slot as usize)?;
         self.subscriptions -= 1;
         self.remove_if_unused(id);
-        true
+        Some(subscriber)
     }
 
     fn remove_if_unused(&mut self, id: LocalChannelId) {
@@ -134,11 +134,12 @@ mod tests {
         let (id, _) = index.intern("news");
         index.add_pending(id);
         index.add_pending(id);
-        let slot = index.resolve_pending(id, Some(Subscriber { conn: 1, after_offset: 0 })).unwrap();
+        let slot =
+            index.resolve_pending(id, Some(Subscriber { conn: 1, after_offset: 0, presence_counts: true })).unwrap();
         assert_eq!(index.resolve_pending(id, None), None);
         assert_eq!(index.lookup("news"), Some(id));
-        assert!(index.remove(id, slot));
-        assert!(!index.remove(id, slot));
+        assert!(index.remove(id, slot).is_some_and(|s| s.presence_counts));
+        assert!(index.remove(id, slot).is_none());
         assert_eq!(index.lookup("news"), None);
         assert!(index.is_empty());
     }
@@ -155,11 +156,11 @@ mod tests {
                 if subscribe && !model.contains_key(&(channel, conn)) {
                     let (id, _) = index.intern(&name);
                     index.add_pending(id);
-                    let slot = index.resolve_pending(id, Some(Subscriber { conn, after_offset: 0 })).unwrap();
+                    let slot = index.resolve_pending(id, Some(Subscriber { conn, after_offset: 0, presence_counts: false })).unwrap();
                     model.insert((channel, conn), (id, slot));
                 } else if !subscribe {
                     if let Some((id, slot)) = model.remove(&(channel, conn)) {
-                        prop_assert!(index.remove(id, slot));
+                        prop_assert!(index.remove(id, slot).is_some());
                     }
                 }
                 prop_assert_eq!(index.subscriptions(), model.len());

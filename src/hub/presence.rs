@@ -111,6 +111,66 @@ impl Presence {
     }
 }
 
+/// Pushes of a channel's presence counts to the subscriptions that asked
+/// for them (`"presence_counts": true`): after a change, at once if the
+/// last push is an interval old, else one push when the interval is over
+/// (carrying the counts of then), so a busy channel costs one push per
+/// interval however often members come and go.
+#[derive(Debug, Default)]
+pub struct CountsPush {
+    /// Subscriptions that asked for the counts.
+    pub watchers: u32,
+    last_push_ms: Option<u64>,
+    /// A push waits for the interval to end.
+    scheduled: bool,
+}
+
+/// What to do about the counts now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CountsNow {
+    Push,
+    /// Nothing yet: call `due` once `due_at_ms` has come.
+    Scheduled,
+    Nothing,
+}
+
+impl CountsPush {
+    /// The counts changed at `now_ms`.
+    pub fn changed(&mut self, now_ms: u64, interval_ms: u64) -> CountsNow {
+        if self.watchers == 0 || self.scheduled {
+            return CountsNow::Nothing;
+        }
+        if self.last_push_ms.is_none_or(|last| now_ms >= last + interval_ms) {
+            self.last_push_ms = Some(now_ms);
+            return CountsNow::Push;
+        }
+        self.scheduled = true;
+        CountsNow::Scheduled
+    }
+
+    /// When a scheduled push is due (None: none is scheduled).
+    pub fn due_at_ms(&self, interval_ms: u64) -> Option<u64> {
+        self.scheduled.then(|| self.last_push_ms.map_or(0, |last| last + interval_ms))
+    }
+
+    /// A scheduled push whose time has come: `Push` (or `Nothing` when
+    /// nobody watches any more), or still `Scheduled`.
+    pub fn due(&mut self, now_ms: u64, interval_ms: u64) -> CountsNow {
+        match self.due_at_ms(interval_ms) {
+            None => CountsNow::Nothing,
+            Some(due_ms) if now_ms < due_ms => CountsNow::Scheduled,
+            Some(_) => {
+                self.scheduled = false;
+                if self.watchers == 0 {
+                    return CountsNow::Nothing;
+                }
+                self.last_push_ms = Some(now_ms);
+                CountsNow::Push
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -149,6 +209,25 @@ mod tests {
         }
         assert_eq!(seen.len(), 25);
         assert!(seen.windows(2).all(|w| w[0] < w[1]));
+    }
+
+    #[test]
+    fn counts_are_pushed_at_most_once_per_interval() {
+        let mut counts = CountsPush::default();
+        assert_eq!(counts.changed(0, 1_000), CountsNow::Nothing, "nobody watches");
+        counts.watchers = 1;
+        assert_eq!(counts.changed(0, 1_000), CountsNow::Push);
+        assert_eq!(counts.changed(100, 1_000), CountsNow::Scheduled);
+        assert_eq!(counts.changed(200, 1_000), CountsNow::Nothing, "already scheduled");
+        assert_eq!(counts.due_at_ms(1_000), Some(1_000));
+        assert_eq!(counts.due(999, 1_000), CountsNow::Scheduled);
+        assert_eq!(counts.due(1_050, 1_000), CountsNow::Push);
+        assert_eq!(counts.due(1_060, 1_000), CountsNow::Nothing, "done");
+        assert_eq!(counts.changed(1_500, 1_000), CountsNow::Scheduled);
+        counts.watchers = 0;
+        assert_eq!(counts.due(2_050, 1_000), CountsNow::Nothing, "the last watcher left");
+        counts.watchers = 1;
+        assert_eq!(counts.changed(9_000, 1_000), CountsNow::Push, "quiet for an interval: at once");
     }
 
     proptest! {

@@ -27,6 +27,8 @@ pub struct Publication {
     sse: OnceLock<Box<[u8]>>,
     /// The channel epoch, for SSE event ids.
     pub epoch: Arc<str>,
+    /// A push of presence counts: only for subscriptions that asked for them.
+    pub presence_counts: bool,
 }
 
 /// What a publication says, before it gets an offset.
@@ -69,6 +71,18 @@ impl Publication {
         Publication::build(channel, "".into(), 0, data.len() + name.len() + event.len(), |object| {
             object.str("channel", &name).str("event", event).raw("data", data);
         })
+    }
+
+    /// The channel's presence counts, for subscriptions that asked for them:
+    /// `{"channel":…,"event":"presence_counts","data":{"users":…,"connections":…,"anonymous":…}}`.
+    pub fn presence_counts(channel: Arc<str>, users: u64, connections: u64, anonymous: u64) -> Publication {
+        let mut data = Vec::with_capacity(64);
+        let mut object = ObjectWriter::new(&mut data);
+        object.u64("users", users).u64("connections", connections).u64("anonymous", anonymous);
+        object.finish();
+        let mut publication = Publication::channel_event(channel, "presence_counts", &data);
+        publication.presence_counts = true;
+        publication
     }
 
     /// Cluster mode: subscribers missed publications of `channel` up to
@@ -119,6 +133,7 @@ impl Publication {
             frame_start: frame_start as u8,
             sse: OnceLock::new(),
             epoch,
+            presence_counts: false,
         }
     }
 

@@ -27,6 +27,9 @@ pub struct UserLimits {
     pub tracked_max: usize,
     /// Offline users with nothing pending are forgotten after this.
     pub last_seen_ttl_ms: u64,
+    /// Connections of one user at once (`limits.connections_per_user_max`;
+    /// 0: no limit).
+    pub connections_max: usize,
 }
 
 #[derive(Debug)]
@@ -117,9 +120,14 @@ pub struct SendOutcome {
     pub shards: Vec<usize>,
 }
 
-/// A connection was refused at registration.
+/// Why a connection was refused at registration.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Revoked;
+pub enum Refused {
+    /// Its token was issued before the user's revocation time.
+    Revoked,
+    /// The user has `connections_max` connections already.
+    TooManyConnections,
+}
 
 /// Users this shard owns.
 #[derive(Debug)]
@@ -181,20 +189,24 @@ impl OwnedUsers {
     }
 
     /// Registers a connection of `user` on `shard`. Returns whether the user
-    /// just came online and the inbox to replay, or `Revoked` when the token
-    /// was issued before the user's revocation time.
+    /// just came online and the inbox to replay, or why not: the token was
+    /// issued before the user's revocation time, or the user has its
+    /// maximum of connections.
     pub fn connect(
         &mut self,
         user: &Arc<str>,
         shard: usize,
         issued_at_s: u64,
         now_ms: u64,
-    ) -> Result<(bool, Vec<Arc<Publication>>), Revoked> {
-        let ttl_ms = self.limits.inbox_ttl_ms;
+    ) -> Result<(bool, Vec<Arc<Publication>>), Refused> {
+        let UserLimits { inbox_ttl_ms: ttl_ms, connections_max, .. } = self.limits;
         let state = self.entry(user);
         state.touched_ms = now_ms;
         if issued_at_s < state.revoked_before_s {
-            return Err(Revoked);
+            return Err(Refused::Revoked);
+        }
+        if connections_max > 0 && state.connections as usize >= connections_max {
+            return Err(Refused::TooManyConnections);
         }
         state.connections_by_shard[shard] += 1;
         state.connections += 1;
@@ -344,6 +356,7 @@ mod tests {
             inbox_users_max: 2,
             tracked_max: 100,
             last_seen_ttl_ms: 10_000,
+            connections_max: 0,
         }
     }
 
@@ -420,8 +433,21 @@ mod tests {
         users.connect(&carol, 0, 50, 0).unwrap();
         assert_eq!(users.revoke(&carol, 100, 0), (1, vec![0]));
         users.sweep(5_000);
-        assert_eq!(users.connect(&carol, 0, 99, 0).unwrap_err(), Revoked);
+        assert_eq!(users.connect(&carol, 0, 99, 0).unwrap_err(), Refused::Revoked);
         assert!(users.connect(&carol, 0, 100, 0).is_ok());
+    }
+
+    #[test]
+    fn connections_per_user_are_capped_over_all_shards() {
+        let mut users = OwnedUsers::new(2, UserLimits { connections_max: 2, ..limits() });
+        let erin: Arc<str> = "erin".into();
+        users.connect(&erin, 0, 0, 0).unwrap();
+        users.connect(&erin, 1, 0, 0).unwrap();
+        assert_eq!(users.connect(&erin, 0, 0, 0).unwrap_err(), Refused::TooManyConnections);
+        assert_eq!(users.status("erin"), Status::Online { connections: 2 }, "the refused one is not counted");
+        assert!(users.connect(&"frank".into(), 0, 0, 0).is_ok(), "others are not affected");
+        users.disconnect("erin", 1, 0);
+        assert!(users.connect(&erin, 1, 0, 0).is_ok(), "room again after a close");
     }
 
     #[test]

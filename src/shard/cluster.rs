@@ -24,6 +24,7 @@ use crate::bus::Message;
 use crate::hub::follow::{self, Arrival, CaughtUp, Position, Step};
 use crate::hub::history::RecoveryFailure;
 use crate::hub::publication::Publication;
+use crate::hub::user::Refused;
 use crate::util::unix_time_ms;
 use kometa_protocol::client::{CommandError, ErrorCode};
 
@@ -240,7 +241,7 @@ impl Shard {
             state.presence.join(request.user.as_ref());
         }
         let ok = SubscribeOk { epoch: Arc::clone(&state.epoch), offset: state.last_offset, recovery };
-        let SubscribeRequest { channel, conn, user, request_id, .. } = request;
+        let SubscribeRequest { channel, conn, user, request_id, presence_counts, .. } = request;
         if namespace.presence {
             let change = CountChange::Delta(1);
             let message = ToCluster::Presence {
@@ -254,14 +255,15 @@ impl Shard {
         if let Some(cluster) = self.cluster.as_mut() {
             cluster.dirty_counts.insert(Arc::clone(&channel));
         }
-        let reply = SubscribeReply { conn, channel, user, request_id, result: Ok(ok) };
+        let reply = SubscribeReply { conn, channel, user, request_id, presence_counts, result: Ok(ok) };
         self.bus.send(shard, Message::SubscribeReply(Box::new(reply)));
     }
 
     fn refuse_subscription(&mut self, request: SubscribeRequest, error: CommandError) {
         let shard = usize::from(request.conn.shard);
-        let SubscribeRequest { channel, conn, user, request_id: _, .. } = request;
-        let reply = SubscribeReply { conn, channel, user, request_id: error.id.clone(), result: Err(error) };
+        let SubscribeRequest { channel, conn, user, presence_counts, request_id: _, .. } = request;
+        let reply =
+            SubscribeReply { conn, channel, user, request_id: error.id.clone(), presence_counts, result: Err(error) };
         self.bus.send(shard, Message::SubscribeReply(Box::new(reply)));
     }
 
@@ -449,6 +451,17 @@ impl Shard {
     // ---- users -----------------------------------------------------------
 
     pub(crate) fn cluster_user_connect(&mut self, request: UserConnectRequest) {
+        // `limits.connections_per_user_max` holds per node: this shard
+        // counts the user's connections on this node (Redis, the cluster's).
+        let max = self.config.limits.connections_per_user_max;
+        if max > 0 && self.users.connections(&request.user).0 as usize >= max {
+            let shard = usize::from(request.conn.shard);
+            let UserConnectRequest { user, conn, request_id, via_command, .. } = request;
+            let reply =
+                UserConnectReply { conn, user, request_id, via_command, result: Err(Refused::TooManyConnections) };
+            self.bus.send(shard, Message::UserConnectReply(Box::new(reply)));
+            return;
+        }
         let owner = self.id as u16;
         self.send_to_gateway(ToCluster::UserConnect { request, owner });
     }
@@ -460,9 +473,9 @@ impl Shard {
         reregister: bool,
     ) {
         let shard = usize::from(request.conn.shard);
-        let result = match result {
+        let mut result = match result {
             Ok(inbox) => Ok(inbox),
-            Err(UserRefusal::Revoked) => Err(()),
+            Err(UserRefusal::Revoked) => Err(Refused::Revoked),
             // Redis is unreachable: serve the connection (its token checked
             // out here) without an inbox replay; the count reaches Redis now
             // if it can, else at the re-registration after the outage.
@@ -475,9 +488,17 @@ impl Shard {
             }
         };
         if result.is_ok() {
-            // Local routing only: revocation lives in Redis, so this never refuses.
-            let _ = self.users.connect(&request.user, shard, u64::MAX, unix_time_ms());
-            if reregister {
+            // Local routing (revocation lives in Redis), and the per-node
+            // cap: checked before asking Redis, but connections that were
+            // in flight together may pass that check together.
+            if self.users.connect(&request.user, shard, u64::MAX, unix_time_ms()).is_err() {
+                if !reregister {
+                    // Redis counted this one (or was just told to): take it back.
+                    let user = Arc::clone(&request.user);
+                    self.send_to_gateway(ToCluster::UserCount { user, change: CountChange::Delta(-1) });
+                }
+                result = Err(Refused::TooManyConnections);
+            } else if reregister {
                 // Counted under the incarnation before a reset, after this
                 // shard had registered its users afresh: count it again.
                 let user = Arc::clone(&request.user);

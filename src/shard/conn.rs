@@ -9,6 +9,7 @@ use std::sync::Arc;
 use std::os::fd::RawFd;
 
 use super::{sys, Conn, Metrics, Shard, ACCEPTS_PER_TICK, READ_BYTES_PER_CONN_PER_TICK};
+use crate::bus::limiter::AddressKey;
 use crate::bus::Message;
 use crate::connection::http::BufItem;
 use crate::connection::outbox::{OutItem, Wire};
@@ -18,6 +19,7 @@ use crate::connection::{
 use crate::hub::index::ConnKey;
 use crate::hub::owner_of;
 use crate::hub::publication::Publication;
+use crate::limits::{ClientRates, LimitKind};
 use crate::tls::{TlsError, TlsSession, SEAL_BUDGET_BYTES};
 use kometa_protocol::ws;
 
@@ -36,6 +38,9 @@ const PLAIN_HTTP_ON_TLS_RESPONSE: &[u8] = b"HTTP/1.1 400 Bad Request\r\nContent-
 /// Sent, best effort, to a connection refused at the connection cap.
 const REFUSED_RESPONSE: &[u8] =
     b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain\r\nContent-Length: 24\r\nRetry-After: 5\r\nConnection: close\r\n\r\nserver connection limit\n";
+/// Sent, best effort, to a connection refused at `limits.connections_per_ip_max`.
+const ADDRESS_REFUSED_RESPONSE: &[u8] =
+    b"HTTP/1.1 429 Too Many Requests\r\nContent-Type: text/plain\r\nContent-Length: 39\r\nRetry-After: 5\r\nConnection: close\r\n\r\ntoo many connections from your address\n";
 
 impl Shard {
     pub(crate) fn accept_connections(&mut self) {
@@ -82,25 +87,37 @@ impl Shard {
         if open > self.shared.connections_max || self.is_draining() || self.conns.len() >= (u32::MAX - 2) as usize {
             self.shared.connections.fetch_sub(1, Ordering::Relaxed);
             self.metrics.connections_refused += 1;
-            let _ = sys::send(fd.as_raw_fd(), REFUSED_RESPONSE);
-            // Our FIN goes out right behind the 503, and the request (usually
-            // there already) is read away, so the close is not a reset that
-            // could destroy the 503; a request arriving later draws a reset
-            // only after the client has the FIN. No lingering: we are at the cap.
-            let _ = sys::shutdown_write(fd.as_raw_fd());
-            sys::discard_unread_input(fd.as_raw_fd());
+            refuse_at_accept(&fd, REFUSED_RESPONSE);
             return;
+        }
+        let limiter = &self.shared.limiter;
+        // One getpeername per accepted socket, only when a per-address limit is on.
+        let peer = if limiter.limits_addresses() {
+            sys::peer_address(fd.as_raw_fd()).ok().and_then(|address| limiter.key(address))
+        } else {
+            None
+        };
+        if let Some(peer) = peer {
+            if !limiter.open(peer, limiter.now_ms()) {
+                self.shared.connections.fetch_sub(1, Ordering::Relaxed);
+                self.metrics.limit_refusals.add(LimitKind::ConnectionsPerIp);
+                refuse_at_accept(&fd, ADDRESS_REFUSED_RESPONSE);
+                return;
+            }
         }
         let tls = match self.new_tls_session() {
             Ok(tls) => tls,
             Err(error) => {
                 tracing::warn!(shard = self.id, %error, "cannot start a TLS session");
                 self.shared.connections.fetch_sub(1, Ordering::Relaxed);
+                if let Some(peer) = peer {
+                    self.shared.limiter.close(peer, self.shared.limiter.now_ms());
+                }
                 return;
             }
         };
         // TCP_NODELAY comes from the listener (Linux copies it to accepted sockets).
-        if let Some((key, _)) = self.register_socket(fd) {
+        if let Some((key, _)) = self.register_socket(fd, peer) {
             self.metrics.connections_accepted += 1;
             if let Some(conn) = self.conns.get_mut(key as usize) {
                 conn.tls = tls;
@@ -116,9 +133,10 @@ impl Shard {
         generation
     }
 
-    /// Adds a socket to the slab and the epoll set; it starts reading an
-    /// HTTP request. On failure the socket is closed and uncounted.
-    fn register_socket(&mut self, fd: OwnedFd) -> Option<(ConnKey, u32)> {
+    /// Adds a socket (counted in `connections`, and under `peer` in the
+    /// limiter) to the slab and the epoll set; it starts reading an HTTP
+    /// request. On failure the socket is closed and uncounted.
+    fn register_socket(&mut self, fd: OwnedFd, peer: Option<AddressKey>) -> Option<(ConnKey, u32)> {
         let generation = self.take_generation();
         let entry = self.conns.vacant_entry();
         let key = entry.key() as ConnKey;
@@ -126,10 +144,14 @@ impl Shard {
         if let Err(error) = self.driver.watch_socket(fd.as_raw_fd(), token) {
             tracing::warn!(shard = self.id, %error, "cannot watch a new socket");
             self.shared.connections.fetch_sub(1, Ordering::Relaxed);
+            if let Some(peer) = peer {
+                self.shared.limiter.close(peer, self.shared.limiter.now_ms());
+            }
             return None;
         }
         let cx = Context { now_ms: self.now_ms, limits: &self.config.limits, timeouts: &self.config.timeouts };
-        entry.insert(Conn { fd: Some(fd), state: Connection::new(generation, &cx), tls: None });
+        let rates = ClientRates::new(&self.config.limits, self.now_ms);
+        entry.insert(Conn { fd: Some(fd), rates, peer, state: Connection::new(generation, &cx), tls: None });
         Some((key, generation))
     }
 
@@ -149,8 +171,14 @@ impl Shard {
 
     /// A connection handed over by another shard (it asked for an HTTP
     /// session that lives here): register it and replay what was read.
-    pub(crate) fn adopt(&mut self, fd: OwnedFd, mut input: Box<[u8]>, tls: Option<Box<TlsSession>>) {
-        if let Some((key, generation)) = self.register_socket(fd) {
+    pub(crate) fn adopt(
+        &mut self,
+        fd: OwnedFd,
+        peer: Option<AddressKey>,
+        mut input: Box<[u8]>,
+        tls: Option<Box<TlsSession>>,
+    ) {
+        if let Some((key, generation)) = self.register_socket(fd, peer) {
             if let Some(conn) = self.conns.get_mut(key as usize) {
                 conn.tls = tls;
             }
@@ -159,12 +187,14 @@ impl Shard {
     }
 
     /// Hands this connection and its unread `input` to `shard`: removed from
-    /// this shard without closing the socket.
+    /// this shard without closing the socket (it stays counted, and goes on
+    /// being counted by the shard that adopts it).
     pub(crate) fn migrate(&mut self, key: ConnKey, shard: usize, input: &[u8]) {
         let Some(mut conn) = self.conns.try_remove(key as usize) else { return };
         let Some(fd) = conn.fd.take() else { return };
         self.driver.unwatch_socket(fd.as_raw_fd(), conn_token(key, conn.state.generation()), false);
-        self.bus.send(shard, crate::bus::Message::Adopt { fd, input: input.into(), tls: conn.tls.take() });
+        let tls = conn.tls.take();
+        self.bus.send(shard, crate::bus::Message::Adopt { fd, peer: conn.peer, input: input.into(), tls });
     }
 
     /// The connection at `key`, if it is still the one with `generation`.
@@ -229,7 +259,10 @@ impl Shard {
         let overloaded = self.bus.overloaded();
         loop {
             let now_ms = self.now_ms;
-            let Some(conn) = self.conn_mut(key, generation) else { break };
+            // (Not `conn_mut`: the settings are borrowed beside the connection.)
+            let Some(conn) = self.conns.get_mut(key as usize).filter(|c| c.state.generation() == generation) else {
+                break;
+            };
             let state = &mut conn.state;
             if state.phase() == Phase::Polling && state.marks.contains(Marks::PEER_SHUT_WRITE) {
                 // The client gave up on its waiting poll (browsers never
@@ -257,7 +290,8 @@ impl Shard {
                 }
                 Ok(count) => {
                     let state = &mut conn.state;
-                    state.on_input(now_ms);
+                    let cx = Context { now_ms, limits: &self.config.limits, timeouts: &self.config.timeouts };
+                    state.on_input(&cx);
                     state.marks.remove(Marks::READ_PENDING);
                     if count < scratch.len() {
                         state.marks.insert(Marks::INPUT_DRAINED);
@@ -567,6 +601,9 @@ impl Shard {
         }
         if conn.fd.is_some() {
             self.shared.connections.fetch_sub(1, Ordering::Relaxed);
+            if let Some(peer) = conn.peer {
+                self.shared.limiter.close(peer, self.shared.limiter.now_ms());
+            }
         }
         if conn.state.marks.contains(Marks::UPGRADED) {
             self.metrics.websockets -= 1;
@@ -586,9 +623,12 @@ impl Shard {
             }
             let Some(channel) = self.index.get(subscription.channel) else { continue };
             let name = Arc::clone(&channel.name);
-            self.index.remove(subscription.channel, subscription.slot);
+            let Some(subscriber) = self.index.remove(subscription.channel, subscription.slot) else { continue };
             let owner = owner_of(&name, self.shard_count());
-            self.bus.send(owner, Message::Unsubscribe { channel: name, shard: self.id as u16, user: user.clone() });
+            let presence_counts = subscriber.presence_counts;
+            let message =
+                Message::Unsubscribe { channel: name, shard: self.id as u16, user: user.clone(), presence_counts };
+            self.bus.send(owner, message);
         }
         if conn.fd.is_some() && !conn.state.marks.contains(Marks::INPUT_DRAINED) {
             sys::discard_unread_input(conn.raw_fd());
@@ -596,6 +636,17 @@ impl Shard {
         // Dropping the descriptor closes it and removes it from the epoll set.
         drop(conn);
     }
+}
+
+/// Answers a socket refused at accept, best effort: our FIN goes out right
+/// behind the response, and the request (usually there already) is read
+/// away, so the close is not a reset that could destroy the response; a
+/// request arriving later draws a reset only after the client has the FIN.
+/// No lingering: a refused peer gets no more of our time.
+fn refuse_at_accept(fd: &OwnedFd, response: &[u8]) {
+    let _ = sys::send(fd.as_raw_fd(), response);
+    let _ = sys::shutdown_write(fd.as_raw_fd());
+    sys::discard_unread_input(fd.as_raw_fd());
 }
 
 /// A connection's socket as its state machine sees it (through TLS when
@@ -705,6 +756,7 @@ impl Io for SocketIo<'_> {
         match what {
             Count::ProtocolError => self.metrics.protocol_errors += 1,
             Count::SlowConsumer => self.metrics.slow_consumers_closed += 1,
+            Count::Limit(kind) => self.metrics.limit_refusals.add(kind),
         }
     }
 }

@@ -32,6 +32,7 @@ use std::time::{Duration, Instant};
 
 use slab::Slab;
 
+use crate::bus::limiter::AddressKey;
 use crate::bus::message::ShardStats;
 use crate::bus::Endpoint;
 use crate::config::Config;
@@ -40,6 +41,7 @@ use crate::hub::channel::OwnedChannels;
 use crate::hub::index::{ConnKey, LocalChannelId, LocalIndex};
 use crate::hub::publication::Publication;
 use crate::hub::user::{OwnedUsers, UserLimits};
+use crate::limits::{ClientRates, LimitRefusals};
 use crate::tls::TlsSession;
 use kometa_protocol::token::Verifier;
 
@@ -82,8 +84,16 @@ pub use crate::bus::Shared;
 
 /// An accepted socket and its session, or (`fd` None) an HTTP session
 /// that outlives the requests serving it.
+///
+/// Beside the socket: the client's rate limits (in the 4 bytes after the
+/// descriptor, which would be padding otherwise) and its address key.
 pub struct Conn {
     pub fd: Option<OwnedFd>,
+    /// `limits.client_commands_per_s` and `client_publications_per_s`.
+    pub rates: ClientRates,
+    /// The peer's address under the per-address limits (None: exempt, or
+    /// no socket); released when the socket closes.
+    pub peer: Option<AddressKey>,
     pub state: Connection,
     /// TLS between the socket and the connection (the listener has `tls.*`).
     pub tls: Option<Box<TlsSession>>,
@@ -134,6 +144,8 @@ pub struct Metrics {
     /// TLS handshakes completed and failed.
     pub tls_handshakes: u64,
     pub tls_failures: u64,
+    /// Peers refused by a limit against abuse, by kind.
+    pub limit_refusals: LimitRefusals,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -213,6 +225,10 @@ pub struct Shard {
     pub(crate) next_sweep_ms: u64,
     pub(crate) sweep_cursor: usize,
     pub(crate) next_channel_sweep_ms: u64,
+    /// Owned channels whose presence counts wait for their next push.
+    pub(crate) presence_counts_due: Vec<Arc<str>>,
+    /// When the earliest of them is due (u64::MAX: none).
+    pub(crate) presence_counts_next_ms: u64,
 }
 
 impl Shard {
@@ -245,6 +261,7 @@ impl Shard {
             inbox_users_max: config.inbox.users_max.div_ceil(shard_count),
             tracked_max: config.users.tracked_max.div_ceil(shard_count),
             last_seen_ttl_ms: config.users.last_seen_ttl_ms,
+            connections_max: config.limits.connections_per_user_max,
         };
         let verifier = Verifier::new(config.token_secret.as_deref(), config.token_secret_previous.as_deref());
         let tls_generation = shared.tls_generation.load(Ordering::Acquire);
@@ -285,6 +302,8 @@ impl Shard {
             next_sweep_ms: config.timeouts.sweep_interval_ms,
             sweep_cursor: 0,
             next_channel_sweep_ms: 0,
+            presence_counts_due: Vec::new(),
+            presence_counts_next_ms: u64::MAX,
             config,
         })
     }
@@ -333,6 +352,7 @@ impl Shard {
         if self.now_ms >= self.next_sweep_ms {
             work += self.sweep();
         }
+        self.push_due_presence_counts();
         if self.cluster.is_some() {
             self.cluster_tick();
         }
@@ -453,7 +473,7 @@ impl Shard {
         }
         let started = Instant::now();
         let mut delivered = 0;
-        let mut targets: Vec<(ConnKey, u64)> = Vec::with_capacity(FANOUT_CHUNK);
+        let mut targets: Vec<(ConnKey, u64, bool)> = Vec::with_capacity(FANOUT_CHUNK);
         let mut frames: Vec<Arc<Publication>> = Vec::with_capacity(FANOUT_BATCH_MAX);
         while let Some(fanout) = self.fanouts.front_mut() {
             targets.clear();
@@ -464,7 +484,7 @@ impl Shard {
                     let slots = channel.subscribers.capacity();
                     while fanout.next_slot < slots && targets.len() < FANOUT_CHUNK {
                         if let Some(subscriber) = channel.subscribers.get(fanout.next_slot) {
-                            targets.push((subscriber.conn, subscriber.after_offset));
+                            targets.push((subscriber.conn, subscriber.after_offset, subscriber.presence_counts));
                         }
                         fanout.next_slot += 1;
                     }
@@ -479,11 +499,18 @@ impl Shard {
             } else {
                 fanout.publications.clone()
             };
-            for &(key, after_offset) in &targets {
+            for &(key, after_offset, presence_counts) in &targets {
                 frames.clear();
-                // Offset 0: an event outside the sequence (presence). The
-                // rest only if newer than the subscription (exactly once).
-                frames.extend(publications.iter().filter(|p| p.offset == 0 || p.offset > after_offset).cloned());
+                // Offset 0: an event outside the sequence (presence; counts
+                // only where asked for). The rest only if newer than the
+                // subscription (exactly once).
+                let wanted = |p: &&Arc<Publication>| {
+                    (p.offset == 0 && (presence_counts || !p.presence_counts)) || p.offset > after_offset
+                };
+                frames.extend(publications.iter().filter(wanted).cloned());
+                if frames.is_empty() {
+                    continue;
+                }
                 self.deliver_all(key, &frames);
             }
             delivered += targets.len() * batch;
@@ -521,6 +548,7 @@ impl Shard {
             http_sessions: self.metrics.http_sessions,
             publications_refused: self.metrics.publications_refused,
             fanout_backlog: self.shared.fanout_backlog[self.id].load(Ordering::Relaxed) as u64,
+            limit_refusals: self.metrics.limit_refusals,
         }
     }
 

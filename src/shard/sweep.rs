@@ -1,8 +1,9 @@
 //! The shard's coarse timer: one sweep over all connections every
 //! `sweep_interval_ms`, spread over ticks, instead of a timer per
 //! connection (invariant 7). It sends pings, closes silent connections and
-//! enforces handshake and close deadlines; less often it expires channel
-//! history and drops idle channels.
+//! enforces handshake, message and close deadlines; less often it expires
+//! channel history, drops idle channels and prunes its share of the
+//! process-wide limit tables.
 
 use std::sync::Arc;
 
@@ -59,6 +60,9 @@ impl Shard {
                     self.owned.sweep(self.now_ms, |name| config.namespace_for(name))
                 };
                 self.users.sweep(unix_time_ms());
+                // This shard's share of the process-wide limit tables.
+                let limiter = &self.shared.limiter;
+                limiter.prune(self.id, self.shard_count(), limiter.now_ms());
                 if dropped > 0 {
                     tracing::trace!(shard = self.id, dropped, "idle channels dropped");
                 }

@@ -315,13 +315,20 @@ test("commands issued while offline are queued (bounded) and sent on reconnect",
   await noPageErrors(page);
 });
 
-test("two tabs share one server connection; each receives what it subscribed to", async (t) => {
+// A server and two connected tabs of one browser context (they share one
+// connection: p1 leads).
+async function sharedTabs(t) {
   const srv = await t.server();
   const ctx = await t.context();
   const p1 = await t.page(ctx);
   const p2 = await t.page(ctx);
   await connect(p1, srv.url);
   await connect(p2, srv.url);
+  return { srv, p1, p2 };
+}
+
+test("two tabs share one server connection; each receives what it subscribed to", async (t) => {
+  const { srv, p1, p2 } = await sharedTabs(t);
   assert.equal(await p1.evaluate(() => T.k.role), "leader");
   assert.equal(await p2.evaluate(() => T.k.role), "follower");
   assert.equal(await p2.evaluate(() => T.k.transport), "websocket");
@@ -358,13 +365,33 @@ test("two tabs share one server connection; each receives what it subscribed to"
   await noPageErrors(p1, p2);
 });
 
+test("presence counts are pushed to the tab that asks (shared connection), and presence pages", async (t) => {
+  const { srv, p1, p2 } = await sharedTabs(t);
+  // The leader subscribes without counts; the follower then asks for them on
+  // the same channel: the leader subscribes again, with them.
+  await p1.evaluate(() => T.sub("track_room", { event: "*" }));
+  await p2.evaluate(() => T.sub("track_room.presence_counts", { presenceCounts: true }));
+  const counts = (page) => page.evaluate(() => (T.got["track_room.presence_counts"] || []).map((m) => m.data));
+  await until(p2, () => (T.got["track_room.presence_counts"] || []).length > 0);
+  // Another visitor (its own connection) arrives: the counts follow.
+  const other = await t.page();
+  await connect(other, srv.url, { share: false });
+  await other.evaluate(() => T.sub("track_room"));
+  await until(p2, () => (T.got["track_room.presence_counts"] || []).some((m) => m.data.connections === 2));
+  assert.deepEqual((await counts(p2)).at(-1), { users: 0, connections: 2, anonymous: 2 });
+  assert.deepEqual(await p1.evaluate(() => T.recoveries), [], "the resubscribe for counts is no news");
+  // Publications still arrive once each on the leader's subscription.
+  await srv.publish("track_room", "msg", { n: 1 });
+  await srv.publish("track_room", "msg", { n: 2 });
+  await until(p1, () => T.offsets("track_room").filter((o) => o !== undefined).length === 2);
+  assert.deepEqual(await p1.evaluate(() => T.offsets("track_room").filter((o) => o !== undefined)), [1, 2]);
+  const page = await p1.evaluate(() => T.call("presence", "track_room", { limit: 1 }));
+  assert.deepEqual([page.ok.members, page.ok.anonymous, page.ok.next], [[], 2, null]);
+  await noPageErrors(p1, p2, other);
+});
+
 test("a tab joining a shared channel from an older position gets the missed publications from history", async (t) => {
-  const srv = await t.server();
-  const ctx = await t.context();
-  const p1 = await t.page(ctx);
-  const p2 = await t.page(ctx);
-  await connect(p1, srv.url);
-  await connect(p2, srv.url);
+  const { srv, p1, p2 } = await sharedTabs(t);
   await p1.evaluate(() => T.sub("news"));
   let epoch;
   for (let i = 1; i <= 8; i++) epoch = (await srv.publish("news", "update", { i })).epoch;

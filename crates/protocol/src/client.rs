@@ -57,6 +57,10 @@ pub enum ErrorCode {
     /// RPC: the backend answered with an error (its code and message are
     /// passed on), or with something that is not an answer.
     BackendError,
+    /// Too many commands or publications in a short time; retry later.
+    RateLimited,
+    /// The user has its maximum of connections (then close 4005).
+    TooManyConnections,
 }
 
 impl ErrorCode {
@@ -81,6 +85,8 @@ impl ErrorCode {
             ErrorCode::UnknownOutcome => "unknown_outcome",
             ErrorCode::Timeout => "timeout",
             ErrorCode::BackendError => "backend_error",
+            ErrorCode::RateLimited => "rate_limited",
+            ErrorCode::TooManyConnections => "too_many_connections",
         }
     }
 }
@@ -142,6 +148,8 @@ pub enum Command<'a> {
     Subscribe {
         channel: Cow<'a, str>,
         since: Option<Position>,
+        /// Push the channel's presence counts when they change (throttled).
+        presence_counts: bool,
     },
     Unsubscribe {
         channel: Cow<'a, str>,
@@ -156,8 +164,11 @@ pub enum Command<'a> {
     Connect {
         token: Cow<'a, str>,
     },
+    /// One page of members, after `cursor` (the previous page's `next`).
     Presence {
         channel: Cow<'a, str>,
+        cursor: Option<Cow<'a, str>>,
+        limit: Option<u32>,
     },
     PresenceStats {
         channel: Cow<'a, str>,
@@ -210,6 +221,9 @@ struct Wire<'a> {
     token: Option<Cow<'a, str>>,
     #[serde(borrow, default)]
     method: Option<Cow<'a, str>>,
+    cursor: Option<Cow<'a, str>>,
+    #[serde(default)]
+    presence_counts: Option<bool>,
 }
 
 /// Decodes one command from a text message.
@@ -236,9 +250,11 @@ pub fn decode(message: &[u8]) -> Result<Request<'_>, CommandError> {
         |field: &'static str| CommandError::new(id.clone(), ErrorCode::BadRequest, format!("missing field `{field}`"));
     let op = wire.op.as_deref().ok_or_else(|| missing("op"))?;
     let command = match op {
-        "subscribe" => {
-            Command::Subscribe { channel: wire.channel.ok_or_else(|| missing("channel"))?, since: wire.since }
-        }
+        "subscribe" => Command::Subscribe {
+            channel: wire.channel.ok_or_else(|| missing("channel"))?,
+            since: wire.since,
+            presence_counts: wire.presence_counts.unwrap_or(false),
+        },
         "unsubscribe" => Command::Unsubscribe { channel: wire.channel.ok_or_else(|| missing("channel"))? },
         "publish" => Command::Publish {
             channel: wire.channel.ok_or_else(|| missing("channel"))?,
@@ -247,7 +263,11 @@ pub fn decode(message: &[u8]) -> Result<Request<'_>, CommandError> {
         },
         "ping" => Command::Ping,
         "connect" => Command::Connect { token: wire.token.ok_or_else(|| missing("token"))? },
-        "presence" => Command::Presence { channel: wire.channel.ok_or_else(|| missing("channel"))? },
+        "presence" => Command::Presence {
+            channel: wire.channel.ok_or_else(|| missing("channel"))?,
+            cursor: wire.cursor,
+            limit: wire.limit,
+        },
         "presence_stats" => Command::PresenceStats { channel: wire.channel.ok_or_else(|| missing("channel"))? },
         "history" => Command::History {
             channel: wire.channel.ok_or_else(|| missing("channel"))?,
@@ -368,7 +388,17 @@ mod tests {
     fn decodes_every_op() {
         let request = decode(br#"{"op":"subscribe","channel":"news","id":1}"#).unwrap();
         assert_eq!(request.id.as_ref().map(RequestId::as_json), Some("1"));
-        assert!(matches!(request.command, Command::Subscribe { ref channel, since: None } if channel == "news"));
+        assert!(matches!(
+            request.command,
+            Command::Subscribe { ref channel, since: None, presence_counts: false } if channel == "news"
+        ));
+        let request = decode(br#"{"op":"subscribe","channel":"t","presence_counts":true}"#).unwrap();
+        assert!(matches!(request.command, Command::Subscribe { presence_counts: true, .. }));
+        let request = decode(br#"{"op":"presence","channel":"t","cursor":"u7","limit":2}"#).unwrap();
+        assert!(matches!(
+            request.command,
+            Command::Presence { cursor: Some(ref cursor), limit: Some(2), .. } if cursor == "u7"
+        ));
 
         let request = decode(br#"{"op":"subscribe","channel":"n","since":{"epoch":"ab","offset":7}}"#).unwrap();
         assert!(matches!(request.command, Command::Subscribe { since: Some(Position { offset: 7, .. }), .. }));

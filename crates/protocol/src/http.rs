@@ -31,6 +31,8 @@ pub enum HeadError {
     Malformed(&'static str),
     /// HTTP/2 preface or an HTTP version we do not speak.
     VersionNotSupported,
+    /// An `Expect` value other than `100-continue` (RFC 9110 §10.1.1).
+    ExpectationFailed,
 }
 
 impl HeadError {
@@ -39,6 +41,7 @@ impl HeadError {
             HeadError::TooLarge | HeadError::TooManyHeaders => 431,
             HeadError::Malformed(_) => 400,
             HeadError::VersionNotSupported => 505,
+            HeadError::ExpectationFailed => 417,
         }
     }
 
@@ -48,6 +51,7 @@ impl HeadError {
             HeadError::TooManyHeaders => "too many header fields",
             HeadError::Malformed(why) => why,
             HeadError::VersionNotSupported => "only HTTP/1.0 and HTTP/1.1 are supported",
+            HeadError::ExpectationFailed => "the only expectation supported is 100-continue",
         }
     }
 }
@@ -61,11 +65,22 @@ pub enum Method {
     Other,
 }
 
+/// What the client expects before it sends its body (`Expect`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Expect {
+    Nothing,
+    /// `Expect: 100-continue`: the client waits for `100 Continue` (or a
+    /// final status) before sending the body.
+    Continue,
+}
+
 /// The parts of a request head the server acts on. Borrowed from the input.
 #[derive(Debug, Clone)]
 pub struct Request<'a> {
     pub method: Method,
-    /// Path without the query string, as sent (not percent-decoded).
+    /// Path without the query string, as sent (not percent-decoded). An
+    /// absolute-form target (`http://host/ws`) is reduced to its path; the
+    /// asterisk-form of `OPTIONS *` is the path `*`.
     pub path: &'a str,
     /// Query string without the `?`, empty when absent.
     pub query: &'a str,
@@ -86,8 +101,12 @@ pub struct Request<'a> {
     pub ws_protocols: Option<&'a str>,
     pub origin: Option<&'a str>,
     pub content_length: Option<u64>,
-    /// A `Transfer-Encoding` header was present (chunked bodies are refused).
+    /// A `Transfer-Encoding` header was present (request bodies must come
+    /// with `Content-Length`; the server refuses these with 400).
     pub transfer_encoding: bool,
+    /// `Expect: 100-continue` on an HTTP/1.1 request (ignored for HTTP/1.0,
+    /// RFC 9110 §10.1.1).
+    pub expect: Expect,
     pub last_event_id: Option<&'a str>,
     pub authorization: Option<&'a str>,
     pub content_type: Option<&'a str>,
@@ -166,7 +185,7 @@ pub fn parse_head<'a>(buf: &'a [u8], limits: HeadLimits) -> Result<Option<Reques
             return Ok(None);
         }
         Err(httparse::Error::TooManyHeaders) => return Err(HeadError::TooManyHeaders),
-        Err(httparse::Error::Version) => return Err(HeadError::VersionNotSupported),
+        Err(httparse::Error::Version) => return Err(version_error(buf)),
         Err(httparse::Error::Token) => return Err(HeadError::Malformed("invalid token in request head")),
         Err(httparse::Error::HeaderName) => return Err(HeadError::Malformed("invalid header name")),
         Err(httparse::Error::HeaderValue) => return Err(HeadError::Malformed("invalid header value")),
@@ -186,13 +205,7 @@ pub fn parse_head<'a>(buf: &'a [u8], limits: HeadLimits) -> Result<Option<Reques
     };
     let target = parsed.path.ok_or(HeadError::Malformed("missing request target"))?;
     let minor_version = parsed.version.ok_or(HeadError::VersionNotSupported)?;
-    let (path, query) = match target.split_once('?') {
-        Some((path, query)) => (path, query),
-        None => (target, ""),
-    };
-    if !path.starts_with('/') {
-        return Err(HeadError::Malformed("request target must be an absolute path"));
-    }
+    let (path, query) = request_target(target, method)?;
 
     let mut request = Request {
         method,
@@ -211,14 +224,24 @@ pub fn parse_head<'a>(buf: &'a [u8], limits: HeadLimits) -> Result<Option<Reques
         origin: None,
         content_length: None,
         transfer_encoding: false,
+        expect: Expect::Nothing,
         last_event_id: None,
         authorization: None,
         content_type: None,
     };
+    let mut hosts = 0;
     for header in parsed.headers.iter() {
         let name = header.name;
         let value = header.value;
-        if name.eq_ignore_ascii_case("connection") {
+        if name.eq_ignore_ascii_case("host") {
+            hosts += 1;
+            if hosts > 1 {
+                return Err(HeadError::Malformed("more than one Host header"));
+            }
+            if !host_is_valid(trim(value)) {
+                return Err(HeadError::Malformed("invalid Host header"));
+            }
+        } else if name.eq_ignore_ascii_case("connection") {
             for token in tokens(value) {
                 if token.eq_ignore_ascii_case(b"close") {
                     request.connection_close = true;
@@ -252,6 +275,14 @@ pub fn parse_head<'a>(buf: &'a [u8], limits: HeadLimits) -> Result<Option<Reques
             request.content_length = Some(length);
         } else if name.eq_ignore_ascii_case("transfer-encoding") {
             request.transfer_encoding = true;
+        } else if name.eq_ignore_ascii_case("expect") {
+            // HTTP/1.0 clients cannot mean it (RFC 9110 §10.1.1): ignored.
+            if minor_version >= 1 {
+                if !trim(value).eq_ignore_ascii_case(b"100-continue") {
+                    return Err(HeadError::ExpectationFailed);
+                }
+                request.expect = Expect::Continue;
+            }
         } else if name.eq_ignore_ascii_case("last-event-id") {
             request.last_event_id = std::str::from_utf8(trim(value)).ok();
         } else if name.eq_ignore_ascii_case("authorization") {
@@ -260,7 +291,117 @@ pub fn parse_head<'a>(buf: &'a [u8], limits: HeadLimits) -> Result<Option<Reques
             request.content_type = std::str::from_utf8(trim(value)).ok();
         }
     }
+    // RFC 9112 §3.2: an HTTP/1.1 request without Host is refused with 400.
+    if minor_version >= 1 && hosts == 0 {
+        return Err(HeadError::Malformed("missing Host header (required by HTTP/1.1)"));
+    }
     Ok(Some(request))
+}
+
+/// A request line httparse refused for its version: `HTTP/d.d` we do not
+/// speak is 505; anything else there (a 1.x version httparse would take
+/// means the line around it is broken) is a malformed request line, 400.
+fn version_error(buf: &[u8]) -> HeadError {
+    let line_end = buf.iter().position(|&b| b == b'\r' || b == b'\n').unwrap_or(buf.len());
+    let line = &buf[..line_end];
+    let version = line.rsplit(|&b| b == b' ').next().unwrap_or_default();
+    match version {
+        [b'H', b'T', b'T', b'P', b'/', major, b'.', minor]
+            if major.is_ascii_digit()
+                && minor.is_ascii_digit()
+                && !(*major == b'1' && matches!(minor, b'0' | b'1')) =>
+        {
+            HeadError::VersionNotSupported
+        }
+        _ => HeadError::Malformed("invalid request line"),
+    }
+}
+
+/// Path and query of a request target (RFC 9112 §3.2): origin-form
+/// (`/ws?x`), absolute-form (`http://host/ws?x`, which proxies send; the
+/// authority is not used), or the asterisk-form of `OPTIONS *`.
+fn request_target(target: &str, method: Method) -> Result<(&str, &str), HeadError> {
+    if target == "*" {
+        return match method {
+            Method::Options => Ok(("*", "")),
+            _ => Err(HeadError::Malformed("the target * is only for OPTIONS")),
+        };
+    }
+    let origin_form = match scheme_length(target) {
+        Some(scheme) => {
+            let after_scheme = &target[scheme..];
+            let authority_end = after_scheme.find(['/', '?', '#']).unwrap_or(after_scheme.len());
+            if authority_end == 0 {
+                return Err(HeadError::Malformed("absolute request target without a host"));
+            }
+            &after_scheme[authority_end..]
+        }
+        None => target,
+    };
+    let origin_form = origin_form.split_once('#').map_or(origin_form, |(before, _)| before);
+    let (path, query) = origin_form.split_once('?').unwrap_or((origin_form, ""));
+    if path.is_empty() {
+        // `http://host` or `http://host?x`: the path is `/`.
+        return Ok(("/", query));
+    }
+    if !path.starts_with('/') {
+        return Err(HeadError::Malformed("request target must be an absolute path or an absolute URL"));
+    }
+    Ok((path, query))
+}
+
+/// The length of `http://` or `https://` (any case) at the start of `target`.
+fn scheme_length(target: &str) -> Option<usize> {
+    ["http://", "https://"].into_iter().find_map(|scheme| {
+        let prefix = target.get(..scheme.len())?;
+        prefix.eq_ignore_ascii_case(scheme).then_some(scheme.len())
+    })
+}
+
+/// A `Host` value (RFC 9110 §7.2): `uri-host [ ":" port ]`, where the host
+/// is an IP literal in brackets, an IPv4 address or a registered name
+/// (RFC 3986 §3.2.2). Empty is valid (an authority without a host).
+fn host_is_valid(value: &[u8]) -> bool {
+    let (host_ok, port) = if let Some(literal) = value.strip_prefix(b"[") {
+        let Some(end) = literal.iter().position(|&b| b == b']') else { return false };
+        let inside = &literal[..end];
+        let ok = !inside.is_empty() && inside.iter().all(|&b| b == b':' || unreserved_or_sub_delim(b));
+        (ok, &literal[end + 1..])
+    } else {
+        let colon = value.iter().position(|&b| b == b':').unwrap_or(value.len());
+        (reg_name_is_valid(&value[..colon]), &value[colon..])
+    };
+    let port_ok = match port {
+        [] => true,
+        [b':', digits @ ..] => digits.len() <= 5 && digits.iter().all(u8::is_ascii_digit),
+        _ => false,
+    };
+    host_ok && port_ok
+}
+
+fn reg_name_is_valid(name: &[u8]) -> bool {
+    let mut i = 0;
+    while i < name.len() {
+        match name[i] {
+            b'%' if name.get(i + 1).is_some_and(u8::is_ascii_hexdigit)
+                && name.get(i + 2).is_some_and(u8::is_ascii_hexdigit) =>
+            {
+                i += 3;
+            }
+            byte if unreserved_or_sub_delim(byte) => i += 1,
+            _ => return false,
+        }
+    }
+    true
+}
+
+/// RFC 3986 `unreserved` and `sub-delims`.
+fn unreserved_or_sub_delim(byte: u8) -> bool {
+    byte.is_ascii_alphanumeric()
+        || matches!(
+            byte,
+            b'-' | b'.' | b'_' | b'~' | b'!' | b'$' | b'&' | b'\'' | b'(' | b')' | b'*' | b'+' | b',' | b';' | b'='
+        )
 }
 
 fn parse_content_length(value: &[u8]) -> Result<u64, HeadError> {
@@ -353,6 +494,7 @@ fn hex_value(byte: u8) -> Option<u8> {
 /// Standard reason phrase for the statuses this server sends.
 pub fn reason_phrase(status: u16) -> &'static str {
     match status {
+        100 => "Continue",
         101 => "Switching Protocols",
         200 => "OK",
         202 => "Accepted",
@@ -369,6 +511,7 @@ pub fn reason_phrase(status: u16) -> &'static str {
         411 => "Length Required",
         413 => "Content Too Large",
         415 => "Unsupported Media Type",
+        417 => "Expectation Failed",
         426 => "Upgrade Required",
         429 => "Too Many Requests",
         431 => "Request Header Fields Too Large",
@@ -498,7 +641,7 @@ mod tests {
         assert_eq!(parse_head(head, LIMITS).unwrap_err().status(), 400);
         let head = b"POST /x HTTP/1.1\r\nContent-Length: -3\r\n\r\n";
         assert_eq!(parse_head(head, LIMITS).unwrap_err().status(), 400);
-        let head = b"POST /x HTTP/1.1\r\nContent-Length: 12\r\n\r\n";
+        let head = b"POST /x HTTP/1.1\r\nHost: x\r\nContent-Length: 12\r\n\r\n";
         assert_eq!(parse_head(head, LIMITS).unwrap().unwrap().content_length, Some(12));
     }
 
@@ -508,8 +651,71 @@ mod tests {
         assert!(!r10.keep_alive());
         let r10ka = parse_head(b"GET / HTTP/1.0\r\nConnection: keep-alive\r\n\r\n", LIMITS).unwrap().unwrap();
         assert!(r10ka.keep_alive());
-        let r11c = parse_head(b"GET / HTTP/1.1\r\nConnection: close\r\n\r\n", LIMITS).unwrap().unwrap();
+        let r11c = parse_head(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n", LIMITS).unwrap().unwrap();
         assert!(!r11c.keep_alive());
+    }
+
+    fn status_of(head: &[u8]) -> u16 {
+        parse_head(head, LIMITS).unwrap_err().status()
+    }
+
+    #[test]
+    fn host_is_required_once_and_well_formed_in_http_1_1() {
+        assert_eq!(status_of(b"GET / HTTP/1.1\r\n\r\n"), 400);
+        assert_eq!(status_of(b"GET / HTTP/1.1\r\nHost: a\r\nHost: a\r\n\r\n"), 400);
+        for bad in ["a b", "a/b", "a:b:c", "a:12345678", "[::1", "[]", "a@b", "a%zz", "\u{e9}t\u{e9}"] {
+            let head = format!("GET / HTTP/1.1\r\nHost: {bad}\r\n\r\n");
+            assert_eq!(status_of(head.as_bytes()), 400, "Host: {bad}");
+        }
+        for good in
+            ["", "x", "example.com:8080", "127.0.0.1", "[::1]:80", "[v1.fe80::a+en1]", "a%2Db", "xn--d1acufc.xn--p1ai:"]
+        {
+            let head = format!("GET / HTTP/1.1\r\nHost: {good}\r\n\r\n");
+            assert!(parse_head(head.as_bytes(), LIMITS).unwrap().is_some(), "Host: {good}");
+        }
+        // HTTP/1.0 clients may leave it out.
+        assert!(parse_head(b"GET / HTTP/1.0\r\n\r\n", LIMITS).unwrap().is_some());
+    }
+
+    #[test]
+    fn absolute_and_asterisk_targets() {
+        let request =
+            parse_head(b"GET http://h.example:80/ws?token=t HTTP/1.1\r\nHost: h\r\n\r\n", LIMITS).unwrap().unwrap();
+        assert_eq!((request.path, request.query), ("/ws", "token=t"));
+        let request = parse_head(b"GET HTTPS://h HTTP/1.1\r\nHost: h\r\n\r\n", LIMITS).unwrap().unwrap();
+        assert_eq!((request.path, request.query), ("/", ""));
+        let request = parse_head(b"GET http://h?x=1 HTTP/1.1\r\nHost: h\r\n\r\n", LIMITS).unwrap().unwrap();
+        assert_eq!((request.path, request.query), ("/", "x=1"));
+        let request = parse_head(b"OPTIONS * HTTP/1.1\r\nHost: h\r\n\r\n", LIMITS).unwrap().unwrap();
+        assert_eq!(request.path, "*");
+        assert_eq!(status_of(b"GET * HTTP/1.1\r\nHost: h\r\n\r\n"), 400);
+        assert_eq!(status_of(b"GET http:///ws HTTP/1.1\r\nHost: h\r\n\r\n"), 400);
+        assert_eq!(status_of(b"GET ws HTTP/1.1\r\nHost: h\r\n\r\n"), 400);
+        assert_eq!(status_of(b"GET ftp://h/ws HTTP/1.1\r\nHost: h\r\n\r\n"), 400);
+    }
+
+    #[test]
+    fn malformed_request_lines_are_400_and_other_versions_505() {
+        assert_eq!(status_of(b"GET / FOO/1.1\r\nHost: h\r\n\r\n"), 400);
+        assert_eq!(status_of(b"GET / HTTP/1\r\nHost: h\r\n\r\n"), 400);
+        assert_eq!(status_of(b"GET /  HTTP/1.1\r\nHost: h\r\n\r\n"), 400);
+        assert_eq!(status_of(b"GET / HTTP/3.0\r\nHost: h\r\n\r\n"), 505);
+        assert_eq!(status_of(b"GET / HTTP/1.2\r\nHost: h\r\n\r\n"), 505);
+    }
+
+    #[test]
+    fn expectations() {
+        let request =
+            parse_head(b"POST /c HTTP/1.1\r\nHost: h\r\nExpect: 100-Continue\r\nContent-Length: 9\r\n\r\n", LIMITS)
+                .unwrap()
+                .unwrap();
+        assert_eq!(request.expect, Expect::Continue);
+        assert_eq!(status_of(b"POST /c HTTP/1.1\r\nHost: h\r\nExpect: coffee\r\n\r\n"), 417);
+        let old = parse_head(b"POST /c HTTP/1.0\r\nExpect: 100-continue\r\n\r\n", LIMITS).unwrap().unwrap();
+        assert_eq!(old.expect, Expect::Nothing, "HTTP/1.0 expectations are ignored");
+        let request =
+            parse_head(b"POST /c HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n", LIMITS).unwrap().unwrap();
+        assert!(request.transfer_encoding);
     }
 
     #[test]

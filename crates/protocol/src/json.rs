@@ -16,6 +16,40 @@ pub fn validate(data: &[u8]) -> Result<(), String> {
     })
 }
 
+/// Whether `data` nests arrays and objects deeper than `depth_max` (`1` and
+/// `"s"` have depth 0, `[1]` and `{}` depth 1, `{"a":[1]}` depth 2). A
+/// byte scan that never recurses, so any depth is measured safely; strings
+/// are skipped (brackets inside them do not count). Meant for data that is
+/// valid JSON or about to be validated.
+pub fn nested_deeper_than(data: &[u8], depth_max: usize) -> bool {
+    let mut depth = 0usize;
+    let mut in_string = false;
+    let mut escaped = false;
+    for &byte in data {
+        if in_string {
+            match byte {
+                _ if escaped => escaped = false,
+                b'\\' => escaped = true,
+                b'"' => in_string = false,
+                _ => {}
+            }
+            continue;
+        }
+        match byte {
+            b'"' => in_string = true,
+            b'[' | b'{' => {
+                depth += 1;
+                if depth > depth_max {
+                    return true;
+                }
+            }
+            b']' | b'}' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    false
+}
+
 /// Replaces raw CR and LF with spaces. In valid JSON they can only be
 /// insignificant whitespace (strings must escape them), so the value is
 /// unchanged, and an SSE `data:` line can carry it without splitting.
@@ -123,6 +157,21 @@ mod tests {
         let before: serde_json::Value = serde_json::from_slice(pretty).unwrap();
         let after: serde_json::Value = serde_json::from_slice(&flat).unwrap();
         assert_eq!(before, after);
+    }
+
+    #[test]
+    fn nesting_depth() {
+        assert!(!nested_deeper_than(b"1", 0));
+        assert!(!nested_deeper_than(b"\"[[[{\"", 0), "brackets inside strings do not count");
+        assert!(!nested_deeper_than(br#"{"a":"\"[","b":[1]}"#, 2));
+        assert!(nested_deeper_than(br#"{"a":"\"[","b":[1]}"#, 1));
+        assert!(!nested_deeper_than(b"[[],[],{}]", 2));
+        assert!(nested_deeper_than(b"[[],[[]]]", 2));
+        let deep = "[".repeat(100_000);
+        assert!(nested_deeper_than(deep.as_bytes(), 32));
+        let exact = format!("{}{}", "[".repeat(32), "]".repeat(32));
+        assert!(!nested_deeper_than(exact.as_bytes(), 32));
+        assert!(nested_deeper_than(exact.as_bytes(), 31));
     }
 
     #[test]

@@ -42,6 +42,8 @@ pub mod close {
     pub const TOKEN_EXPIRED: u16 = 4002;
     pub const DISCONNECTED_BY_SERVER: u16 = 4003;
     pub const PING_TIMEOUT: u16 = 4004;
+    /// The user has `limits.connections_per_user_max` connections already.
+    pub const TOO_MANY_CONNECTIONS: u16 = 4005;
     pub const SLOW_CONSUMER: u16 = 1008;
 }
 
@@ -86,8 +88,14 @@ pub struct Upgrade {
 }
 
 /// Validates an upgrade request (RFC 6455 §4.2.1). `allowed_origins` empty
-/// means any origin; otherwise an `Origin` header must match one exactly.
-pub fn check_upgrade(request: &Request<'_>, allowed_origins: &[String]) -> Result<Upgrade, UpgradeRefusal> {
+/// means any origin; otherwise an `Origin` header must match one exactly,
+/// and a request without one (not from a browser: browsers always send it
+/// on upgrades) passes only with `allow_missing_origin`.
+pub fn check_upgrade(
+    request: &Request<'_>,
+    allowed_origins: &[String],
+    allow_missing_origin: bool,
+) -> Result<Upgrade, UpgradeRefusal> {
     if request.method != Method::Get {
         return Err(UpgradeRefusal {
             status: 405,
@@ -131,9 +139,13 @@ pub fn check_upgrade(request: &Request<'_>, allowed_origins: &[String]) -> Resul
         None => return Err(UpgradeRefusal { status: 400, reason: "missing Sec-WebSocket-Key", headers: &[] }),
     };
     if !allowed_origins.is_empty() {
-        let allowed = request.origin.is_some_and(|origin| allowed_origins.iter().any(|o| o == origin));
+        let allowed = match request.origin {
+            Some(origin) => allowed_origins.iter().any(|o| o == origin),
+            None => allow_missing_origin,
+        };
         if !allowed {
-            return Err(UpgradeRefusal { status: 403, reason: "origin not allowed", headers: &[] });
+            let reason = if request.origin.is_some() { "origin not allowed" } else { "an Origin header is required" };
+            return Err(UpgradeRefusal { status: 403, reason, headers: &[] });
         }
     }
     let protocol = request
@@ -714,7 +726,7 @@ mod tests {
     #[test]
     fn upgrade_validation() {
         let good = "GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Protocol: foo, kometa.v1\r\nSec-WebSocket-Extensions: permessage-deflate\r\n\r\n";
-        let upgrade = check_upgrade(&request(good), &[]).unwrap();
+        let upgrade = check_upgrade(&request(good), &[], true).unwrap();
         assert_eq!(upgrade.accept, "s3pPLMBiTxaQ9kYGzzhZRbK+xOo=");
         assert_eq!(upgrade.protocol, Some(SUBPROTOCOL));
         let mut out = Vec::new();
@@ -723,15 +735,15 @@ mod tests {
         assert!(!text.contains("deflate"));
         assert!(text.contains("Sec-WebSocket-Protocol: kometa.v1\r\n"));
 
-        let refusal = |head: &str| check_upgrade(&request(head), &[]).unwrap_err().status;
-        assert_eq!(refusal("POST /ws HTTP/1.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n"), 405);
+        let refusal = |head: &str| check_upgrade(&request(head), &[], true).unwrap_err().status;
+        assert_eq!(refusal("POST /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n"), 405);
         assert_eq!(refusal("GET /ws HTTP/1.1\r\nHost: x\r\n\r\n"), 426);
-        assert_eq!(refusal("GET /ws HTTP/1.1\r\nUpgrade: websocket\r\nConnection: keep-alive\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"), 400);
-        assert_eq!(refusal("GET /ws HTTP/1.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 8\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"), 426);
-        assert_eq!(refusal("GET /ws HTTP/1.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: short\r\n\r\n"), 400);
+        assert_eq!(refusal("GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: keep-alive\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"), 400);
+        assert_eq!(refusal("GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 8\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"), 426);
+        assert_eq!(refusal("GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: short\r\n\r\n"), 400);
         assert_eq!(
             refusal(
-                "GET /ws HTTP/1.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\n\r\n"
+                "GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\n\r\n"
             ),
             400
         );
@@ -739,8 +751,11 @@ mod tests {
 
         let origins = vec!["https://app.example".to_string()];
         let with_origin = good.replace("Host: x\r\n", "Host: x\r\nOrigin: https://evil.example\r\n");
-        assert_eq!(check_upgrade(&request(&with_origin), &origins).unwrap_err().status, 403);
+        assert_eq!(check_upgrade(&request(&with_origin), &origins, true).unwrap_err().status, 403);
         let with_origin = good.replace("Host: x\r\n", "Host: x\r\nOrigin: https://app.example\r\n");
-        assert!(check_upgrade(&request(&with_origin), &origins).is_ok());
+        assert!(check_upgrade(&request(&with_origin), &origins, false).is_ok());
+        // Without Origin (a native app): as the setting says.
+        assert!(check_upgrade(&request(good), &origins, true).is_ok());
+        assert_eq!(check_upgrade(&request(good), &origins, false).unwrap_err().status, 403);
     }
 }

@@ -87,6 +87,29 @@ pub fn accept(listener: RawFd) -> io::Result<OwnedFd> {
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
+/// The IP address of a connected socket's peer (`getpeername`).
+pub fn peer_address(fd: RawFd) -> io::Result<std::net::IpAddr> {
+    // SAFETY: a zeroed sockaddr_storage is a valid value of the type.
+    let mut storage: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+    let mut length = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+    // SAFETY: storage is writable for `length` bytes; the kernel writes at
+    // most that and sets `length` to what it wrote.
+    check(unsafe { libc::getpeername(fd, (&mut storage as *mut libc::sockaddr_storage).cast(), &mut length) })?;
+    match i32::from(storage.ss_family) {
+        libc::AF_INET => {
+            // SAFETY: the family says the storage holds a sockaddr_in.
+            let address = unsafe { &*(&storage as *const libc::sockaddr_storage).cast::<libc::sockaddr_in>() };
+            Ok(std::net::Ipv4Addr::from(u32::from_be(address.sin_addr.s_addr)).into())
+        }
+        libc::AF_INET6 => {
+            // SAFETY: the family says the storage holds a sockaddr_in6.
+            let address = unsafe { &*(&storage as *const libc::sockaddr_storage).cast::<libc::sockaddr_in6>() };
+            Ok(std::net::Ipv6Addr::from(address.sin6_addr.s6_addr).into())
+        }
+        _ => Err(io::Error::new(io::ErrorKind::Unsupported, "not an IP socket")),
+    }
+}
+
 pub const EPOLLIN: u32 = libc::EPOLLIN as u32;
 pub const EPOLLOUT: u32 = libc::EPOLLOUT as u32;
 pub const EPOLLRDHUP: u32 = libc::EPOLLRDHUP as u32;
@@ -205,5 +228,23 @@ impl Ticker {
         let mut expirations: u64 = 0;
         // SAFETY: reads 8 bytes into a u64 from our timerfd (EAGAIN when none).
         unsafe { libc::read(self.fd(), (&mut expirations as *mut u64).cast(), 8) };
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn peer_address_of_an_accepted_socket() {
+        for local in ["127.0.0.1:0", "[::1]:0"] {
+            let Ok(listener) = std::net::TcpListener::bind(local) else { continue };
+            let client = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+            let (accepted, _) = listener.accept().unwrap();
+            let seen = peer_address(accepted.as_raw_fd()).unwrap();
+            assert_eq!(seen, client.local_addr().unwrap().ip());
+        }
+        let file = std::fs::File::open("/dev/null").unwrap();
+        assert!(peer_address(file.as_raw_fd()).is_err());
     }
 }

@@ -179,7 +179,7 @@ fn serve(fd: RawFd, state: &mut State, buffer: &mut [u8], shared: &Shared) -> bo
                 send(fd, response.as_bytes());
                 pending.drain(..end);
             } else {
-                let Ok(upgrade) = ws::check_upgrade(&request, &[]) else { return true };
+                let Ok(upgrade) = ws::check_upgrade(&request, &[], true) else { return true };
                 let mut response = Vec::new();
                 ws::write_upgrade_response(&mut response, &upgrade);
                 send(fd, &response);
