@@ -509,6 +509,20 @@ impl Config {
         check("limits.bus_queue_capacity", self.limits.bus_queue_capacity != next.limits.bus_queue_capacity);
         check("limits.bus_overflow_max", self.limits.bus_overflow_max != next.limits.bus_overflow_max);
         check("limits.channels_max", self.limits.channels_max != next.limits.channels_max);
+        // The process-wide limiter (bus::limiter) is built at start.
+        let (l, n) = (&self.limits, &next.limits);
+        check("limits.ip_limits_exempt", l.ip_limits_exempt != n.ip_limits_exempt);
+        check("limits.connections_per_ip_max", l.connections_per_ip_max != n.connections_per_ip_max);
+        check(
+            "limits.handshakes_per_ip_per_s",
+            (l.handshakes_per_ip_per_s, l.handshakes_per_ip_burst)
+                != (n.handshakes_per_ip_per_s, n.handshakes_per_ip_burst),
+        );
+        check(
+            "limits.user_publications_per_s",
+            (l.user_publications_per_s, l.user_publications_burst)
+                != (n.user_publications_per_s, n.user_publications_burst),
+        );
         check("timeouts.sweep_interval_ms", self.timeouts.sweep_interval_ms != next.timeouts.sweep_interval_ms);
         changed
     }
@@ -530,6 +544,12 @@ impl Config {
         next.limits.bus_queue_capacity = self.limits.bus_queue_capacity;
         next.limits.bus_overflow_max = self.limits.bus_overflow_max;
         next.limits.channels_max = self.limits.channels_max;
+        next.limits.ip_limits_exempt = self.limits.ip_limits_exempt.clone();
+        next.limits.connections_per_ip_max = self.limits.connections_per_ip_max;
+        next.limits.handshakes_per_ip_per_s = self.limits.handshakes_per_ip_per_s;
+        next.limits.handshakes_per_ip_burst = self.limits.handshakes_per_ip_burst;
+        next.limits.user_publications_per_s = self.limits.user_publications_per_s;
+        next.limits.user_publications_burst = self.limits.user_publications_burst;
         next.timeouts.sweep_interval_ms = self.timeouts.sweep_interval_ms;
         next
     }
