@@ -56,9 +56,10 @@ pub struct Limits {
     /// USER_STATUS, members in a presence page, channels in a listing,
     /// publications in a history page.
     pub query_items_max: usize,
-    /// Deliveries (publication × subscriber) a shard may have queued before
-    /// owners refuse new publications to its channels with `overloaded`.
-    /// Bounds fan-out latency under overload instead of letting it grow.
+    /// Deliveries (publication × subscriber) a shard may have queued, plus
+    /// messages waiting in its connections' outboxes, before owners refuse
+    /// new publications to its channels with `overloaded`. Bounds fan-out
+    /// latency and memory under overload instead of letting them grow.
     pub fanout_backlog_max: usize,
     /// HTTP sessions (SSE, long-poll) that may exist at once; more get 503.
     pub http_sessions_max: usize,

@@ -3,6 +3,7 @@
 mod common;
 
 use std::collections::HashSet;
+use std::io::Write;
 
 use common::{Client, Server};
 use kometa_protocol::admin::opcode;
@@ -328,4 +329,53 @@ fn fanout_backlog_sheds_load_at_the_publisher() {
     }
     let stats = server.stats();
     assert_eq!(stats["publications_refused"], refused);
+}
+
+/// Messages waiting in outboxes count in the shard's backlog: when many
+/// clients stop reading, publications are refused (`overloaded`) before
+/// any of them is cut off as a slow consumer, and accepted again once the
+/// backlog is gone.
+#[test]
+fn clients_that_fall_behind_shed_publications_before_they_are_cut_off() {
+    let config = "[limits]\nfanout_backlog_max = 1024\noutbox_bytes_max = 268435456\noutbox_messages_max = 4096\n";
+    let server = Server::start(1, config);
+    let mut stalled: Vec<std::net::TcpStream> = (0..40)
+        .map(|_| {
+            let mut stream = common::raw_websocket(&server);
+            stream.write_all(&common::client_frame(0x81, br#"{"op":"subscribe","channel":"big","id":1}"#)).unwrap();
+            let (_, reply) = common::read_server_frame(&mut stream).unwrap();
+            assert!(String::from_utf8_lossy(&reply).contains("\"ok\":true"));
+            stream
+        })
+        .collect();
+    // 16 KiB publications: kernel buffers fill after some, then outboxes.
+    let payload = format!("\"{}\"", "y".repeat(16 * 1024));
+    let mut admin = server.admin();
+    let mut refused = false;
+    for _ in 0..2_000 {
+        match admin.publish("big", "e", payload.as_bytes()) {
+            Ok(_) => {}
+            Err(kometa_admin_client::ClientError::Server(error)) => {
+                assert_eq!(error.code, kometa_protocol::admin::ErrorCode::Overloaded, "{error}");
+                refused = true;
+                break;
+            }
+            Err(error) => panic!("{error}"),
+        }
+    }
+    assert!(refused, "stalled clients' outboxes must push the backlog past 1024");
+    let stats = server.stats();
+    assert_eq!(stats["slow_consumers_closed"], 0, "shed before anyone is cut: {stats}");
+    assert!(stats["shards"][0]["fanout_backlog"].as_u64().unwrap() >= 1024, "{stats}");
+    // The stalled clients leave: their queued messages leave the backlog.
+    stalled.clear();
+    let deadline = std::time::Instant::now() + common::TIMEOUT;
+    loop {
+        match admin.publish("big", "e", b"1") {
+            Ok(_) => break,
+            Err(_) if std::time::Instant::now() < deadline => std::thread::sleep(std::time::Duration::from_millis(50)),
+            Err(error) => panic!("the backlog never drained: {error}"),
+        }
+    }
+    assert_eq!(server.stats()["shards"][0]["fanout_backlog"], 0);
 }

@@ -193,6 +193,7 @@ pub struct ShardStats {
     /// Publications refused (`overloaded`) because a shard's fan-out backlog was too long.
     pub publications_refused: u64,
     /// Deliveries queued on this shard, not yet written.
+    /// (Plus messages waiting in outboxes: see `limits.fanout_backlog_max`.)
     pub fanout_backlog: u64,
     /// Users this shard owns and tracks (online, last seen, inbox).
     pub users_tracked: u64,

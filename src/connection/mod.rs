@@ -340,6 +340,11 @@ impl Connection {
         self.outbox.as_ref().map_or(0, |outbox| outbox.pending_bytes())
     }
 
+    /// Messages waiting for the socket (the shard counts them in its backlog).
+    pub fn output_messages(&self) -> usize {
+        self.outbox.as_ref().map_or(0, |outbox| outbox.len())
+    }
+
     /// Input waits for more bytes or for a pause to end.
     pub fn has_input_remainder(&self) -> bool {
         self.rx.as_ref().is_some_and(|rx| !rx.remainder.is_empty())

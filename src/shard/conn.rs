@@ -441,10 +441,15 @@ impl Shard {
                     return input.len();
                 };
                 let cx = Context { now_ms: self.now_ms, limits: &self.config.limits, timeouts: &self.config.timeouts };
+                let queued_before = conn.state.output_messages();
                 let mut io =
                     SocketIo::new(conn.raw_fd(), conn.tls.as_deref_mut(), &mut self.tls_sealed, &mut self.metrics);
-                conn.state.step(rest, &mut io, &cx)
+                let step = conn.state.step(rest, &mut io, &cx);
+                let queued_after = conn.state.output_messages();
+                (step, queued_before, queued_after)
             };
+            let (step, queued_before, queued_after) = step;
+            self.outbox_moved(queued_before, queued_after);
             match step {
                 Step::Wait => break,
                 Step::Used(used) => position += used,
@@ -483,13 +488,36 @@ impl Shard {
             return false;
         };
         let cx = Context { now_ms: self.now_ms, limits: &self.config.limits, timeouts: &self.config.timeouts };
+        let queued_before = conn.state.output_messages();
         let mut io = SocketIo::new(conn.raw_fd(), conn.tls.as_deref_mut(), &mut self.tls_sealed, &mut self.metrics);
-        match action(&mut conn.state, &mut io, &cx) {
+        let verdict = action(&mut conn.state, &mut io, &cx);
+        let queued_after = conn.state.output_messages();
+        self.outbox_moved(queued_before, queued_after);
+        match verdict {
             Verdict::Keep => true,
             Verdict::Close => {
                 self.close_conn(key);
                 false
             }
+        }
+    }
+
+    /// A connection's outbox went from `before` to `after` messages: the
+    /// shard's backlog (what owners look at before accepting more
+    /// publications for it) counts messages waiting in outboxes beside the
+    /// deliveries not yet written, so a shard whose clients fall behind
+    /// sheds new publications instead of queueing until slow consumers are
+    /// cut off.
+    pub(crate) fn outbox_moved(&mut self, before: usize, after: usize) {
+        if before == after {
+            return;
+        }
+        let backlog = &self.shared.fanout_backlog[self.id];
+        if after > before {
+            backlog.fetch_add(after - before, Ordering::Relaxed);
+        } else {
+            let gone = before - after;
+            let _ = backlog.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |v| Some(v.saturating_sub(gone)));
         }
     }
 
@@ -586,6 +614,8 @@ impl Shard {
     /// Removes the connection: unsubscribes it everywhere and closes the socket.
     pub(crate) fn close_conn(&mut self, key: ConnKey) {
         let Some(mut conn) = self.conns.try_remove(key as usize) else { return };
+        // What it still had queued leaves the backlog with it.
+        self.outbox_moved(conn.state.output_messages(), 0);
         if let (Some(tls), Some(fd)) = (conn.tls.as_mut(), conn.fd.as_ref()) {
             // A clean TLS close, best effort: close_notify before our FIN.
             if tls.held().is_empty() && !tls.is_handshaking() {

@@ -39,8 +39,12 @@ impl Shard {
                 continue;
             }
             let cx = Context { now_ms, limits: &self.config.limits, timeouts: &self.config.timeouts };
+            let queued_before = conn.state.output_messages();
             let mut io = SocketIo::new(conn.raw_fd(), conn.tls.as_deref_mut(), &mut self.tls_sealed, &mut self.metrics);
-            match conn.state.on_timer(&mut io, &cx) {
+            let timer = conn.state.on_timer(&mut io, &cx);
+            let queued_after = conn.state.output_messages();
+            self.outbox_moved(queued_before, queued_after);
+            match timer {
                 Timer::Nothing => {}
                 Timer::PollTimeout => self.poll_timeout(key),
                 Timer::Close => self.close_conn(key),
