@@ -18,7 +18,7 @@
 //!
 //! | module         | does                                                              |
 //! |----------------|-------------------------------------------------------------------|
-//! | [`util`], [`limits`] | clocks, ids; every limit with its default                   |
+//! | [`util`], [`limits`], [`log`] | clocks, ids; every limit with its default; log setup and rate limits |
 //! | [`tls`]        | sans-io TLS sessions: rustls handshake, then a compact TLS 1.3 record layer |
 //! | [`config`]     | every setting with its default; validation names the key          |
 //! | [`hub`]        | channels, offsets, history, presence, users, the subscriber index |
@@ -50,6 +50,7 @@ pub mod config;
 pub mod connection;
 pub mod hub;
 pub mod limits;
+pub mod log;
 pub mod server;
 pub mod shard;
 pub mod tls;

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use serde_json::{Map, Value};
 
 use crate::bus::message::ShardStats;
+use crate::bus::metrics::ShardMetrics;
 use crate::limits::LimitRefusals;
 use kometa_protocol::admin;
 use kometa_protocol::client;
@@ -19,6 +20,8 @@ pub const QUERY_ITEMS_MAX: usize = 1000;
 pub enum Query {
     /// Every shard's counters.
     Stats,
+    /// Every shard's counters and figures for `/metrics` (this node only).
+    Metrics,
     /// Cluster mode: the other nodes' last published STATS (answered by the
     /// cluster gateway as `{"nodes":[…]}`).
     NodeStats,
@@ -69,6 +72,7 @@ pub enum Query {
 #[derive(Debug)]
 pub enum Answer {
     Stats(Box<ShardStats>),
+    Metrics(Box<ShardMetrics>),
     /// Fields of the reply object.
     Object(Map<String, Value>),
     /// Per-item results, tagged with the item's index in the request.

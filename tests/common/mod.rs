@@ -36,6 +36,8 @@ pub struct Server {
     pub dir: PathBuf,
     /// Lines the server wrote to stderr (its log), collected in the background.
     pub log: mpsc::Receiver<String>,
+    /// The ready line the server printed on stdout.
+    pub ready: String,
 }
 
 impl Server {
@@ -95,13 +97,25 @@ impl Server {
         let line = ready_rx.recv_timeout(TIMEOUT).expect("server did not print its ready line");
         let listen = line.split_whitespace().find_map(|w| w.strip_prefix("listen=")).expect("listen= in ready line");
         let port = listen.rsplit(':').next().and_then(|p| p.parse().ok()).expect("port");
-        Server { child: Some(child), port, admin: AdminAddress::Unix(admin_path), dir, log }
+        Server { child: Some(child), port, admin: AdminAddress::Unix(admin_path), dir, log, ready: line }
     }
 
     /// A handle to a server started elsewhere (for worker threads); it
     /// neither stops the server nor removes its files when dropped.
     pub fn view(port: u16, admin: AdminAddress) -> Server {
-        Server { child: None, port, admin, dir: PathBuf::new(), log: mpsc::channel().1 }
+        Server { child: None, port, admin, dir: PathBuf::new(), log: mpsc::channel().1, ready: String::new() }
+    }
+
+    /// The port of an optional listener named in the ready line
+    /// (`metrics=ADDR:PORT`, `api=ADDR:PORT`).
+    pub fn listener_port(&self, name: &str) -> u16 {
+        let prefix = format!("{name}=");
+        self.ready
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix(prefix.as_str()))
+            .and_then(|address| address.rsplit(':').next())
+            .and_then(|port| port.parse().ok())
+            .unwrap_or_else(|| panic!("no {name}= in the ready line: {}", self.ready))
     }
 
     pub fn url(&self, path: &str) -> String {
@@ -337,7 +351,13 @@ impl HttpResponse {
 
 /// One request on a fresh connection (`Connection: close`), whole response.
 pub fn http(server: &Server, method: &str, target: &str, headers: &[(&str, &str)], body: &[u8]) -> HttpResponse {
-    let mut stream = server.tcp();
+    http_at(server.port, method, target, headers, body)
+}
+
+/// `http` to another listener of the server (metrics, HTTP API).
+pub fn http_at(port: u16, method: &str, target: &str, headers: &[(&str, &str)], body: &[u8]) -> HttpResponse {
+    let mut stream = TcpStream::connect(("127.0.0.1", port)).expect("tcp connect");
+    stream.set_read_timeout(Some(TIMEOUT)).expect("timeout");
     let mut request = format!("{method} {target} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n");
     for (name, value) in headers {
         request.push_str(&format!("{name}: {value}\r\n"));
@@ -350,6 +370,11 @@ pub fn http(server: &Server, method: &str, target: &str, headers: &[(&str, &str)
     stream.write_all(body).expect("write body");
     let mut response = Vec::new();
     stream.read_to_end(&mut response).expect("read response");
+    parse_response(&response)
+}
+
+/// Splits a whole response into status, head and body.
+pub fn parse_response(response: &[u8]) -> HttpResponse {
     let split = response.windows(4).position(|w| w == b"\r\n\r\n").expect("response head");
     let head = String::from_utf8_lossy(&response[..split]).into_owned();
     let status = head.split_whitespace().nth(1).and_then(|s| s.parse().ok()).expect("status");

@@ -1,0 +1,266 @@
+//! `/metrics` over a real socket, parsed by the Prometheus project's own
+//! Python parsers (`tests/parse_metrics.py`, `prometheus_client` from
+//! `scripts/install-test-deps.sh`), and the counters checked after real
+//! actions; the log's format and its rate limit on peer-caused warnings.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{http_at, Server};
+use serde_json::Value;
+
+const INSTALL_HINT: &str = "run scripts/install-test-deps.sh (it installs prometheus_client into .venv)";
+
+fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn python() -> PathBuf {
+    let venv = repo().join(".venv/bin/python");
+    if venv.is_file() {
+        venv
+    } else {
+        PathBuf::from("python3")
+    }
+}
+
+/// Scrapes `/metrics` and parses it with the Python parser for the format
+/// the server chose (OpenMetrics when asked for, else Prometheus text).
+fn scrape(server: &Server, openmetrics: bool) -> Value {
+    let accept = if openmetrics { "application/openmetrics-text; version=1.0.0" } else { "text/plain" };
+    let response = http_at(server.listener_port("metrics"), "GET", "/metrics", &[("Accept", accept)], b"");
+    assert_eq!(response.status, 200, "{}", response.head);
+    let content_type = response.header("Content-Type").unwrap_or_default();
+    let expected = if openmetrics { "application/openmetrics-text" } else { "text/plain; version=0.0.4" };
+    assert!(content_type.starts_with(expected), "{content_type}");
+    let mut child = Command::new(python())
+        .arg(repo().join("tests/parse_metrics.py"))
+        .arg(if openmetrics { "openmetrics" } else { "prometheus" })
+        .env("PYTHONDONTWRITEBYTECODE", "1")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot start {} ({e}); {INSTALL_HINT}", python().display()));
+    child.stdin.take().expect("stdin").write_all(&response.body).expect("write the scrape");
+    let output = child.wait_with_output().expect("parser");
+    assert!(
+        output.status.success(),
+        "the Prometheus parser refused the scrape ({INSTALL_HINT} if prometheus_client is missing):\n{}\n{}",
+        String::from_utf8_lossy(&output.stderr),
+        String::from_utf8_lossy(&response.body)
+    );
+    serde_json::from_slice(&output.stdout).expect("parser output")
+}
+
+/// The sum of the samples called `sample` whose labels include `labels`.
+fn value(metrics: &Value, sample: &str, labels: &[(&str, &str)]) -> f64 {
+    let mut found = false;
+    let mut sum = 0.0;
+    for family in metrics.as_object().expect("families").values() {
+        for entry in family["samples"].as_array().expect("samples") {
+            if entry[0] != sample {
+                continue;
+            }
+            if labels.iter().all(|(name, expected)| entry[1][*name] == *expected) {
+                found = true;
+                sum += entry[2].as_f64().expect("a number");
+            }
+        }
+    }
+    assert!(found, "no sample {sample} with {labels:?}");
+    sum
+}
+
+fn family_type(metrics: &Value, name: &str) -> String {
+    metrics[name]["type"].as_str().unwrap_or_else(|| panic!("no family {name}")).to_owned()
+}
+
+const CONFIG: &str = "[metrics]\nlisten = \"127.0.0.1:0\"\n\
+    [limits]\nchannels_per_connection_max = 3\npublication_data_bytes_max = 16384\noutbox_bytes_max = 65536\n\
+    admin_frame_bytes_max = 65536\n";
+
+#[test]
+fn counters_move_after_connect_subscribe_publish_and_a_slow_consumer() {
+    let server = Server::start(2, CONFIG);
+    let before = scrape(&server, true);
+    for (name, kind) in [
+        ("kometa_connections", "gauge"),
+        ("kometa_handshakes", "counter"),
+        ("kometa_subscriptions", "gauge"),
+        ("kometa_publications_accepted", "counter"),
+        ("kometa_publications_refused", "counter"),
+        ("kometa_deliveries", "counter"),
+        ("kometa_slow_consumers_closed", "counter"),
+        ("kometa_limit_refusals", "counter"),
+        ("kometa_bus_queue_depth", "gauge"),
+        ("kometa_fanout_backlog", "gauge"),
+        ("kometa_history_publications", "gauge"),
+        ("kometa_inbox_messages", "gauge"),
+        ("kometa_publish_to_write_seconds", "histogram"),
+    ] {
+        assert_eq!(family_type(&before, name), kind, "{name}");
+    }
+    assert_eq!(value(&before, "kometa_connections", &[("transport", "websocket")]), 0.0);
+    assert_eq!(value(&before, "kometa_connections", &[("shard", "1")]), 0.0);
+    assert_eq!(value(&before, "kometa_handshakes_total", &[("transport", "websocket")]), 0.0);
+
+    // Connect and subscribe.
+    let mut client = server.client();
+    client.subscribe("news");
+    let connected = scrape(&server, false);
+    assert_eq!(value(&connected, "kometa_connections", &[("transport", "websocket")]), 1.0);
+    assert_eq!(value(&connected, "kometa_handshakes_total", &[("transport", "websocket")]), 1.0);
+    assert_eq!(value(&connected, "kometa_subscriptions", &[]), 1.0);
+    assert_eq!(value(&connected, "kometa_channels", &[]), 1.0);
+
+    // Publish: accepted by the owner, delivered once, timed once.
+    server.publish("news", "update", r#"{"n":1}"#);
+    assert_eq!(client.recv()["data"]["n"], 1);
+    let published = scrape(&server, true);
+    assert_eq!(value(&published, "kometa_publications_accepted_total", &[]), 1.0);
+    assert_eq!(value(&published, "kometa_deliveries_total", &[]), 1.0);
+    assert_eq!(value(&published, "kometa_publish_to_write_seconds_count", &[]), 1.0);
+    assert_eq!(value(&published, "kometa_publish_to_write_seconds_bucket", &[("le", "+Inf")]), 1.0);
+    assert_eq!(value(&published, "kometa_history_publications", &[]), 1.0);
+
+    // A subscription past limits.channels_per_connection_max.
+    client.subscribe("a");
+    client.subscribe("b");
+    let refused = client.request(serde_json::json!({"op": "subscribe", "channel": "c", "id": 9}));
+    assert_eq!(refused["error"]["code"], "too_many_channels", "{refused}");
+    let limited = scrape(&server, false);
+    assert_eq!(value(&limited, "kometa_limit_refusals_total", &[("kind", "channels_per_connection_max")]), 1.0);
+    assert_eq!(value(&limited, "kometa_limit_refusals_total", &[("kind", "connections_max")]), 0.0);
+
+    // A subscriber that never reads, closed at its outbox cap.
+    let slow = {
+        let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+        socket.set_recv_buffer_size(4096).unwrap();
+        socket.connect(&std::net::SocketAddr::from(([127, 0, 0, 1], server.port)).into()).unwrap();
+        let mut stream: std::net::TcpStream = socket.into();
+        stream.set_read_timeout(Some(common::TIMEOUT)).unwrap();
+        stream
+            .write_all(b"GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n")
+            .unwrap();
+        assert!(common::read_http_head(&mut stream).starts_with("HTTP/1.1 101"));
+        stream.write_all(&common::client_frame(0x81, br#"{"op":"subscribe","channel":"firehose","id":1}"#)).unwrap();
+        let (_, reply) = common::read_server_frame(&mut stream).unwrap();
+        assert!(String::from_utf8_lossy(&reply).contains("\"ok\":true"));
+        stream
+    };
+    let payload = format!("\"{}\"", "x".repeat(8 * 1024));
+    let mut admin = server.admin();
+    let mut published = 0;
+    while server.stats()["slow_consumers_closed"] != 1 {
+        assert!(published < 5000, "the slow consumer was never closed");
+        for _ in 0..50 {
+            admin.publish("firehose", "blob", payload.as_bytes()).unwrap();
+        }
+        published += 50;
+    }
+    let after = scrape(&server, true);
+    assert_eq!(value(&after, "kometa_slow_consumers_closed_total", &[]), 1.0);
+    assert!(value(&after, "kometa_deliveries_total", &[]) > 1.0);
+    // Its socket counts until it is gone (a closing WebSocket is still open).
+    drop(slow);
+    common::eventually("the slow consumer's socket to close", || {
+        let metrics = scrape(&server, false);
+        (value(&metrics, "kometa_connections", &[("transport", "websocket")]) == 1.0).then_some(())
+    });
+}
+
+#[test]
+fn refused_publications_count_by_reason_and_limit() {
+    let server = Server::start(1, "[metrics]\nlisten = \"127.0.0.1:0\"\n[limits]\nchannels_max = 1\n");
+    server.publish("first", "e", "1");
+    let error = server.admin().publish("second", "e", b"1").unwrap_err();
+    assert!(error.to_string().contains("limit_reached"), "{error}");
+    let mut client = server.client();
+    let refused = client.request(serde_json::json!({"op": "subscribe", "channel": "third", "id": 1}));
+    assert_eq!(refused["error"]["code"], "server_channel_limit", "{refused}");
+    let metrics = scrape(&server, false);
+    assert_eq!(value(&metrics, "kometa_publications_refused_total", &[("reason", "channels_max")]), 1.0);
+    assert_eq!(value(&metrics, "kometa_publications_refused_total", &[("reason", "overloaded")]), 0.0);
+    assert_eq!(value(&metrics, "kometa_limit_refusals_total", &[("kind", "channels_max")]), 2.0);
+    assert_eq!(value(&metrics, "kometa_publications_accepted_total", &[]), 1.0);
+}
+
+#[test]
+fn the_metrics_listener_is_off_by_default_and_serves_only_get_metrics() {
+    let plain = Server::start(1, "");
+    assert!(!plain.ready.contains("metrics="), "{}", plain.ready);
+
+    let server = Server::start(1, "[metrics]\nlisten = \"127.0.0.1:0\"\n");
+    let port = server.listener_port("metrics");
+    assert_eq!(http_at(port, "GET", "/other", &[], b"").status, 404);
+    let post = http_at(port, "POST", "/metrics", &[], b"");
+    assert_eq!(post.status, 405);
+    assert_eq!(post.header("Allow").as_deref(), Some("GET"));
+    // Not on the public port.
+    assert_eq!(common::http(&server, "GET", "/metrics", &[], b"").status, 404);
+}
+
+/// Opens `count` admin connections past `limits.admin_connections_max`
+/// (1, taken by the connection returned); each is refused with a logged
+/// warning.
+fn refuse_admin_connections(server: &Server, count: usize) -> kometa_admin_client::AdminClient {
+    let kometa_admin_client::AdminAddress::Unix(path) = &server.admin else { panic!("unix admin socket") };
+    let mut held = server.admin();
+    // Accepted before the flood: its PING is answered.
+    held.ping().expect("ping");
+    for _ in 0..count {
+        let mut stream = std::os::unix::net::UnixStream::connect(path).expect("connect");
+        stream.set_read_timeout(Some(common::TIMEOUT)).unwrap();
+        let mut reply = Vec::new();
+        let _ = stream.read_to_end(&mut reply);
+        assert!(!reply.is_empty(), "a refused admin connection gets an error frame");
+    }
+    held
+}
+
+#[test]
+fn peer_caused_warnings_are_rate_limited_and_summarised_in_json() {
+    let config = "[log]\nformat = \"json\"\nwarnings_per_second_max = 3\n\
+                  [limits]\nadmin_connections_max = 1\n[timeouts]\nsweep_interval_ms = 100\n";
+    let server = Server::start(1, config);
+    let refused = 40;
+    let _held = refuse_admin_connections(&server, refused);
+    let mut written = 0;
+    let mut suppressed = 0;
+    let deadline = Instant::now() + common::TIMEOUT;
+    while written + suppressed < refused as u64 {
+        assert!(Instant::now() < deadline, "{written} written and {suppressed} suppressed of {refused}");
+        let Ok(line) = server.log.recv_timeout(Duration::from_millis(200)) else { continue };
+        assert!(!line.contains('\u{1b}'), "no colour in a log that is not a terminal: {line}");
+        let event: Value = serde_json::from_str(&line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
+        let message = event["fields"]["message"].as_str().unwrap_or_default();
+        if message.starts_with("admin connection refused") {
+            written += 1;
+        } else if message.starts_with("suppressed") {
+            suppressed += event["fields"]["suppressed"].as_u64().expect("a count");
+        }
+    }
+    assert_eq!(written + suppressed, refused as u64);
+    // 3 a second; the flood may straddle a second boundary or two.
+    assert!(written <= 9, "{written} lines written");
+    assert!(suppressed >= 31, "{suppressed} suppressed");
+}
+
+#[test]
+fn text_logs_have_no_colour_when_not_on_a_terminal() {
+    let server = Server::start(1, "[limits]\nadmin_connections_max = 1\n");
+    let _held = refuse_admin_connections(&server, 1);
+    let line = loop {
+        let line = server.log.recv_timeout(common::TIMEOUT).expect("a warning");
+        if line.contains("admin connection refused") {
+            break line;
+        }
+    };
+    assert!(!line.contains('\u{1b}'), "{line}");
+    assert!(serde_json::from_str::<Value>(&line).is_err(), "text, not JSON: {line}");
+}
