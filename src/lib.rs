@@ -26,7 +26,7 @@
 //! | [`connection`] | one connection as a sans-io state machine: HTTP head, WebSocket, SSE, long-poll, closing; timers from a passed clock; bounded outbox |
 //! | [`shard`]      | the driver per core: I/O driver (io_uring or epoll), slab, reads, writes, fan-out, sweep |
 //! | [`app`]        | what requests and messages mean: routes, client commands, HTTP sessions, channel owners, users, queries |
-//! | [`admin`]      | the admin listener, on its own thread                             |
+//! | [`admin`]      | the admin listener, `/metrics` and the HTTP API, on their own thread; the operations they share |
 //! | [`cluster`]    | cluster mode: the Redis gateway thread, scripts, key layout       |
 //! | [`server`]     | process start: limits, listeners, executors, signals              |
 //!

@@ -264,3 +264,41 @@ fn text_logs_have_no_colour_when_not_on_a_terminal() {
     assert!(!line.contains('\u{1b}'), "{line}");
     assert!(serde_json::from_str::<Value>(&line).is_err(), "text, not JSON: {line}");
 }
+
+/// `kometa_*` names in a text (docs, dashboard queries).
+fn metric_names(text: &str) -> std::collections::BTreeSet<String> {
+    let mut names = std::collections::BTreeSet::new();
+    for (start, _) in text.match_indices("kometa_") {
+        let name: String = text[start..].chars().take_while(|c| c.is_ascii_alphanumeric() || *c == '_').collect();
+        names.insert(name);
+    }
+    names
+}
+
+#[test]
+fn the_docs_and_the_dashboard_name_exactly_the_metrics_served() {
+    let server = Server::start(1, "[metrics]\nlisten = \"127.0.0.1:0\"\n");
+    let metrics = scrape(&server, true);
+    let families: Vec<String> = metrics.as_object().unwrap().keys().cloned().collect();
+    let mut served: std::collections::BTreeSet<String> = families.iter().cloned().collect();
+    for family in metrics.as_object().unwrap().values() {
+        for sample in family["samples"].as_array().unwrap() {
+            served.insert(sample[0].as_str().unwrap().to_owned());
+        }
+    }
+    let docs = std::fs::read_to_string(repo().join("docs/metrics.md")).unwrap();
+    let dashboard = std::fs::read_to_string(repo().join("docs/grafana-dashboard.json")).unwrap();
+    serde_json::from_str::<Value>(&dashboard).expect("the dashboard is JSON");
+    for (what, text) in [("docs/metrics.md", &docs), ("docs/grafana-dashboard.json", &dashboard)] {
+        for name in metric_names(text) {
+            assert!(served.contains(&name), "{what} names {name}, which is not served");
+        }
+    }
+    let documented = metric_names(&docs);
+    for family in families {
+        assert!(
+            documented.contains(&family) || documented.contains(&format!("{family}_total")),
+            "{family} is served but not in docs/metrics.md"
+        );
+    }
+}

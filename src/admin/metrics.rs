@@ -101,7 +101,7 @@ struct Snapshot {
 }
 
 /// Encodes one family: `values` gives each sample's labels and value.
-fn family<'a>(
+fn family(
     encoder: &mut DescriptorEncoder,
     name: &str,
     help: &str,

@@ -85,12 +85,19 @@ pub enum Outcome {
     Document(Value),
 }
 
+/// An owner's answer to a publication.
+type PublishReceiver = oneshot::Receiver<Result<PublishOk, PublishRefusal>>;
+
 /// A result that may still be waiting for shards.
 pub enum Pending {
     Ready(Result<Outcome, AdminError>),
-    Publish(oneshot::Receiver<Result<PublishOk, PublishRefusal>>),
-    PublishMany(Vec<(Arc<str>, Result<oneshot::Receiver<Result<PublishOk, PublishRefusal>>, AdminError>)>),
-    Gather { receiver: oneshot::Receiver<Vec<Answer>>, finish: Finish },
+    Publish(PublishReceiver),
+    /// Per channel: waiting for its owner, or refused at once.
+    PublishMany(Vec<(Arc<str>, Result<PublishReceiver, AdminError>)>),
+    Gather {
+        receiver: oneshot::Receiver<Vec<Answer>>,
+        finish: Finish,
+    },
 }
 
 /// How the answers of a gather become the document.
@@ -264,7 +271,7 @@ pub fn user(user: &str) -> Result<Arc<str>, AdminError> {
 }
 
 /// 1 to `limits.query_items_max` user ids.
-pub fn users<'a>(gateway: &Rc<RefCell<Gateway>>, ids: &[&'a str]) -> Result<Vec<Arc<str>>, AdminError> {
+pub fn users(gateway: &Rc<RefCell<Gateway>>, ids: &[&str]) -> Result<Vec<Arc<str>>, AdminError> {
     let max = gateway.borrow().config.limits.query_items_max;
     if ids.is_empty() || ids.len() > max {
         return Err(bad_argument(format!("user count must be 1..={max} (limits.query_items_max)")));
@@ -474,7 +481,7 @@ fn publish(
     channel: Arc<str>,
     event: &str,
     data: &[u8],
-) -> Result<oneshot::Receiver<Result<PublishOk, PublishRefusal>>, AdminError> {
+) -> Result<PublishReceiver, AdminError> {
     let mut gateway = gateway.borrow_mut();
     if gateway.bus.overloaded() {
         gateway.refusals.refused(PublishRefusal::Overloaded);

@@ -166,7 +166,7 @@ pub(crate) async fn write_within<S: AsyncWrite + Unpin>(stream: &mut S, bytes: &
     match glommio::timer::timeout(timeout, write).await {
         Ok(()) => true,
         Err(error) => {
-            tracing::debug!(%error, "admin connection dropped: its replies could not be written");
+            crate::limited!(DEBUG, %error, "admin connection dropped: its replies could not be written");
             false
         }
     }
@@ -235,7 +235,7 @@ async fn serve_frames<S: AsyncRead + AsyncWrite + Unpin>(
                     }
                 }
                 Err(error) => {
-                    tracing::debug!(reason = %error.0, "admin framing error; closing connection");
+                    crate::limited!(DEBUG, reason = %error.0, "admin framing error; closing connection");
                     let reply = AdminError::new(ErrorCode::BadFrame, error.0);
                     pending.push(PendingReply::Ready(FrameWriter::error(0, 0, &reply)));
                     broken = true;

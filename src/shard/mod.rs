@@ -37,6 +37,7 @@ use crate::bus::message::ShardStats;
 use crate::bus::metrics::{LatencyHistogram, RefusalCounts, ShardMetrics, Transport};
 use crate::bus::Endpoint;
 use crate::config::Config;
+use crate::connection::http::{HttpRole, SessionKind};
 use crate::connection::Phase;
 use crate::connection::{Connection, Marks};
 use crate::hub::channel::OwnedChannels;
@@ -581,12 +582,11 @@ impl Shard {
         for (_, conn) in &self.conns {
             let transport = match conn.state.phase() {
                 Phase::Session => {
-                    match conn.state.http.as_deref() {
-                        Some(crate::connection::http::HttpRole::Session(session)) => match session.kind {
-                            crate::connection::http::SessionKind::Sse => sessions_sse += 1,
-                            crate::connection::http::SessionKind::LongPoll => sessions_long_poll += 1,
-                        },
-                        _ => {}
+                    if let Some(HttpRole::Session(session)) = conn.state.http.as_deref() {
+                        match session.kind {
+                            SessionKind::Sse => sessions_sse += 1,
+                            SessionKind::LongPoll => sessions_long_poll += 1,
+                        }
                     }
                     continue;
                 }
