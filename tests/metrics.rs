@@ -138,21 +138,7 @@ fn counters_move_after_connect_subscribe_publish_and_a_slow_consumer() {
     assert_eq!(value(&limited, "kometa_limit_refusals_total", &[("kind", "connections_max")]), 0.0);
 
     // A subscriber that never reads, closed at its outbox cap.
-    let slow = {
-        let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
-        socket.set_recv_buffer_size(4096).unwrap();
-        socket.connect(&std::net::SocketAddr::from(([127, 0, 0, 1], server.port)).into()).unwrap();
-        let mut stream: std::net::TcpStream = socket.into();
-        stream.set_read_timeout(Some(common::TIMEOUT)).unwrap();
-        stream
-            .write_all(b"GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n")
-            .unwrap();
-        assert!(common::read_http_head(&mut stream).starts_with("HTTP/1.1 101"));
-        stream.write_all(&common::client_frame(0x81, br#"{"op":"subscribe","channel":"firehose","id":1}"#)).unwrap();
-        let (_, reply) = common::read_server_frame(&mut stream).unwrap();
-        assert!(String::from_utf8_lossy(&reply).contains("\"ok\":true"));
-        stream
-    };
+    let slow = common::slow_subscriber(&server, "firehose");
     let payload = format!("\"{}\"", "x".repeat(8 * 1024));
     let mut admin = server.admin();
     let mut published = 0;

@@ -21,7 +21,7 @@ use crate::admin::gateway::Gateway;
 use crate::admin::http::{Request, Response};
 use crate::admin::ops;
 use crate::bus::metrics::{RefusalCounts, RefusalReason, ShardMetrics, Transport, HANDSHAKE_LABELS, LATENCY_BOUNDS_US};
-use crate::bus::query::{Answer, Query};
+use crate::bus::query::{merge_metrics, Query};
 use crate::limits::{LimitKind, LimitRefusals};
 use kometa_protocol::http::Method;
 
@@ -64,15 +64,7 @@ pub async fn respond(gateway: &Rc<RefCell<Gateway>>, request: &Request) -> Respo
 async fn gather(gateway: &Rc<RefCell<Gateway>>) -> Option<Snapshot> {
     let count = gateway.borrow().shard_count();
     let receiver = ops::send_queries(gateway, (0..count).map(|shard| (shard, Query::Metrics)).collect());
-    let answers = receiver.await.ok()?;
-    let mut shards: Vec<ShardMetrics> = answers
-        .into_iter()
-        .filter_map(|answer| match answer {
-            Answer::Metrics(metrics) => Some(*metrics),
-            _ => None,
-        })
-        .collect();
-    shards.sort_by_key(|s| s.stats.shard);
+    let shards = merge_metrics(receiver.await.ok()?);
     let gateway = gateway.borrow();
     let mut refusals = gateway.refusals;
     let mut limits = gateway.shared.admin_refusals.snapshot();

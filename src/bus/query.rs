@@ -172,15 +172,32 @@ pub fn merge_channels(answers: Vec<Answer>, limit: usize) -> ChannelPage {
 
 /// Every shard's stats, ordered by shard.
 pub fn merge_stats(answers: Vec<Answer>) -> Vec<ShardStats> {
-    let mut stats: Vec<ShardStats> = answers
-        .into_iter()
-        .filter_map(|answer| match answer {
+    by_shard(
+        answers,
+        |answer| match answer {
             Answer::Stats(stats) => Some(*stats),
             _ => None,
-        })
-        .collect();
-    stats.sort_by_key(|s| s.shard);
-    stats
+        },
+        |stats| stats.shard,
+    )
+}
+
+/// Every shard's figures for `/metrics`, ordered by shard.
+pub fn merge_metrics(answers: Vec<Answer>) -> Vec<ShardMetrics> {
+    by_shard(
+        answers,
+        |answer| match answer {
+            Answer::Metrics(metrics) => Some(*metrics),
+            _ => None,
+        },
+        |metrics| metrics.stats.shard,
+    )
+}
+
+fn by_shard<T>(answers: Vec<Answer>, pick: impl Fn(Answer) -> Option<T>, shard: impl Fn(&T) -> usize) -> Vec<T> {
+    let mut items: Vec<T> = answers.into_iter().filter_map(pick).collect();
+    items.sort_by_key(shard);
+    items
 }
 
 /// The `STATS` document of this process. `limit_refusals` sums the shards'

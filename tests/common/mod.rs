@@ -267,6 +267,25 @@ pub fn raw_websocket(server: &Server) -> TcpStream {
     stream
 }
 
+/// A WebSocket subscribed to `channel` that never reads: a raw socket with
+/// a small receive buffer, so its outbox fills fast (slow-consumer tests).
+pub fn slow_subscriber(server: &Server, channel: &str) -> TcpStream {
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    socket.connect(&std::net::SocketAddr::from(([127, 0, 0, 1], server.port)).into()).unwrap();
+    let mut stream: TcpStream = socket.into();
+    stream.set_read_timeout(Some(TIMEOUT)).unwrap();
+    stream
+        .write_all(b"GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n")
+        .unwrap();
+    assert!(read_http_head(&mut stream).starts_with("HTTP/1.1 101"));
+    let subscribe = serde_json::json!({"op": "subscribe", "channel": channel, "id": 1}).to_string();
+    stream.write_all(&client_frame(0x81, subscribe.as_bytes())).unwrap();
+    let (_, reply) = read_server_frame(&mut stream).unwrap();
+    assert!(String::from_utf8_lossy(&reply).contains("\"ok\":true"));
+    stream
+}
+
 /// Reads up to the end of an HTTP response head, byte by byte.
 pub fn read_http_head(stream: &mut TcpStream) -> String {
     let mut head = Vec::new();

@@ -256,6 +256,9 @@ impl AdminClient {
         event: &str,
         data: &[u8],
     ) -> Result<serde_json::Value, ClientError> {
+        // More than u16::MAX channels cannot be said; the server's own cap
+        // (limits.query_items_max) is far below it.
+        let channels = &channels[..channels.len().min(usize::from(u16::MAX))];
         self.call_json(opcode::PUBLISH_MANY, |w| {
             w.u16(channels.len() as u16);
             for channel in channels {
