@@ -279,3 +279,19 @@ fn the_api_needs_a_key_and_is_off_by_default() {
     assert!(String::from_utf8_lossy(&output.stderr).contains("api.key"), "{}", String::from_utf8_lossy(&output.stderr));
     let _ = std::fs::remove_dir_all(dir);
 }
+
+#[test]
+fn a_reload_changes_the_key_live_and_the_listener_only_on_a_restart() {
+    let server = Server::start(1, &config(""));
+    let new_key = "http-api-rotated-key-0123456789";
+    let rotated = config("").replace(KEY, new_key).replace("listen = \"127.0.0.1:0\"", "listen = \"127.0.0.1:1\"");
+    std::fs::write(server.dir.join("kometa.toml"), rotated).unwrap();
+    // SAFETY: signalling our own child process.
+    unsafe { libc::kill(server.pid(), libc::SIGHUP) };
+    common::eventually("the new key", || (api_with_key(&server, "ping", "{}", new_key).status == 200).then_some(()));
+    assert_eq!(api_with_key(&server, "ping", "{}", KEY).status, 401);
+    let warning = common::eventually("the restart warning", || {
+        server.log.recv_timeout(std::time::Duration::from_millis(100)).ok().filter(|line| line.contains("restart"))
+    });
+    assert!(warning.contains("api.listen"), "{warning}");
+}

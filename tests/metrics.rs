@@ -5,76 +5,11 @@
 
 mod common;
 
-use std::io::{Read, Write};
-use std::path::PathBuf;
-use std::process::{Command, Stdio};
+use std::io::Read;
 use std::time::{Duration, Instant};
 
-use common::{http_at, Server};
+use common::{http_at, metric_value as value, repo, scrape_metrics as scrape, Server};
 use serde_json::Value;
-
-const INSTALL_HINT: &str = "run scripts/install-test-deps.sh (it installs prometheus_client into .venv)";
-
-fn repo() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
-
-fn python() -> PathBuf {
-    let venv = repo().join(".venv/bin/python");
-    if venv.is_file() {
-        venv
-    } else {
-        PathBuf::from("python3")
-    }
-}
-
-/// Scrapes `/metrics` and parses it with the Python parser for the format
-/// the server chose (OpenMetrics when asked for, else Prometheus text).
-fn scrape(server: &Server, openmetrics: bool) -> Value {
-    let accept = if openmetrics { "application/openmetrics-text; version=1.0.0" } else { "text/plain" };
-    let response = http_at(server.listener_port("metrics"), "GET", "/metrics", &[("Accept", accept)], b"");
-    assert_eq!(response.status, 200, "{}", response.head);
-    let content_type = response.header("Content-Type").unwrap_or_default();
-    let expected = if openmetrics { "application/openmetrics-text" } else { "text/plain; version=0.0.4" };
-    assert!(content_type.starts_with(expected), "{content_type}");
-    let mut child = Command::new(python())
-        .arg(repo().join("tests/parse_metrics.py"))
-        .arg(if openmetrics { "openmetrics" } else { "prometheus" })
-        .env("PYTHONDONTWRITEBYTECODE", "1")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap_or_else(|e| panic!("cannot start {} ({e}); {INSTALL_HINT}", python().display()));
-    child.stdin.take().expect("stdin").write_all(&response.body).expect("write the scrape");
-    let output = child.wait_with_output().expect("parser");
-    assert!(
-        output.status.success(),
-        "the Prometheus parser refused the scrape ({INSTALL_HINT} if prometheus_client is missing):\n{}\n{}",
-        String::from_utf8_lossy(&output.stderr),
-        String::from_utf8_lossy(&response.body)
-    );
-    serde_json::from_slice(&output.stdout).expect("parser output")
-}
-
-/// The sum of the samples called `sample` whose labels include `labels`.
-fn value(metrics: &Value, sample: &str, labels: &[(&str, &str)]) -> f64 {
-    let mut found = false;
-    let mut sum = 0.0;
-    for family in metrics.as_object().expect("families").values() {
-        for entry in family["samples"].as_array().expect("samples") {
-            if entry[0] != sample {
-                continue;
-            }
-            if labels.iter().all(|(name, expected)| entry[1][*name] == *expected) {
-                found = true;
-                sum += entry[2].as_f64().expect("a number");
-            }
-        }
-    }
-    assert!(found, "no sample {sample} with {labels:?}");
-    sum
-}
 
 fn family_type(metrics: &Value, name: &str) -> String {
     metrics[name]["type"].as_str().unwrap_or_else(|| panic!("no family {name}")).to_owned()
