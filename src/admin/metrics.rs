@@ -127,24 +127,37 @@ impl Snapshot {
     ) -> Result<(), std::fmt::Error> {
         family(encoder, name, help, kind, self.shards.iter().map(|s| (shard_label(s), value(s))))
     }
+
+    /// A family with one sample per shard and value of a second label.
+    fn per_shard_by(
+        &self,
+        encoder: &mut DescriptorEncoder,
+        (name, help): (&str, &str),
+        kind: MetricType,
+        label: &'static str,
+        values: impl Fn(&ShardMetrics) -> Vec<(&'static str, u64)>,
+    ) -> Result<(), std::fmt::Error> {
+        let samples = self.shards.iter().flat_map(|s| {
+            values(s).into_iter().map(move |(value_label, value)| {
+                let mut labels = shard_label(s);
+                labels.push((label, value_label.to_owned()));
+                (labels, value)
+            })
+        });
+        family(encoder, name, help, kind, samples)
+    }
 }
 
 impl Collector for Snapshot {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
         use MetricType::{Counter, Gauge};
         let e = &mut encoder;
-        family(
+        self.per_shard_by(
             e,
-            "kometa_connections",
-            "Open client sockets, by transport (websocket, sse, long_poll, http) and shard.",
+            ("kometa_connections", "Open client sockets, by transport (websocket, sse, long_poll, http) and shard."),
             Gauge,
-            self.shards.iter().flat_map(|s| {
-                Transport::ALL.iter().map(move |t| {
-                    let mut labels = shard_label(s);
-                    labels.push(("transport", t.label().to_owned()));
-                    (labels, s.sockets[*t as usize])
-                })
-            }),
+            "transport",
+            |s| Transport::ALL.iter().map(|t| (t.label(), s.sockets[*t as usize])).collect(),
         )?;
         family(
             e,
@@ -163,46 +176,29 @@ impl Collector for Snapshot {
         self.per_shard(e, "kometa_connections_accepted", "Client sockets accepted.", Counter, |s| {
             s.stats.connections_accepted
         })?;
-        family(
+        self.per_shard_by(
             e,
-            "kometa_handshakes",
-            "Handshakes completed: WebSocket upgrades, new SSE and long-poll sessions.",
+            ("kometa_handshakes", "Handshakes completed: WebSocket upgrades, new SSE and long-poll sessions."),
             Counter,
-            self.shards.iter().flat_map(|s| {
-                HANDSHAKE_LABELS.iter().enumerate().map(move |(index, transport)| {
-                    let mut labels = shard_label(s);
-                    labels.push(("transport", (*transport).to_owned()));
-                    (labels, s.handshakes[index])
-                })
-            }),
+            "transport",
+            |s| HANDSHAKE_LABELS.iter().copied().zip(s.handshakes).collect(),
         )?;
-        family(
+        self.per_shard_by(
             e,
-            "kometa_tls_handshakes",
-            "TLS handshakes on the public listener (tls.cert_file), by outcome.",
+            ("kometa_tls_handshakes", "TLS handshakes on the public listener (tls.cert_file), by outcome."),
             Counter,
-            self.shards.iter().flat_map(|s| {
-                [("completed", s.stats.tls_handshakes), ("failed", s.stats.tls_failures)].into_iter().map(
-                    move |(outcome, value)| {
-                        let mut labels = shard_label(s);
-                        labels.push(("outcome", outcome.to_owned()));
-                        (labels, value)
-                    },
-                )
-            }),
+            "outcome",
+            |s| vec![("completed", s.stats.tls_handshakes), ("failed", s.stats.tls_failures)],
         )?;
-        family(
+        self.per_shard_by(
             e,
-            "kometa_http_sessions",
-            "SSE and long-poll sessions (they outlive their requests by timeouts.session_grace_ms).",
+            (
+                "kometa_http_sessions",
+                "SSE and long-poll sessions (they outlive their requests by timeouts.session_grace_ms).",
+            ),
             Gauge,
-            self.shards.iter().flat_map(|s| {
-                [("sse", s.sessions_sse), ("long_poll", s.sessions_long_poll)].into_iter().map(move |(kind, value)| {
-                    let mut labels = shard_label(s);
-                    labels.push(("kind", kind.to_owned()));
-                    (labels, value)
-                })
-            }),
+            "kind",
+            |s| vec![("sse", s.sessions_sse), ("long_poll", s.sessions_long_poll)],
         )?;
         self.per_shard(e, "kometa_authenticated_connections", "Connections with a verified user token.", Gauge, |s| {
             s.stats.authenticated
