@@ -111,7 +111,7 @@ impl Shard {
         let tls = match self.new_tls_session() {
             Ok(tls) => tls,
             Err(error) => {
-                tracing::warn!(shard = self.id, %error, "cannot start a TLS session");
+                crate::limited!(WARN, shard = self.id, %error, "cannot start a TLS session");
                 self.shared.connections.fetch_sub(1, Ordering::Relaxed);
                 if let Some(peer) = peer {
                     self.shared.limiter.close(peer, self.shared.limiter.now_ms());
