@@ -201,7 +201,7 @@ fn a_body_over_the_frame_cap_is_refused_before_it_is_read() {
 
 #[test]
 fn keep_alive_expect_continue_and_the_connection_cap() {
-    let server = Server::start(1, &config("admin_connections_max = 3\n"));
+    let server = Server::start(1, &config("admin_connections_max = 3\nadmin_unauthenticated_max = 2\n"));
     let port = server.listener_port("api");
     // Two requests on one connection; the second waits for 100 Continue.
     let mut stream = TcpStream::connect(("127.0.0.1", port)).unwrap();

@@ -104,7 +104,11 @@ fn refused_publications_count_by_reason_and_limit() {
     let mut client = server.client();
     let refused = client.request(serde_json::json!({"op": "subscribe", "channel": "third", "id": 1}));
     assert_eq!(refused["error"]["code"], "server_channel_limit", "{refused}");
+    // A limit against abuse, counted by the admin gateway.
+    let deep = format!("{}{}", "[".repeat(40), "]".repeat(40));
+    assert!(server.admin().publish("first", "e", deep.as_bytes()).is_err());
     let metrics = scrape(&server, false);
+    assert_eq!(value(&metrics, "kometa_limit_refusals_total", &[("kind", "json_depth")]), 1.0);
     assert_eq!(value(&metrics, "kometa_publications_refused_total", &[("reason", "channels_max")]), 1.0);
     assert_eq!(value(&metrics, "kometa_publications_refused_total", &[("reason", "overloaded")]), 0.0);
     assert_eq!(value(&metrics, "kometa_limit_refusals_total", &[("kind", "channels_max")]), 2.0);
@@ -126,14 +130,19 @@ fn the_metrics_listener_is_off_by_default_and_serves_only_get_metrics() {
     assert_eq!(common::http(&server, "GET", "/metrics", &[], b"").status, 404);
 }
 
+/// `[limits]` for `refuse_admin_connections`: two admin connections at most.
+const TWO_ADMIN_CONNECTIONS: &str = "[limits]\nadmin_connections_max = 2\nadmin_unauthenticated_max = 1\n";
+
 /// Opens `count` admin connections past `limits.admin_connections_max`
-/// (1, taken by the connection returned); each is refused with a logged
+/// (2, taken by the connections returned); each is refused with a logged
 /// warning.
-fn refuse_admin_connections(server: &Server, count: usize) -> kometa_admin_client::AdminClient {
+fn refuse_admin_connections(server: &Server, count: usize) -> Vec<kometa_admin_client::AdminClient> {
     let kometa_admin_client::AdminAddress::Unix(path) = &server.admin else { panic!("unix admin socket") };
-    let mut held = server.admin();
-    // Accepted before the flood: its PING is answered.
-    held.ping().expect("ping");
+    let mut held = vec![server.admin(), server.admin()];
+    // Accepted before the flood: their PINGs are answered.
+    for client in &mut held {
+        client.ping().expect("ping");
+    }
     for _ in 0..count {
         let mut stream = std::os::unix::net::UnixStream::connect(path).expect("connect");
         stream.set_read_timeout(Some(common::TIMEOUT)).unwrap();
@@ -146,9 +155,9 @@ fn refuse_admin_connections(server: &Server, count: usize) -> kometa_admin_clien
 
 #[test]
 fn peer_caused_warnings_are_rate_limited_and_summarised_in_json() {
-    let config = "[log]\nformat = \"json\"\nwarnings_per_second_max = 3\n\
-                  [limits]\nadmin_connections_max = 1\n[timeouts]\nsweep_interval_ms = 100\n";
-    let server = Server::start(1, config);
+    let config =
+        format!("[log]\nformat = \"json\"\nwarnings_per_second_max = 3\n[timeouts]\nsweep_interval_ms = 100\n{TWO_ADMIN_CONNECTIONS}");
+    let server = Server::start(1, &config);
     let refused = 40;
     let _held = refuse_admin_connections(&server, refused);
     let mut written = 0;
@@ -174,7 +183,7 @@ fn peer_caused_warnings_are_rate_limited_and_summarised_in_json() {
 
 #[test]
 fn text_logs_have_no_colour_when_not_on_a_terminal() {
-    let server = Server::start(1, "[limits]\nadmin_connections_max = 1\n");
+    let server = Server::start(1, TWO_ADMIN_CONNECTIONS);
     let _held = refuse_admin_connections(&server, 1);
     let line = loop {
         let line = server.log.recv_timeout(common::TIMEOUT).expect("a warning");

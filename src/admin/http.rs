@@ -19,7 +19,7 @@ use crate::admin::gateway::Gateway;
 use crate::admin::server::write_within;
 use crate::admin::sys;
 use crate::limits::LimitKind;
-use kometa_protocol::http::{self, HeadLimits, Method};
+use kometa_protocol::http::{self, Expect, HeadLimits, Method};
 
 /// Bytes read from a socket at a time.
 const READ_CHUNK_BYTES: usize = 16 * 1024;
@@ -216,8 +216,7 @@ async fn read_request(
                     accept: header(head_bytes, "accept").map(str::to_owned),
                     body: Vec::new(),
                 };
-                let expects_continue =
-                    header(head_bytes, "expect").is_some_and(|value| value.eq_ignore_ascii_case("100-continue"));
+                let expects_continue = head.expect == Expect::Continue;
                 let (keep_alive, head_len) = (head.keep_alive(), head.head_len);
                 let body_len = body_len as usize;
                 // curl asks before a body over 1 KiB and waits a second for this.
@@ -276,7 +275,7 @@ mod tests {
     #[test]
     fn headers_by_name() {
         let head = b"POST /api/x HTTP/1.1\r\nHost: a\r\nEXPECT:  100-continue \r\nAccept: text/plain\r\n\r\n";
-        assert_eq!(header(head, "expect"), Some("100-continue"));
+        assert_eq!(header(head, "EXPECT"), Some("100-continue"));
         assert_eq!(header(head, "accept"), Some("text/plain"));
         assert_eq!(header(head, "authorization"), None);
     }

@@ -229,7 +229,11 @@ async fn serve_frames<S: AsyncRead + AsyncWrite + Unpin>(
                     } else if auth.failures >= failures_max {
                         // Guessing keys: the replies so far, then the close.
                         shared.admin_refusals.add(LimitKind::AdminAuthFailures);
-                        tracing::debug!(failures = auth.failures, "admin connection closed after failed AUTH attempts");
+                        crate::limited!(
+                            DEBUG,
+                            failures = auth.failures,
+                            "admin connection closed after failed AUTH attempts"
+                        );
                         broken = true;
                         break;
                     }
