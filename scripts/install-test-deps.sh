@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Installs what the test suite needs beyond the Rust toolchain, idempotently:
 #   - python3 with venv (Debian: python3, python3-venv) when missing
-#   - a project-local virtualenv (.venv) with the Autobahn runner (kosoku)
-#     and the `websockets` client used by cross-implementation tests
+#   - a project-local virtualenv (.venv) with the Autobahn runner (kosoku),
+#     the `websockets` client used by cross-implementation tests, and the
+#     Prometheus project's `prometheus_client`, whose text parsers check
+#     /metrics (tests/metrics.rs through tests/parse_metrics.py)
 #   - php-cli (scripts/install-php.sh) for the PHP admin client's tests
 #   - redis-server (Debian) for the cluster tests, which start their own
 #     instances on free ports.
@@ -12,6 +14,7 @@ cd "$(dirname "$0")/.."
 
 KOSOKU_VERSION="0.1.0"
 WEBSOCKETS_VERSION="15.0.1"
+PROMETHEUS_CLIENT_VERSION="0.26.0"
 
 apt_install() {
     local runner=()
@@ -35,8 +38,8 @@ fi
 if [ ! -x .venv/bin/python ]; then
     python3 -m venv .venv
 fi
-want="kosoku==${KOSOKU_VERSION} websockets==${WEBSOCKETS_VERSION}"
-if ! .venv/bin/python -c "import kosoku, websockets" >/dev/null 2>&1; then
+want="kosoku==${KOSOKU_VERSION} websockets==${WEBSOCKETS_VERSION} prometheus-client==${PROMETHEUS_CLIENT_VERSION}"
+if ! .venv/bin/python -c "import kosoku, websockets, prometheus_client" >/dev/null 2>&1; then
     echo "install-test-deps: installing ${want} into .venv"
     # shellcheck disable=SC2086
     .venv/bin/python -m pip install --quiet --disable-pip-version-check ${want}

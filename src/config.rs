@@ -14,6 +14,7 @@ use serde::{Deserialize, Deserializer};
 pub use kometa_admin_client::{default_admin_address, AdminAddress};
 
 use crate::limits::{IpNetwork, Limits, Timeouts, BURST_MAX};
+pub use crate::log::{LogConfig, LogFormat};
 use kometa_protocol::client::name_byte_allowed;
 use kometa_protocol::http::HEADERS_HARD_MAX;
 
@@ -391,6 +392,26 @@ pub fn user_status_channel(user: &str) -> String {
     format!("user_status_{user}")
 }
 
+/// `[metrics]`: Prometheus exposition on its own listener.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetricsConfig {
+    /// `ADDR:PORT` serving `GET /metrics`; off when unset. Never the public
+    /// port: counters tell an attacker what works.
+    pub listen: Option<SocketAddr>,
+}
+
+/// `[api]`: the HTTP API for backends (`POST /api/<operation>`).
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct ApiConfig {
+    /// `ADDR:PORT` of the HTTP API; off when unset.
+    pub listen: Option<SocketAddr>,
+    /// Required with `listen` (at least 16 bytes): requests carry
+    /// `Authorization: apikey KEY`.
+    pub key: Option<String>,
+}
+
 /// Everything the server reads at start.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -445,6 +466,9 @@ pub struct Config {
     pub io: IoConfig,
     pub tls: TlsConfig,
     pub rpc: RpcConfig,
+    pub metrics: MetricsConfig,
+    pub api: ApiConfig,
+    pub log: LogConfig,
 }
 
 impl Default for Config {
@@ -472,6 +496,9 @@ impl Default for Config {
             io: IoConfig::default(),
             tls: TlsConfig::default(),
             rpc: RpcConfig::default(),
+            metrics: MetricsConfig::default(),
+            api: ApiConfig::default(),
+            log: LogConfig::default(),
         }
     }
 }
@@ -524,6 +551,9 @@ impl Config {
                 != (n.user_publications_per_s, n.user_publications_burst),
         );
         check("timeouts.sweep_interval_ms", self.timeouts.sweep_interval_ms != next.timeouts.sweep_interval_ms);
+        check("metrics.listen", self.metrics.listen != next.metrics.listen);
+        check("api.listen", self.api.listen != next.api.listen);
+        check("log.format", self.log.format != next.log.format);
         changed
     }
 
@@ -551,6 +581,9 @@ impl Config {
         next.limits.user_publications_per_s = self.limits.user_publications_per_s;
         next.limits.user_publications_burst = self.limits.user_publications_burst;
         next.timeouts.sweep_interval_ms = self.timeouts.sweep_interval_ms;
+        next.metrics.listen = self.metrics.listen;
+        next.api.listen = self.api.listen;
+        next.log.format = self.log.format;
         next
     }
 }
@@ -698,6 +731,7 @@ impl Config {
         self.validate_abuse_limits()?;
 
         self.validate_cluster()?;
+        self.validate_edge()?;
 
         let mut seen = std::collections::HashSet::new();
         for (index, namespace) in self.namespaces.iter().enumerate() {
@@ -855,6 +889,27 @@ impl Config {
         Ok(())
     }
 
+    /// `[metrics]`, `[api]` and `[log]`.
+    fn validate_edge(&self) -> Result<(), ConfigError> {
+        match (&self.api.listen, &self.api.key) {
+            (Some(_), None) => return Err(error("api.key", "required when api.listen is set")),
+            (_, Some(key)) if key.len() < 16 => return Err(error("api.key", "must be at least 16 bytes")),
+            _ => {}
+        }
+        for (key, address) in [("metrics.listen", self.metrics.listen), ("api.listen", self.api.listen)] {
+            if address.is_some_and(|a| a == self.listen && a.port() != 0) {
+                return Err(error(key, "must differ from `listen` (the public port)"));
+            }
+        }
+        if let (Some(metrics), Some(api)) = (self.metrics.listen, self.api.listen) {
+            if metrics == api && api.port() != 0 {
+                return Err(error("api.listen", "must differ from metrics.listen"));
+            }
+        }
+        check_range("log.warnings_per_second_max", self.log.warnings_per_second_max, 1, 100_000)?;
+        Ok(())
+    }
+
     /// Names the cluster this node belongs to: processes with the same Redis
     /// list and key prefix are one cluster (and may share a listen address).
     /// None on a single node.
@@ -966,6 +1021,27 @@ mod tests {
         config.limits.client_commands_burst = 0;
         config.limits.connections_per_ip_max = 0;
         config.validate().unwrap();
+    }
+
+    #[test]
+    fn edge_sections() {
+        let mut config = Config::from_toml(
+            "[metrics]\nlisten = \"127.0.0.1:9100\"\n[api]\nlisten = \"127.0.0.1:9101\"\nkey = \"0123456789abcdef\"\n\
+             [log]\nformat = \"json\"\n",
+        )
+        .unwrap();
+        config.validate().unwrap();
+        assert_eq!(config.log.format, LogFormat::Json);
+        assert_eq!(config.metrics.listen.map(|a| a.port()), Some(9100));
+
+        let mut config = Config::from_toml("[api]\nlisten = \"127.0.0.1:9101\"\n").unwrap();
+        assert!(config.validate().unwrap_err().0.contains("api.key"));
+        let mut config = Config::from_toml("[api]\nlisten = \"127.0.0.1:9101\"\nkey = \"short\"\n").unwrap();
+        assert!(config.validate().unwrap_err().0.contains("api.key"));
+        let error = Config::from_toml("[log]\nformat = \"xml\"\n").unwrap_err();
+        assert!(error.0.contains("format"), "{error}");
+        let mut config = Config::from_toml("[log]\nwarnings_per_second_max = 0\n").unwrap();
+        assert!(config.validate().unwrap_err().0.contains("log.warnings_per_second_max"));
     }
 
     #[test]

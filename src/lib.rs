@@ -18,7 +18,7 @@
 //!
 //! | module         | does                                                              |
 //! |----------------|-------------------------------------------------------------------|
-//! | [`util`], [`limits`] | clocks, ids; every limit with its default                   |
+//! | [`util`], [`limits`], [`log`] | clocks, ids; every limit with its default; log setup and rate limits |
 //! | [`tls`]        | sans-io TLS sessions: rustls handshake, then a compact TLS 1.3 record layer |
 //! | [`config`]     | every setting with its default; validation names the key          |
 //! | [`hub`]        | channels, offsets, history, presence, users, the subscriber index |
@@ -26,7 +26,7 @@
 //! | [`connection`] | one connection as a sans-io state machine: HTTP head, WebSocket, SSE, long-poll, closing; timers from a passed clock; bounded outbox |
 //! | [`shard`]      | the driver per core: I/O driver (io_uring or epoll), slab, reads, writes, fan-out, sweep |
 //! | [`app`]        | what requests and messages mean: routes, client commands, HTTP sessions, channel owners, users, queries |
-//! | [`admin`]      | the admin listener, on its own thread                             |
+//! | [`admin`]      | the admin listener, `/metrics` and the HTTP API, on their own thread; the operations they share |
 //! | [`cluster`]    | cluster mode: the Redis gateway thread, scripts, key layout       |
 //! | [`server`]     | process start: limits, listeners, executors, signals              |
 //!
@@ -50,6 +50,7 @@ pub mod config;
 pub mod connection;
 pub mod hub;
 pub mod limits;
+pub mod log;
 pub mod server;
 pub mod shard;
 pub mod tls;

@@ -379,10 +379,29 @@ pub enum LimitKind {
     /// `limits.admin_unauthenticated_max`: the oldest unauthenticated
     /// admin connection is closed for a newcomer.
     AdminUnauthenticated,
+    /// `connections_max`: 503 at accept.
+    ConnectionsMax,
+    /// `limits.http_sessions_max`: a new SSE/long-poll session refused (503).
+    HttpSessionsMax,
+    /// `limits.channels_max`: a subscription or publication needing a new channel.
+    ChannelsMax,
+    /// A namespace's `subscribers_max`: a subscription refused.
+    SubscribersMax,
+    /// `limits.channels_per_connection_max`: a subscription refused.
+    ChannelsPerConnectionMax,
+    /// `limits.session_commands_pending_max`: a `POST /cmd` answered 429.
+    SessionCommandsPendingMax,
+    /// `limits.admin_connections_max`: an admin, HTTP API or metrics
+    /// connection refused (each listener counts its own).
+    AdminConnectionsMax,
+    /// `limits.publication_data_bytes_max`: admin or HTTP API data refused (`too_large`).
+    PublicationDataBytesMax,
+    /// `limits.fanout_backlog_max`: a publication refused (`overloaded`).
+    FanoutBacklogMax,
 }
 
 impl LimitKind {
-    pub const ALL: [LimitKind; 12] = [
+    pub const ALL: [LimitKind; 21] = [
         LimitKind::ConnectionsPerIp,
         LimitKind::HandshakesPerIp,
         LimitKind::ConnectionsPerUser,
@@ -395,6 +414,15 @@ impl LimitKind {
         LimitKind::AdminAuthTimeout,
         LimitKind::AdminAuthFailures,
         LimitKind::AdminUnauthenticated,
+        LimitKind::ConnectionsMax,
+        LimitKind::HttpSessionsMax,
+        LimitKind::ChannelsMax,
+        LimitKind::SubscribersMax,
+        LimitKind::ChannelsPerConnectionMax,
+        LimitKind::SessionCommandsPendingMax,
+        LimitKind::AdminConnectionsMax,
+        LimitKind::PublicationDataBytesMax,
+        LimitKind::FanoutBacklogMax,
     ];
 
     /// The key in `limit_refusals` (stable: exporters use it as a label).
@@ -412,6 +440,15 @@ impl LimitKind {
             LimitKind::AdminAuthTimeout => "admin_auth_timeout",
             LimitKind::AdminAuthFailures => "admin_auth_failures",
             LimitKind::AdminUnauthenticated => "admin_unauthenticated",
+            LimitKind::ConnectionsMax => "connections_max",
+            LimitKind::HttpSessionsMax => "http_sessions_max",
+            LimitKind::ChannelsMax => "channels_max",
+            LimitKind::SubscribersMax => "subscribers_max",
+            LimitKind::ChannelsPerConnectionMax => "channels_per_connection_max",
+            LimitKind::SessionCommandsPendingMax => "session_commands_pending_max",
+            LimitKind::AdminConnectionsMax => "admin_connections_max",
+            LimitKind::PublicationDataBytesMax => "publication_data_bytes_max",
+            LimitKind::FanoutBacklogMax => "fanout_backlog_max",
         }
     }
 }
@@ -606,5 +643,19 @@ mod tests {
         assert_eq!(json["connections_per_ip"], 0);
         assert_eq!(json.as_object().unwrap().len(), LimitKind::ALL.len());
         assert_eq!(refusals.total(), 3);
+    }
+}
+
+#[cfg(test)]
+mod kind_tests {
+    use super::LimitKind;
+
+    #[test]
+    fn every_limit_kind_is_listed_once_in_order() {
+        for (index, kind) in LimitKind::ALL.iter().enumerate() {
+            assert_eq!(*kind as usize, index, "{kind:?}");
+        }
+        let names: std::collections::HashSet<&str> = LimitKind::ALL.iter().map(|k| k.name()).collect();
+        assert_eq!(names.len(), LimitKind::ALL.len());
     }
 }

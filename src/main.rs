@@ -175,6 +175,18 @@ struct ServeArgs {
     /// TLS private key (PEM) for the public listener.
     #[arg(long, env = "KOMETA_TLS_KEY_FILE")]
     tls_key_file: Option<String>,
+    /// Serve Prometheus metrics at http://ADDR:PORT/metrics.
+    #[arg(long, env = "KOMETA_METRICS_LISTEN")]
+    metrics_listen: Option<String>,
+    /// Serve the HTTP API for backends on ADDR:PORT (needs --api-key).
+    #[arg(long, env = "KOMETA_API_LISTEN")]
+    api_listen: Option<String>,
+    /// Key for the HTTP API (`Authorization: apikey KEY`).
+    #[arg(long, env = "KOMETA_API_KEY", hide_env_values = true)]
+    api_key: Option<String>,
+    /// Log lines as `text` or `json`.
+    #[arg(long, env = "KOMETA_LOG_FORMAT")]
+    log_format: Option<String>,
 }
 
 #[derive(Args)]
@@ -191,12 +203,6 @@ struct AdminArgs {
     /// Seconds to wait for the server.
     #[arg(long, default_value_t = 10)]
     timeout: u64,
-}
-
-fn init_logging() {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("KOMETA_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
 }
 
 /// Defaults, then the file, then flags and environment variables.
@@ -239,6 +245,21 @@ fn load_config(args: &ServeArgs) -> Result<Config, String> {
     }
     if let Some(file) = &args.tls_key_file {
         config.tls.key_file = Some(file.clone());
+    }
+    for (value, target, what) in [
+        (&args.metrics_listen, &mut config.metrics.listen, "--metrics-listen / KOMETA_METRICS_LISTEN"),
+        (&args.api_listen, &mut config.api.listen, "--api-listen / KOMETA_API_LISTEN"),
+    ] {
+        if let Some(text) = value {
+            *target = Some(text.parse().map_err(|_| format!("{what}: `{text}` is not ADDR:PORT"))?);
+        }
+    }
+    if let Some(key) = &args.api_key {
+        config.api.key = Some(key.clone());
+    }
+    if let Some(format) = &args.log_format {
+        config.log.format = kometa::config::LogFormat::parse(format)
+            .ok_or_else(|| format!("--log-format / KOMETA_LOG_FORMAT: `{format}` is not text or json"))?;
     }
     config.validate().map_err(|e| e.to_string())?;
     Ok(config)
@@ -285,6 +306,7 @@ fn run(cli: Cli) -> Result<(), (u8, String)> {
     match cli.command {
         Command::Serve(args) => {
             let config = load_config(&args).map_err(|e| (2, format!("config error: {e}")))?;
+            kometa::log::init(&config.log);
             // A reload reads the same file and flags again.
             let source: kometa::server::ConfigSource = Box::new(move || load_config(&args));
             kometa::server::serve(config, Some(source)).map_err(|e| (1, e.to_string()))
@@ -349,8 +371,12 @@ fn run(cli: Cli) -> Result<(), (u8, String)> {
 }
 
 fn main() -> ExitCode {
-    init_logging();
-    match run(Cli::parse()) {
+    let cli = Cli::parse();
+    // `serve` sets up logging once its config (`[log]`) is read.
+    if !matches!(cli.command, Command::Serve(_)) {
+        kometa::log::init(&kometa::config::LogConfig::default());
+    }
+    match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err((code, message)) => {
             eprintln!("kometa: {message}");

@@ -17,6 +17,7 @@ use std::sync::Arc;
 use socket2::{Domain, Socket, Type};
 
 use crate::admin::gateway::Gateway;
+use crate::admin::http::Listener;
 use crate::admin::server::Transport;
 use crate::bus;
 use crate::bus::Shared;
@@ -199,6 +200,23 @@ fn admin_listener(address: &AdminAddress) -> Result<(OwnedFd, Transport), ServeE
     }
 }
 
+/// Binds a TCP listener of the admin gateway's (metrics, HTTP API); returns
+/// it with the address it got (for a port 0).
+fn http_listener(address: SocketAddr, key: &str) -> Result<(OwnedFd, SocketAddr), ServeError> {
+    let socket = Socket::new(Domain::for_address(address), Type::STREAM.cloexec(), None)
+        .map_err(|e| fail(format!("{key}: cannot create a socket: {e}")))?;
+    socket.set_reuse_address(true).map_err(|e| fail(format!("{key}: SO_REUSEADDR: {e}")))?;
+    socket.set_nonblocking(true).map_err(|e| fail(format!("{key}: O_NONBLOCK: {e}")))?;
+    socket.bind(&address.into()).map_err(|e| fail(format!("{key}: cannot listen on {address}: {e}")))?;
+    socket.listen(128).map_err(|e| fail(format!("{key}: cannot listen on {address}: {e}")))?;
+    let bound = socket
+        .local_addr()
+        .ok()
+        .and_then(|a| a.as_socket())
+        .ok_or_else(|| fail(format!("{key}: cannot read the listener's address")))?;
+    Ok((socket.into(), bound))
+}
+
 /// Blocks SIGINT and SIGTERM in the calling thread (and the threads it
 /// starts), so only the signal thread receives them.
 fn block_shutdown_signals() -> libc::sigset_t {
@@ -266,6 +284,7 @@ pub fn reload(shared: &Shared, source: &ConfigSource) -> Result<Reloaded, String
         }
         shared.tls_generation.fetch_add(1, Ordering::AcqRel);
     }
+    crate::log::set_warnings_per_second_max(next.log.warnings_per_second_max);
     if let Ok(mut slot) = shared.config.write() {
         *slot = Arc::new(next);
     }
@@ -310,6 +329,14 @@ pub fn serve(config: Config, source: Option<ConfigSource>) -> Result<(), ServeEr
         listeners.push(public_listener(bound, config.accept_backlog)?);
     }
     let (admin_fd, admin_transport) = admin_listener(&config.admin)?;
+    let metrics = config.metrics.listen.map(|address| http_listener(address, "metrics.listen")).transpose()?;
+    let api = config.api.listen.map(|address| http_listener(address, "api.listen")).transpose()?;
+    let mut edge = String::new();
+    for (name, listener) in [("metrics", &metrics), ("api", &api)] {
+        if let Some((_, address)) = listener {
+            edge.push_str(&format!(" {name}={address}"));
+        }
+    }
     let _socket_file = SocketFileGuard(match &config.admin {
         AdminAddress::Unix(path) => Some(path.clone()),
         AdminAddress::Tcp(_) => None,
@@ -404,14 +431,21 @@ pub fn serve(config: Config, source: Option<ConfigSource>) -> Result<(), ServeEr
                 Rc::new(RefCell::new(Gateway::new(gateway_config, gateway_shared, gateway_endpoint, shard_count)));
             let accept =
                 glommio::spawn_local(crate::admin::server::serve(Rc::clone(&gateway), admin_fd, admin_transport));
+            let mut http = Vec::new();
+            for (listener, kind) in [(metrics, Listener::Metrics), (api, Listener::Api)] {
+                if let Some((fd, _)) = listener {
+                    http.push(glommio::spawn_local(crate::admin::http::serve(Rc::clone(&gateway), fd, kind)));
+                }
+            }
             crate::admin::gateway::run(gateway).await;
             drop(accept);
+            drop(http);
         })
         .map_err(|e| fail(format!("cannot start the admin gateway: {e}")))?;
 
     let node = if clustered { format!(" node={}", config.node_id()) } else { String::new() };
     let tls = if config.tls.enabled() { " tls=on" } else { "" };
-    println!("kometa ready listen={bound} admin={} shards={shard_count}{node}{tls}", config.admin);
+    println!("kometa ready listen={bound} admin={} shards={shard_count}{node}{tls}{edge}", config.admin);
     let _ = std::io::stdout().flush();
     tracing::info!(listen = %bound, admin = %config.admin, shards = shard_count, connections_max, "serving");
 

@@ -279,11 +279,13 @@ fn redis_down_refuses_publications_and_nothing_acknowledged_is_lost_silently() {
     let mut subscriber = b.client();
     subscriber.subscribe("ticks");
     let mut admin = a.admin();
-    // Some((epoch, offset)) when acknowledged, None when refused as unavailable.
+    // Some((epoch, offset)) when acknowledged, None when refused as
+    // unavailable, or answered unknown_outcome: a publication written to
+    // Redis just as it died (the link learns of the death by that request).
     let try_publish = |admin: &mut kometa_admin_client::AdminClient| match admin.publish("ticks", "t", b"1") {
         Ok(published) => Some((published.epoch.clone(), published.offset)),
         Err(kometa_admin_client::ClientError::Server(error)) => {
-            assert_eq!(error.code.as_str(), "unavailable", "{error:?}");
+            assert!(matches!(error.code.as_str(), "unavailable" | "unknown_outcome"), "{error:?}");
             None
         }
         Err(other) => panic!("admin: {other}"),

@@ -18,21 +18,7 @@ fn a_subscriber_that_never_reads_is_closed_at_its_cap_while_others_get_everythin
         "[limits]\npublication_data_bytes_max = 16384\noutbox_bytes_max = 65536\nadmin_frame_bytes_max = 65536\n",
     );
     // The slow one: a raw socket with a small receive buffer that never reads.
-    let slow = {
-        let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
-        socket.set_recv_buffer_size(4096).unwrap();
-        socket.connect(&std::net::SocketAddr::from(([127, 0, 0, 1], server.port)).into()).unwrap();
-        let mut stream: std::net::TcpStream = socket.into();
-        stream.set_read_timeout(Some(common::TIMEOUT)).unwrap();
-        stream
-            .write_all(b"GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n")
-            .unwrap();
-        assert!(common::read_http_head(&mut stream).starts_with("HTTP/1.1 101"));
-        stream.write_all(&common::client_frame(0x81, br#"{"op":"subscribe","channel":"firehose","id":1}"#)).unwrap();
-        let (_, reply) = read_server_frame(&mut stream).unwrap();
-        assert!(String::from_utf8_lossy(&reply).contains("\"ok\":true"));
-        stream
-    };
+    let slow = common::slow_subscriber(&server, "firehose");
     let mut fast = server.client();
     fast.subscribe("firehose");
 

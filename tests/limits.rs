@@ -99,6 +99,15 @@ fn stats_show_every_kind_of_refusal() {
         "admin_auth_timeout",
         "admin_auth_failures",
         "admin_unauthenticated",
+        "connections_max",
+        "http_sessions_max",
+        "channels_max",
+        "subscribers_max",
+        "channels_per_connection_max",
+        "session_commands_pending_max",
+        "admin_connections_max",
+        "publication_data_bytes_max",
+        "fanout_backlog_max",
     ];
     for kind in kinds {
         assert_eq!(refusals(&stats, kind), 0, "{kind}");

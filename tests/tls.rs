@@ -47,7 +47,14 @@ fn tls_server(shards: usize) -> (Server, Pki) {
     let server = Server::start_with(
         shards,
         "",
-        &["--tls-cert-file", pki.cert_file.to_str().unwrap(), "--tls-key-file", pki.key_file.to_str().unwrap()],
+        &[
+            "--tls-cert-file",
+            pki.cert_file.to_str().unwrap(),
+            "--tls-key-file",
+            pki.key_file.to_str().unwrap(),
+            "--metrics-listen",
+            "127.0.0.1:0",
+        ],
     );
     (server, pki)
 }
@@ -180,6 +187,10 @@ fn a_broken_handshake_does_not_disturb_others() {
     let _ = bad.read_to_end(&mut sink);
     server.publish("c", "e", "1");
     assert_eq!(recv_json(&mut socket)["data"], 1);
+    // Both handshakes are counted in /metrics.
+    let metrics = common::scrape_metrics(&server, true);
+    assert_eq!(common::metric_value(&metrics, "kometa_tls_handshakes_total", &[("outcome", "completed")]), 1.0);
+    assert_eq!(common::metric_value(&metrics, "kometa_tls_handshakes_total", &[("outcome", "failed")]), 1.0);
 }
 
 /// OpenSSL (Python's ssl module with the `websockets` client) against the

@@ -19,6 +19,7 @@ use futures_channel::oneshot;
 
 use crate::admin::sys;
 use crate::bus::message::{PublishOk, PublishRefusal, QueryAnswer, ReplyTo};
+use crate::bus::metrics::RefusalCounts;
 use crate::bus::query::Answer;
 use crate::bus::Shared;
 use crate::bus::{Endpoint, Message};
@@ -47,6 +48,8 @@ pub struct Gateway {
     /// Requests waiting for shards, by token.
     pub admin_waits: HashMap<u64, AdminWait>,
     next_token: u64,
+    /// Publications refused to the backend (admin socket, HTTP API), by reason.
+    pub refusals: RefusalCounts,
 }
 
 impl Gateway {
@@ -63,7 +66,17 @@ impl Gateway {
         let id = bus.shard();
         debug_assert_eq!(id, shard_count);
         let cluster = config.cluster.enabled().then_some(shard_count + 1);
-        Gateway { config, shared, bus, id, shard_count, cluster, admin_waits: HashMap::new(), next_token: 1 }
+        Gateway {
+            config,
+            shared,
+            bus,
+            id,
+            shard_count,
+            cluster,
+            admin_waits: HashMap::new(),
+            next_token: 1,
+            refusals: RefusalCounts::default(),
+        }
     }
 
     /// Shards owning channels and users (the gateway is not one).
@@ -85,6 +98,9 @@ impl Gateway {
         match message {
             Message::PublishReply(reply) => {
                 let (reply_to, result) = *reply;
+                if let Err(refusal) = result {
+                    self.refusals.refused(refusal);
+                }
                 if let ReplyTo::Admin { token, .. } = reply_to {
                     if let Some(AdminWait::Publish(sender)) = self.admin_waits.remove(&token) {
                         let _ = sender.send(result);

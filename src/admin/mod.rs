@@ -1,7 +1,11 @@
 //! The admin socket: the backend's way in. Unix socket by default (mode
 //! 0600), TCP with a shared key as an option. Never on the public port.
 
+pub mod api;
 pub mod gateway;
+pub mod http;
+pub mod metrics;
+pub mod ops;
 pub mod server;
 pub mod sys;
 

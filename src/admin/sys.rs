@@ -30,3 +30,24 @@ pub async fn readable(fd: RawFd) {
     let mut stream = unsafe { <glommio::net::UnixStream as FromRawFd>::from_raw_fd(duplicate) };
     let _ = std::future::poll_fn(|cx| Pin::new(&mut stream).poll_read(cx, &mut [])).await;
 }
+
+/// Accepts connections on a non-blocking listener until the executor ends,
+/// handing each to `admit` (which enforces its listener's cap). `what`
+/// names the listener in the (rate-limited) log line of a failed accept.
+pub async fn accept_each(listener_fd: RawFd, what: &'static str, mut admit: impl FnMut(std::os::fd::OwnedFd)) {
+    loop {
+        readable(listener_fd).await;
+        loop {
+            match accept(listener_fd) {
+                Ok(fd) => admit(fd),
+                Err(error) if error.kind() == std::io::ErrorKind::WouldBlock => break,
+                Err(error) if error.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(error) => {
+                    crate::limited!(WARN, %error, listener = what, "accept failed; retrying in 100 ms");
+                    glommio::timer::sleep(std::time::Duration::from_millis(100)).await;
+                    break;
+                }
+            }
+        }
+    }
+}

@@ -136,6 +136,7 @@ impl Shard {
         let Some(conn) = self.conn_mut(key, generation) else { return Ok(()) };
         let user = conn.state.user().cloned();
         if conn.state.subscriptions.len() >= config.limits.channels_per_connection_max {
+            self.metrics.limit_refusals.add(crate::limits::LimitKind::ChannelsPerConnectionMax);
             return Err(refuse(
                 ErrorCode::TooManyChannels,
                 format!("at most {} channels per connection", config.limits.channels_per_connection_max),

@@ -118,6 +118,7 @@ impl Shard {
         let Some(conn) = self.conns.get_mut(key as usize) else { return false };
         conn.state.upgraded(echo, &cx);
         self.metrics.websockets += 1;
+        self.metrics.handshakes[0] += 1;
         let generation = conn.state.generation();
         match identity {
             Some(identity) => self.register_user(key, generation, identity, None, false),

@@ -15,6 +15,7 @@ use crate::hub::index::Subscriber;
 use crate::hub::owner_of;
 use crate::hub::presence::CountsNow;
 use crate::hub::publication::{Publication, PushFields};
+use crate::limits::LimitKind;
 use crate::shard::Shard;
 use kometa_protocol::client::{CommandError, ErrorCode};
 
@@ -93,16 +94,22 @@ impl Shard {
         let shard = usize::from(request.conn.shard);
         let mut joined = false;
         let result = match self.owned.get_or_create(&request.channel, now_ms) {
-            Err(_) => Err(CommandError::new(
-                request.request_id.clone(),
-                ErrorCode::TooManyChannelsOnServer,
-                "the server's channel limit is reached",
-            )),
-            Ok(channel) if channel.subscribers >= namespace.subscribers_max as u64 => Err(CommandError::new(
-                request.request_id.clone(),
-                ErrorCode::ChannelFull,
-                "channel has its maximum of subscribers",
-            )),
+            Err(_) => {
+                self.metrics.limit_refusals.add(LimitKind::ChannelsMax);
+                Err(CommandError::new(
+                    request.request_id.clone(),
+                    ErrorCode::TooManyChannelsOnServer,
+                    "the server's channel limit is reached",
+                ))
+            }
+            Ok(channel) if channel.subscribers >= namespace.subscribers_max as u64 => {
+                self.metrics.limit_refusals.add(LimitKind::SubscribersMax);
+                Err(CommandError::new(
+                    request.request_id.clone(),
+                    ErrorCode::ChannelFull,
+                    "channel has its maximum of subscribers",
+                ))
+            }
             Ok(channel) => {
                 channel.add_subscriber(shard, now_ms);
                 if namespace.presence {
@@ -232,7 +239,10 @@ impl Shard {
             let backlog_max = config.limits.fanout_backlog_max;
             let backlogs = &self.shared.fanout_backlog;
             match self.owned.get_or_create(&channel, now_ms) {
-                Err(_) => Err(PublishRefusal::ChannelLimit),
+                Err(_) => {
+                    self.metrics.limit_refusals.add(LimitKind::ChannelsMax);
+                    Err(PublishRefusal::ChannelLimit)
+                }
                 // A shard with subscribers is this far behind: shed load at
                 // the publisher rather than let latency grow without bound.
                 Ok(state)
@@ -240,7 +250,8 @@ impl Shard {
                         && state.subscriber_shards().any(|s| backlogs[s].load(Ordering::Relaxed) > backlog_max) =>
                 {
                     self.metrics.publications_refused += 1;
-                    Err(PublishRefusal::Overloaded)
+                    self.metrics.limit_refusals.add(LimitKind::FanoutBacklogMax);
+                    Err(PublishRefusal::FanoutBacklog)
                 }
                 Ok(state) => {
                     let fields = PushFields { channel: &channel, event: &event, data: &data, user: user.as_deref() };
@@ -340,8 +351,11 @@ impl Shard {
                         object.u64("offset", ok.offset);
                     }),
                     Err(refusal) => {
+                        self.metrics.refusals.refused(refusal);
                         let (code, message) = match refusal {
-                            PublishRefusal::Overloaded => (ErrorCode::Overloaded, "server busy, retry"),
+                            PublishRefusal::Overloaded | PublishRefusal::FanoutBacklog => {
+                                (ErrorCode::Overloaded, "server busy, retry")
+                            }
                             PublishRefusal::ChannelLimit => {
                                 (ErrorCode::TooManyChannelsOnServer, "the server's channel limit is reached")
                             }

@@ -26,6 +26,7 @@ impl Shard {
     pub(crate) fn answer_query(&mut self, query: Query, _reply: &ReplyTo) -> Answer {
         match query {
             Query::Stats => Answer::Stats(Box::new(self.stats())),
+            Query::Metrics => Answer::Metrics(Box::new(self.metrics_snapshot())),
             Query::NodeStats => Failure::answer(FailureKind::BadArgument, "node stats come from the cluster gateway"),
             Query::SendUser { items, event, data } => self.send_users(items, &event, &data),
             Query::UserStatus { items } => Answer::Rows(
@@ -211,7 +212,7 @@ impl Shard {
                         self.reply_error(key, &error);
                     }
                     _ => {
-                        tracing::error!("client query answered with an unexpected kind");
+                        crate::limited!(ERROR, "client query answered with an unexpected kind");
                     }
                 }
                 self.unpause(key, generation);

@@ -20,6 +20,7 @@ use crate::connection::outbox::OutItem;
 use crate::connection::{Connection, Context, Marks, Phase};
 use crate::hub::index::ConnKey;
 use crate::limits::ClientRates;
+use crate::limits::LimitKind;
 use crate::shard::{Conn, Shard};
 use crate::util::{random_bytes, unix_time_ms};
 use kometa_protocol::http::{self, Method, Request};
@@ -211,6 +212,9 @@ impl Shard {
         let open = self.shared.http_sessions.fetch_add(1, Ordering::Relaxed);
         if open >= self.config.limits.http_sessions_max || self.is_draining() {
             self.shared.http_sessions.fetch_sub(1, Ordering::Relaxed);
+            if !self.is_draining() {
+                self.metrics.limit_refusals.add(LimitKind::HttpSessionsMax);
+            }
             return None;
         }
         let generation = self.take_generation();
@@ -222,6 +226,10 @@ impl Shard {
         let rates = ClientRates::new(&self.config.limits, self.now_ms);
         entry.insert(Conn { fd: None, rates, peer: None, state, tls: None });
         self.metrics.http_sessions += 1;
+        self.metrics.handshakes[match kind {
+            SessionKind::Sse => 1,
+            SessionKind::LongPoll => 2,
+        }] += 1;
         Some((key, generation))
     }
 
@@ -264,6 +272,7 @@ impl Shard {
         }
         let channels: Vec<String> = http::query_params(request.query, "channel").map(|c| c.into_owned()).collect();
         if channels.len() > self.config.limits.channels_per_connection_max {
+            self.metrics.limit_refusals.add(LimitKind::ChannelsPerConnectionMax);
             self.respond_json_error(key, 400, cors, "too_many_channels", "too many channel parameters");
             return None;
         }
@@ -604,6 +613,7 @@ impl Shard {
         }
         let Some(HttpRole::Session(hs)) = self.session_role(session) else { return Handled::Held };
         if hs.commands.len() + commands.len() > pending_max {
+            self.metrics.limit_refusals.add(LimitKind::SessionCommandsPendingMax);
             self.respond_json_error(key, 429, cors, "overloaded", "too many commands waiting in this session");
             return Handled::Held;
         }

@@ -109,6 +109,9 @@ pub struct PublishOk {
 pub enum PublishRefusal {
     /// A bus queue from the owner is past its high-water mark.
     Overloaded,
+    /// A shard with subscribers is past `limits.fanout_backlog_max`. The
+    /// publisher is told `overloaded`, like above; kept apart for metrics.
+    FanoutBacklog,
     /// `channels_max` reached and the channel does not exist.
     ChannelLimit,
     ShuttingDown,

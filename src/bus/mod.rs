@@ -15,6 +15,7 @@ pub mod backend;
 pub mod cluster;
 pub mod limiter;
 pub mod message;
+pub mod metrics;
 pub mod query;
 
 use std::collections::VecDeque;
@@ -301,6 +302,11 @@ impl Endpoint {
             }
         }
         handled
+    }
+
+    /// Messages waiting to be received (our own and every sender's queue).
+    pub fn inbound_len(&self) -> usize {
+        self.local.len() + self.receivers.iter().flatten().map(Receiver::len).sum::<usize>()
     }
 
     /// Whether anything is waiting to be received.

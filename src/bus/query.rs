@@ -7,6 +7,7 @@ use std::sync::Arc;
 use serde_json::{Map, Value};
 
 use crate::bus::message::ShardStats;
+use crate::bus::metrics::ShardMetrics;
 use crate::limits::LimitRefusals;
 use kometa_protocol::admin;
 use kometa_protocol::client;
@@ -19,6 +20,8 @@ pub const QUERY_ITEMS_MAX: usize = 1000;
 pub enum Query {
     /// Every shard's counters.
     Stats,
+    /// Every shard's counters and figures for `/metrics` (this node only).
+    Metrics,
     /// Cluster mode: the other nodes' last published STATS (answered by the
     /// cluster gateway as `{"nodes":[…]}`).
     NodeStats,
@@ -69,6 +72,7 @@ pub enum Query {
 #[derive(Debug)]
 pub enum Answer {
     Stats(Box<ShardStats>),
+    Metrics(Box<ShardMetrics>),
     /// Fields of the reply object.
     Object(Map<String, Value>),
     /// Per-item results, tagged with the item's index in the request.
@@ -168,15 +172,32 @@ pub fn merge_channels(answers: Vec<Answer>, limit: usize) -> ChannelPage {
 
 /// Every shard's stats, ordered by shard.
 pub fn merge_stats(answers: Vec<Answer>) -> Vec<ShardStats> {
-    let mut stats: Vec<ShardStats> = answers
-        .into_iter()
-        .filter_map(|answer| match answer {
+    by_shard(
+        answers,
+        |answer| match answer {
             Answer::Stats(stats) => Some(*stats),
             _ => None,
-        })
-        .collect();
-    stats.sort_by_key(|s| s.shard);
-    stats
+        },
+        |stats| stats.shard,
+    )
+}
+
+/// Every shard's figures for `/metrics`, ordered by shard.
+pub fn merge_metrics(answers: Vec<Answer>) -> Vec<ShardMetrics> {
+    by_shard(
+        answers,
+        |answer| match answer {
+            Answer::Metrics(metrics) => Some(*metrics),
+            _ => None,
+        },
+        |metrics| metrics.stats.shard,
+    )
+}
+
+fn by_shard<T>(answers: Vec<Answer>, pick: impl Fn(Answer) -> Option<T>, shard: impl Fn(&T) -> usize) -> Vec<T> {
+    let mut items: Vec<T> = answers.into_iter().filter_map(pick).collect();
+    items.sort_by_key(shard);
+    items
 }
 
 /// The `STATS` document of this process. `limit_refusals` sums the shards'

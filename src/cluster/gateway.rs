@@ -798,7 +798,7 @@ impl ClusterGateway {
                 return self.channels(reply, &prefix, cursor.as_deref(), limit)
             }
             Query::NodeStats => return self.node_stats(reply),
-            Query::Stats => {
+            Query::Stats | Query::Metrics => {
                 return self.answer(reply, Failure::answer(FailureKind::BadArgument, "stats are per shard"));
             }
         };

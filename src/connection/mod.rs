@@ -442,7 +442,7 @@ impl Connection {
     /// more, so that means a bug, not a hostile peer.
     pub fn keep_remainder(&mut self, mut remainder: Vec<u8>, cap_bytes: usize) -> Verdict {
         if remainder.len() > cap_bytes {
-            tracing::error!(bytes = remainder.len(), cap_bytes, "input remainder over its cap");
+            crate::limited!(ERROR, bytes = remainder.len(), cap_bytes, "input remainder over its cap");
             return Verdict::Close;
         }
         if remainder.is_empty() {
@@ -555,7 +555,12 @@ impl Connection {
                 // away until the peer's FIN, bounded by close_timeout_ms.
                 if !closing {
                     io.count(Count::ProtocolError);
-                    tracing::debug!(code = violation.code, reason = violation.reason, "websocket protocol violation");
+                    crate::limited!(
+                        DEBUG,
+                        code = violation.code,
+                        reason = violation.reason,
+                        "websocket protocol violation"
+                    );
                     if self.close_websocket(violation.code, violation.reason, io, cx) == Verdict::Close {
                         return Step::Close;
                     }
@@ -739,7 +744,7 @@ impl Connection {
     /// frame to send and goes now (a session's client resumes from its buffer).
     fn slow_consumer(&mut self, io: &mut impl Io, cx: &Context<'_>) -> Verdict {
         io.count(Count::SlowConsumer);
-        tracing::debug!("closing slow consumer");
+        crate::limited!(DEBUG, "closing slow consumer");
         if !matches!(self.phase, Phase::WebSocket | Phase::Closing) {
             return Verdict::Close;
         }

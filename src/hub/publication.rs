@@ -5,6 +5,7 @@
 //! and connection only holds an `Arc` to it (invariant 2 in DESIGN.md).
 
 use std::sync::{Arc, OnceLock};
+use std::time::Instant;
 
 use kometa_protocol::json::ObjectWriter;
 use kometa_protocol::ws::{FrameBuilder, OPCODE_TEXT, SERVER_HEADER_BYTES_MAX};
@@ -29,6 +30,9 @@ pub struct Publication {
     pub epoch: Arc<str>,
     /// A push of presence counts: only for subscriptions that asked for them.
     pub presence_counts: bool,
+    /// When the owner accepted it (built it: in cluster mode, when it came
+    /// back from Redis): the start of the publish-to-write histogram.
+    pub accepted_at: Instant,
 }
 
 /// What a publication says, before it gets an offset.
@@ -134,6 +138,7 @@ impl Publication {
             sse: OnceLock::new(),
             epoch,
             presence_counts: false,
+            accepted_at: Instant::now(),
         }
     }
 

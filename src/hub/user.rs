@@ -148,6 +148,11 @@ impl OwnedUsers {
         OwnedUsers { users: HashMap::new(), shard_count, limits, inbox_users: 0, highest_seq: 0 }
     }
 
+    /// Messages waiting in inboxes (a pass over the users: for metrics).
+    pub fn inbox_messages(&self) -> usize {
+        self.users.values().map(|state| state.inbox.len()).sum()
+    }
+
     pub fn limits(&self) -> UserLimits {
         self.limits
     }

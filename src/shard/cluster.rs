@@ -303,7 +303,8 @@ impl Shard {
             })
         {
             self.metrics.publications_refused += 1;
-            Some(PublishRefusal::Overloaded)
+            self.metrics.limit_refusals.add(crate::limits::LimitKind::FanoutBacklogMax);
+            Some(PublishRefusal::FanoutBacklog)
         } else {
             None
         };
@@ -525,7 +526,7 @@ impl Shard {
     /// straight back to whoever asked. Stats stay local.
     pub(crate) fn cluster_query(&mut self, request: QueryRequest) {
         match &request.query {
-            Query::Stats => {
+            Query::Stats | Query::Metrics => {
                 let answer = self.answer_query(request.query, &request.reply);
                 self.send_answer(request.reply, answer);
             }

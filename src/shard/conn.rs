@@ -53,12 +53,12 @@ impl Shard {
                     Some(libc::EAGAIN) => break,
                     Some(libc::EINTR | libc::ECONNABORTED | libc::EPROTO) => continue,
                     Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM) => {
-                        tracing::warn!(shard = self.id, %error, "accept failed: out of descriptors or memory; pausing accepts for 100 ms");
+                        crate::limited!(WARN, shard = self.id, %error, "accept failed: out of descriptors or memory; pausing accepts for 100 ms");
                         self.pause_accepting();
                         break;
                     }
                     _ => {
-                        tracing::warn!(shard = self.id, %error, "accept failed");
+                        crate::limited!(WARN, shard = self.id, %error, "accept failed");
                         break;
                     }
                 },
@@ -78,7 +78,7 @@ impl Shard {
     /// Accepting stopped on an error (out of descriptors or memory): pause,
     /// then start again.
     pub(crate) fn accept_failed(&mut self, error: &io::Error) {
-        tracing::warn!(shard = self.id, %error, "accept failed; pausing accepts for 100 ms");
+        crate::limited!(WARN, shard = self.id, %error, "accept failed; pausing accepts for 100 ms");
         self.pause_accepting();
     }
 
@@ -87,6 +87,9 @@ impl Shard {
         if open > self.shared.connections_max || self.is_draining() || self.conns.len() >= (u32::MAX - 2) as usize {
             self.shared.connections.fetch_sub(1, Ordering::Relaxed);
             self.metrics.connections_refused += 1;
+            if open > self.shared.connections_max {
+                self.metrics.limit_refusals.add(crate::limits::LimitKind::ConnectionsMax);
+            }
             refuse_at_accept(&fd, REFUSED_RESPONSE);
             return;
         }
@@ -108,7 +111,7 @@ impl Shard {
         let tls = match self.new_tls_session() {
             Ok(tls) => tls,
             Err(error) => {
-                tracing::warn!(shard = self.id, %error, "cannot start a TLS session");
+                crate::limited!(WARN, shard = self.id, %error, "cannot start a TLS session");
                 self.shared.connections.fetch_sub(1, Ordering::Relaxed);
                 if let Some(peer) = peer {
                     self.shared.limiter.close(peer, self.shared.limiter.now_ms());
@@ -142,7 +145,7 @@ impl Shard {
         let key = entry.key() as ConnKey;
         let token = conn_token(key, generation);
         if let Err(error) = self.driver.watch_socket(fd.as_raw_fd(), token) {
-            tracing::warn!(shard = self.id, %error, "cannot watch a new socket");
+            crate::limited!(WARN, shard = self.id, %error, "cannot watch a new socket");
             self.shared.connections.fetch_sub(1, Ordering::Relaxed);
             if let Some(peer) = peer {
                 self.shared.limiter.close(peer, self.shared.limiter.now_ms());
@@ -559,6 +562,7 @@ impl Shard {
         if !matches!(conn.state.phase(), Phase::WebSocket | Phase::Session) {
             return;
         }
+        self.metrics.deliveries += 1;
         self.send_item(key, OutItem::Publication(Arc::clone(publication), Wire::WebSocket));
     }
 
@@ -569,6 +573,7 @@ impl Shard {
         match conn.state.phase() {
             Phase::WebSocket => {
                 self.metrics.messages_out += publications.len() as u64;
+                self.metrics.deliveries += publications.len() as u64;
                 self.drive_key(key, |conn, io, cx| conn.send_publications(publications, io, cx));
             }
             Phase::Session => {

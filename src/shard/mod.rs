@@ -34,8 +34,11 @@ use slab::Slab;
 
 use crate::bus::limiter::AddressKey;
 use crate::bus::message::ShardStats;
+use crate::bus::metrics::{LatencyHistogram, RefusalCounts, ShardMetrics, Transport};
 use crate::bus::Endpoint;
 use crate::config::Config;
+use crate::connection::http::{HttpRole, SessionKind};
+use crate::connection::Phase;
 use crate::connection::{Connection, Marks};
 use crate::hub::channel::OwnedChannels;
 use crate::hub::index::{ConnKey, LocalChannelId, LocalIndex};
@@ -146,6 +149,16 @@ pub struct Metrics {
     pub tls_failures: u64,
     /// Peers refused by a limit against abuse, by kind.
     pub limit_refusals: LimitRefusals,
+    /// Publications and user messages written or queued to connections.
+    pub deliveries: u64,
+    /// WebSocket upgrades, SSE sessions, long-poll sessions started
+    /// (`bus::metrics::HANDSHAKE_LABELS`).
+    pub handshakes: [u64; 3],
+    /// Publications refused to this shard's clients, by reason.
+    pub refusals: RefusalCounts,
+    /// From an owner's acceptance of a publication to its last write on
+    /// this shard.
+    pub publish_to_write: LatencyHistogram,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -390,7 +403,7 @@ impl Shard {
     fn poll_events(&mut self) -> usize {
         let mut events = std::mem::take(&mut self.events);
         if let Err(error) = self.driver.poll(&mut events, EVENTS_PER_TICK) {
-            tracing::error!(shard = self.id, %error, driver = self.driver.name(), "polling for readiness failed");
+            crate::limited!(ERROR, shard = self.id, %error, driver = self.driver.name(), "polling for readiness failed");
         }
         let count = events.len();
         for event in events.drain(..) {
@@ -513,6 +526,14 @@ impl Shard {
                 }
                 self.deliver_all(key, &frames);
             }
+            if finished {
+                // This shard's last write of these publications.
+                let now = Instant::now();
+                for publication in publications.iter().filter(|p| p.offset > 0) {
+                    let elapsed_us = now.saturating_duration_since(publication.accepted_at).as_micros();
+                    self.metrics.publish_to_write.observe_us(u64::try_from(elapsed_us).unwrap_or(u64::MAX));
+                }
+            }
             delivered += targets.len() * batch;
             if started.elapsed() >= FANOUT_TICK_BUDGET {
                 break;
@@ -549,6 +570,49 @@ impl Shard {
             publications_refused: self.metrics.publications_refused,
             fanout_backlog: self.shared.fanout_backlog[self.id].load(Ordering::Relaxed) as u64,
             limit_refusals: self.metrics.limit_refusals,
+        }
+    }
+
+    /// Figures for `/metrics`: the `STATS` counters plus sockets by
+    /// transport, queue depths, history and inbox sizes. One pass over the
+    /// slab, the owned channels and users (as `STATS` passes over the slab).
+    pub fn metrics_snapshot(&self) -> ShardMetrics {
+        let mut sockets = [0u64; 4];
+        let (mut sessions_sse, mut sessions_long_poll) = (0, 0);
+        for (_, conn) in &self.conns {
+            let transport = match conn.state.phase() {
+                Phase::Session => {
+                    if let Some(HttpRole::Session(session)) = conn.state.http.as_deref() {
+                        match session.kind {
+                            SessionKind::Sse => sessions_sse += 1,
+                            SessionKind::LongPoll => sessions_long_poll += 1,
+                        }
+                    }
+                    continue;
+                }
+                Phase::WebSocket => Transport::WebSocket,
+                Phase::Closing if conn.state.marks.contains(Marks::UPGRADED) => Transport::WebSocket,
+                Phase::Stream => Transport::Sse,
+                Phase::Polling => Transport::LongPoll,
+                Phase::Http | Phase::Closing | Phase::Lingering => Transport::Http,
+            };
+            sockets[transport as usize] += 1;
+        }
+        let metrics = &self.metrics;
+        ShardMetrics {
+            stats: self.stats(),
+            sockets,
+            sessions_sse,
+            sessions_long_poll,
+            handshakes: metrics.handshakes,
+            deliveries: metrics.deliveries,
+            refusals: metrics.refusals,
+            bus_inbound: self.bus.inbound_len() as u64,
+            bus_overflow: self.bus.overflow_len() as u64,
+            history_publications: self.owned.iter().map(|c| c.history.len() as u64).sum(),
+            inbox_messages: self.users.inbox_messages() as u64,
+            inbox_users: self.users.inbox_users() as u64,
+            publish_to_write: metrics.publish_to_write,
         }
     }
 
@@ -589,7 +653,7 @@ impl Shard {
         self.accept_paused_until_ms = None;
         if let Some(listener) = &self.listener {
             if let Err(error) = self.driver.start_accepting(listener.as_raw_fd(), TOKEN_LISTENER) {
-                tracing::warn!(shard = self.id, %error, "cannot start accepting again; retrying in 100 ms");
+                crate::limited!(WARN, shard = self.id, %error, "cannot start accepting again; retrying in 100 ms");
                 self.accept_paused_until_ms = Some(self.now_ms + 100);
             }
         }
@@ -612,7 +676,7 @@ impl Shard {
             }
         };
         if let Err(error) = result {
-            tracing::error!(shard = self.id, %error, "cannot watch a descriptor again");
+            crate::limited!(ERROR, shard = self.id, %error, "cannot watch a descriptor again");
         }
     }
 }

@@ -54,6 +54,10 @@ impl Shard {
         if end >= capacity {
             self.sweep_cursor = 0;
             self.next_sweep_ms = self.now_ms + sweep_interval_ms;
+            if self.id == 0 {
+                // Counts of rate-limited warnings whose call sites went quiet.
+                crate::log::report_suppressed();
+            }
             if self.now_ms >= self.next_channel_sweep_ms {
                 self.next_channel_sweep_ms = self.now_ms + CHANNEL_SWEEP_INTERVAL_MS.max(sweep_interval_ms);
                 let config = Arc::clone(&self.config);

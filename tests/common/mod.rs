@@ -36,6 +36,8 @@ pub struct Server {
     pub dir: PathBuf,
     /// Lines the server wrote to stderr (its log), collected in the background.
     pub log: mpsc::Receiver<String>,
+    /// The ready line the server printed on stdout.
+    pub ready: String,
 }
 
 impl Server {
@@ -95,13 +97,25 @@ impl Server {
         let line = ready_rx.recv_timeout(TIMEOUT).expect("server did not print its ready line");
         let listen = line.split_whitespace().find_map(|w| w.strip_prefix("listen=")).expect("listen= in ready line");
         let port = listen.rsplit(':').next().and_then(|p| p.parse().ok()).expect("port");
-        Server { child: Some(child), port, admin: AdminAddress::Unix(admin_path), dir, log }
+        Server { child: Some(child), port, admin: AdminAddress::Unix(admin_path), dir, log, ready: line }
     }
 
     /// A handle to a server started elsewhere (for worker threads); it
     /// neither stops the server nor removes its files when dropped.
     pub fn view(port: u16, admin: AdminAddress) -> Server {
-        Server { child: None, port, admin, dir: PathBuf::new(), log: mpsc::channel().1 }
+        Server { child: None, port, admin, dir: PathBuf::new(), log: mpsc::channel().1, ready: String::new() }
+    }
+
+    /// The port of an optional listener named in the ready line
+    /// (`metrics=ADDR:PORT`, `api=ADDR:PORT`).
+    pub fn listener_port(&self, name: &str) -> u16 {
+        let prefix = format!("{name}=");
+        self.ready
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix(prefix.as_str()))
+            .and_then(|address| address.rsplit(':').next())
+            .and_then(|port| port.parse().ok())
+            .unwrap_or_else(|| panic!("no {name}= in the ready line: {}", self.ready))
     }
 
     pub fn url(&self, path: &str) -> String {
@@ -253,6 +267,25 @@ pub fn raw_websocket(server: &Server) -> TcpStream {
     stream
 }
 
+/// A WebSocket subscribed to `channel` that never reads: a raw socket with
+/// a small receive buffer, so its outbox fills fast (slow-consumer tests).
+pub fn slow_subscriber(server: &Server, channel: &str) -> TcpStream {
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    socket.connect(&std::net::SocketAddr::from(([127, 0, 0, 1], server.port)).into()).unwrap();
+    let mut stream: TcpStream = socket.into();
+    stream.set_read_timeout(Some(TIMEOUT)).unwrap();
+    stream
+        .write_all(b"GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n")
+        .unwrap();
+    assert!(read_http_head(&mut stream).starts_with("HTTP/1.1 101"));
+    let subscribe = serde_json::json!({"op": "subscribe", "channel": channel, "id": 1}).to_string();
+    stream.write_all(&client_frame(0x81, subscribe.as_bytes())).unwrap();
+    let (_, reply) = read_server_frame(&mut stream).unwrap();
+    assert!(String::from_utf8_lossy(&reply).contains("\"ok\":true"));
+    stream
+}
+
 /// Reads up to the end of an HTTP response head, byte by byte.
 pub fn read_http_head(stream: &mut TcpStream) -> String {
     let mut head = Vec::new();
@@ -337,7 +370,13 @@ impl HttpResponse {
 
 /// One request on a fresh connection (`Connection: close`), whole response.
 pub fn http(server: &Server, method: &str, target: &str, headers: &[(&str, &str)], body: &[u8]) -> HttpResponse {
-    let mut stream = server.tcp();
+    http_at(server.port, method, target, headers, body)
+}
+
+/// `http` to another listener of the server (metrics, HTTP API).
+pub fn http_at(port: u16, method: &str, target: &str, headers: &[(&str, &str)], body: &[u8]) -> HttpResponse {
+    let mut stream = TcpStream::connect(("127.0.0.1", port)).expect("tcp connect");
+    stream.set_read_timeout(Some(TIMEOUT)).expect("timeout");
     let mut request = format!("{method} {target} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n");
     for (name, value) in headers {
         request.push_str(&format!("{name}: {value}\r\n"));
@@ -350,6 +389,11 @@ pub fn http(server: &Server, method: &str, target: &str, headers: &[(&str, &str)
     stream.write_all(body).expect("write body");
     let mut response = Vec::new();
     stream.read_to_end(&mut response).expect("read response");
+    parse_response(&response)
+}
+
+/// Splits a whole response into status, head and body.
+pub fn parse_response(response: &[u8]) -> HttpResponse {
     let split = response.windows(4).position(|w| w == b"\r\n\r\n").expect("response head");
     let head = String::from_utf8_lossy(&response[..split]).into_owned();
     let status = head.split_whitespace().nth(1).and_then(|s| s.parse().ok()).expect("status");
@@ -545,4 +589,69 @@ pub fn eventually<T>(what: &str, mut check: impl FnMut() -> Option<T>) -> T {
         assert!(Instant::now() < deadline, "timed out waiting for {what}");
         std::thread::sleep(Duration::from_millis(25));
     }
+}
+
+// ---- /metrics, parsed by the Prometheus project's Python parsers ----
+
+const INSTALL_HINT: &str = "run scripts/install-test-deps.sh (it installs prometheus_client into .venv)";
+
+pub fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+pub fn python() -> PathBuf {
+    let venv = repo().join(".venv/bin/python");
+    if venv.is_file() {
+        venv
+    } else {
+        PathBuf::from("python3")
+    }
+}
+
+/// Scrapes `/metrics` (`metrics.listen`) and parses it with the Python parser for the format
+/// the server chose (OpenMetrics when asked for, else Prometheus text).
+pub fn scrape_metrics(server: &Server, openmetrics: bool) -> Value {
+    let accept = if openmetrics { "application/openmetrics-text; version=1.0.0" } else { "text/plain" };
+    let response = http_at(server.listener_port("metrics"), "GET", "/metrics", &[("Accept", accept)], b"");
+    assert_eq!(response.status, 200, "{}", response.head);
+    let content_type = response.header("Content-Type").unwrap_or_default();
+    let expected = if openmetrics { "application/openmetrics-text" } else { "text/plain; version=0.0.4" };
+    assert!(content_type.starts_with(expected), "{content_type}");
+    let mut child = Command::new(python())
+        .arg(repo().join("tests/parse_metrics.py"))
+        .arg(if openmetrics { "openmetrics" } else { "prometheus" })
+        .env("PYTHONDONTWRITEBYTECODE", "1")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot start {} ({e}); {INSTALL_HINT}", python().display()));
+    child.stdin.take().expect("stdin").write_all(&response.body).expect("write the scrape");
+    let output = child.wait_with_output().expect("parser");
+    assert!(
+        output.status.success(),
+        "the Prometheus parser refused the scrape ({INSTALL_HINT} if prometheus_client is missing):\n{}\n{}",
+        String::from_utf8_lossy(&output.stderr),
+        String::from_utf8_lossy(&response.body)
+    );
+    serde_json::from_slice(&output.stdout).expect("parser output")
+}
+
+/// The sum of the samples called `sample` whose labels include `labels`.
+pub fn metric_value(metrics: &Value, sample: &str, labels: &[(&str, &str)]) -> f64 {
+    let mut found = false;
+    let mut sum = 0.0;
+    for family in metrics.as_object().expect("families").values() {
+        for entry in family["samples"].as_array().expect("samples") {
+            if entry[0] != sample {
+                continue;
+            }
+            if labels.iter().all(|(name, expected)| entry[1][*name] == *expected) {
+                found = true;
+                sum += entry[2].as_f64().expect("a number");
+            }
+        }
+    }
+    assert!(found, "no sample {sample} with {labels:?}");
+    sum
 }

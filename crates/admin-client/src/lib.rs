@@ -248,6 +248,26 @@ impl AdminClient {
         Ok(decode_published(&payload)?)
     }
 
+    /// Publishes `data` to each of `channels` (one offset in each):
+    /// `{"results":[{"channel":…,"offset":…,…} or {"channel":…,"error":{…}}]}`.
+    pub fn publish_many(
+        &mut self,
+        channels: &[&str],
+        event: &str,
+        data: &[u8],
+    ) -> Result<serde_json::Value, ClientError> {
+        // More than u16::MAX channels cannot be said; the server's own cap
+        // (limits.query_items_max) is far below it.
+        let channels = &channels[..channels.len().min(usize::from(u16::MAX))];
+        self.call_json(opcode::PUBLISH_MANY, |w| {
+            w.u16(channels.len() as u16);
+            for channel in channels {
+                w.str16(channel);
+            }
+            w.str16(event).bytes32(data);
+        })
+    }
+
     /// Server statistics as a JSON document.
     pub fn stats(&mut self) -> Result<serde_json::Value, ClientError> {
         self.call_json(opcode::STATS, |_| {})
