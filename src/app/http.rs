@@ -38,7 +38,12 @@ impl Shard {
             },
             "/ws" => return self.upgrade(key, request, false),
             path if self.config.echo_path.as_deref() == Some(path) => return self.upgrade(key, request, true),
-            _ => self.respond(key, 404, &[], "not found", keep_alive, with_body),
+            _ => {
+                if let Some(held) = self.sockjs_request(key, generation, request, body, input) {
+                    return held;
+                }
+                self.respond(key, 404, &[], "not found", keep_alive, with_body);
+            }
         }
         false
     }
@@ -74,21 +79,8 @@ impl Shard {
         self.send_owned(key, response);
     }
 
-    fn upgrade(&mut self, key: ConnKey, request: &Request<'_>, echo: bool) -> bool {
-        let upgrade = match ws::check_upgrade(request, &self.config.allowed_origins) {
-            Ok(upgrade) => upgrade,
-            Err(refusal) => {
-                self.respond(key, refusal.status, refusal.headers, refusal.reason, false, true);
-                self.end_after_flush(key);
-                return false;
-            }
-        };
-        if self.cluster_refuses() {
-            let reason = "the cluster's Redis is unreachable; try another node";
-            self.respond(key, 503, &[("Retry-After", "1")], reason, false, true);
-            self.end_after_flush(key);
-            return false;
-        }
+    pub(crate) fn upgrade(&mut self, key: ConnKey, request: &Request<'_>, echo: bool) -> bool {
+        let Some(upgrade) = self.check_upgrade(key, request) else { return false };
         // A token in the URL is checked before the upgrade: a bad one gets
         // 401 with the reason, never an anonymous connection.
         let identity = match request.query_param("token") {
@@ -102,18 +94,45 @@ impl Shard {
                 }
             },
         };
-        let mut response = Vec::with_capacity(160);
-        ws::write_upgrade_response(&mut response, &upgrade);
-        self.send_owned(key, response);
-        let cx = Context { now_ms: self.now_ms, limits: &self.config.limits, timeouts: &self.config.timeouts };
-        let Some(conn) = self.conns.get_mut(key as usize) else { return false };
-        conn.state.upgraded(echo, &cx);
-        self.metrics.websockets += 1;
+        let Some(generation) = self.complete_upgrade(key, &upgrade, echo) else { return false };
         if let Some(identity) = identity {
-            let generation = conn.state.generation();
             self.register_user(key, generation, identity, None, false);
         }
         true
+    }
+
+    /// The checks of a WebSocket upgrade (RFC 6455, origins, a cluster
+    /// that turns new connections away); a refusal is answered and the
+    /// connection ends.
+    pub(crate) fn check_upgrade(&mut self, key: ConnKey, request: &Request<'_>) -> Option<ws::Upgrade> {
+        let upgrade = match ws::check_upgrade(request, &self.config.allowed_origins) {
+            Ok(upgrade) => upgrade,
+            Err(refusal) => {
+                self.respond(key, refusal.status, refusal.headers, refusal.reason, false, true);
+                self.end_after_flush(key);
+                return None;
+            }
+        };
+        if self.cluster_refuses() {
+            let reason = "the cluster's Redis is unreachable; try another node";
+            self.respond(key, 503, &[("Retry-After", "1")], reason, false, true);
+            self.end_after_flush(key);
+            return None;
+        }
+        Some(upgrade)
+    }
+
+    /// Answers 101: the connection speaks WebSocket from now on. Returns its
+    /// generation.
+    pub(crate) fn complete_upgrade(&mut self, key: ConnKey, upgrade: &ws::Upgrade, echo: bool) -> Option<u32> {
+        let mut response = Vec::with_capacity(160);
+        ws::write_upgrade_response(&mut response, upgrade);
+        self.send_owned(key, response);
+        let cx = Context { now_ms: self.now_ms, limits: &self.config.limits, timeouts: &self.config.timeouts };
+        let conn = self.conns.get_mut(key as usize)?;
+        conn.state.upgraded(echo, &cx);
+        self.metrics.websockets += 1;
+        Some(conn.state.generation())
     }
 
     /// Sends a plain-text response.

@@ -209,6 +209,8 @@ pub struct Shard {
     pub(crate) next_sweep_ms: u64,
     pub(crate) sweep_cursor: usize,
     pub(crate) next_channel_sweep_ms: u64,
+    /// SockJS sessions here, by the ids their clients chose.
+    pub(crate) sockjs: crate::connection::sockjs::Registry,
 }
 
 impl Shard {
@@ -278,6 +280,7 @@ impl Shard {
             next_sweep_ms: config.timeouts.sweep_interval_ms,
             sweep_cursor: 0,
             next_channel_sweep_ms: 0,
+            sockjs: Default::default(),
             config,
         })
     }

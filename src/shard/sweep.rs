@@ -49,6 +49,7 @@ impl Shard {
         if end >= capacity {
             self.sweep_cursor = 0;
             self.next_sweep_ms = self.now_ms + sweep_interval_ms;
+            self.sockjs_sweep();
             if self.now_ms >= self.next_channel_sweep_ms {
                 self.next_channel_sweep_ms = self.now_ms + CHANNEL_SWEEP_INTERVAL_MS.max(sweep_interval_ms);
                 let config = Arc::clone(&self.config);
