@@ -2,7 +2,8 @@
 # Installs what the test suite needs beyond the Rust toolchain, idempotently:
 #   - python3 with venv (Debian: python3, python3-venv) when missing
 #   - a project-local virtualenv (.venv) with the Autobahn runner (kosoku)
-#     and the `websockets` client used by cross-implementation tests
+#     and the `websockets` client used by cross-implementation tests and the
+#     SockJS conformance tests (tests/sockjs; otherwise the standard library)
 #   - php-cli (scripts/install-php.sh) for the PHP admin client's tests
 #   - redis-server (Debian) for the cluster tests, which start their own
 #     instances on free ports.
