@@ -390,7 +390,7 @@ fn jii_comet_over_sockjs() {
 }
 
 #[test]
-fn jii_comet_over_xhr_polling() {
+fn jii_comet_over_xhr_polling_and_a_raw_websocket() {
     let server = Server::start(2, &config(""));
     let url = session_url("/comet", "jx");
     assert_eq!(xhr(&server, &url), vec![Frame::Open]);
@@ -401,6 +401,22 @@ fn jii_comet_over_xhr_polling() {
     assert_eq!(xhr_send(&server, &url, &[r#"action a/b {"requestUid":7}"#]), 204);
     let answer = &xhr_messages(&server, &url)[0];
     assert!(answer.starts_with(r#"action {"requestUid":"7","error":"rpc_unavailable""#), "{answer}");
+
+    // `/comet/websocket`: one Jii line per WebSocket message, no SockJS frames.
+    let mut raw = server.client_at("/comet/websocket");
+    let line = |raw: &mut common::Client| loop {
+        match raw.socket.read().expect("read") {
+            Message::Text(text) => return text.to_string(),
+            Message::Ping(_) | Message::Pong(_) => continue,
+            other => panic!("unexpected {other:?}"),
+        }
+    };
+    for text in ["subscribe web_room", "unsubscribe sync-marker"] {
+        raw.socket.send(Message::Text(text.into())).expect("send");
+    }
+    assert!(line(&mut raw).contains("not_subscribed"));
+    server.publish("web_room", "message", r#"{"n":1}"#);
+    assert_eq!(line(&mut raw), r#"channel web_room {"n":1}"#);
 }
 
 // -- Limits ------------------------------------------------------------------

@@ -655,8 +655,11 @@ for (const [name, config, options, transport] of [
   test(`sockjs-client subscribes and receives over ${name}`, async (t) => {
     const srv = await t.server({ config });
     const page = await sockjsPage(t);
-    await page.evaluate(([u, o]) => S.connect(u, o), [srv.url + "/sockjs", options]);
-    await until(page, () => S.opened);
+    // sockjs-client gives a transport a few round trips of /info to open;
+    // a loaded CI machine needs longer (its documented `timeout` option).
+    await page.evaluate(([u, o]) => S.connect(u, o), [srv.url + "/sockjs", { timeout: 10000, ...options }]);
+    await until(page, () => S.opened || S.closed);
+    assert.equal(await page.evaluate(() => S.closed), null, "the session opens");
     assert.equal(await page.evaluate(() => S.transport()), transport);
     const reply = (id) => until(page, (i) => S.json().some((m) => m.id === i), id).then(() =>
       page.evaluate((i) => S.json().find((m) => m.id === i), id));
@@ -692,7 +695,7 @@ for (const [name, config, options, transport] of [
 test("Jii-comet through sockjs-client at /comet", async (t) => {
   const srv = await t.server();
   const page = await sockjsPage(t);
-  await page.evaluate((u) => S.connect(u), srv.url + "/comet");
+  await page.evaluate((u) => S.connect(u, { timeout: 10000 }), srv.url + "/comet");
   await until(page, () => S.opened);
   // Commands run in order: the refused unsubscribe comes after the subscribe.
   await page.evaluate(() => { S.send("subscribe news"); S.send("unsubscribe not-subscribed"); });
