@@ -2,7 +2,8 @@
 # Browser tests of the JavaScript client (client/kometa.js) in Debian's
 # headless Chromium, against real Kometa servers: every transport, fallback
 # when WebSocket is blocked, resume after a cut or a restart, one connection
-# shared by tabs with leader takeover, user messages and acks, the demo page.
+# shared by tabs with leader takeover, user messages and acks, the demo page;
+# and the stock sockjs-client against /sockjs and /comet (docs/sockjs.md).
 #
 #   scripts/browser-test.sh [NAME_SUBSTRING...]    (runs the matching tests only)
 #

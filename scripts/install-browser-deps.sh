@@ -2,9 +2,11 @@
 # Installs what the browser tests (tests/browser) need, idempotently:
 #   - Debian's chromium (apt-get), only when /usr/bin/chromium is missing
 #   - node and npm (Debian: nodejs, npm), only when missing
-#   - playwright-core into tests/browser/node_modules with `npm ci`, from the
-#     committed package.json + package-lock.json. It drives the system
-#     Chromium; no browser is ever downloaded (PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD).
+#   - playwright-core and sockjs-client into tests/browser/node_modules with
+#     `npm ci`, from the committed package.json + package-lock.json (pinned).
+#     playwright-core drives the system Chromium; no browser is ever
+#     downloaded (PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD). sockjs-client is the
+#     stock SockJS browser library the SockJS tests load (never committed).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -30,10 +32,22 @@ if [ "${#missing[@]}" -gt 0 ]; then
 fi
 
 cd tests/browser
-want=$(node -p 'require("./package-lock.json").packages["node_modules/playwright-core"].version')
-have=$(node -p 'try { require("./node_modules/playwright-core/package.json").version } catch (e) { "" }')
-if [ "$want" != "$have" ]; then
-    echo "install-browser-deps: npm ci (playwright-core ${want})"
+# "name@version" of each pinned package: as locked (lock) or as installed.
+versions() {
+    node -e '
+        const lock = process.argv[1] === "lock";
+        const version = (name) => {
+            try {
+                return lock ? require("./package-lock.json").packages["node_modules/" + name].version
+                            : require("./node_modules/" + name + "/package.json").version;
+            } catch (e) { return ""; }
+        };
+        console.log(["playwright-core", "sockjs-client"].map((name) => name + "@" + version(name)).join(" "));
+    ' "$1"
+}
+want=$(versions lock)
+if [ "$want" != "$(versions installed)" ]; then
+    echo "install-browser-deps: npm ci (${want})"
     PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD=1 npm ci --no-audit --no-fund --loglevel=error
 fi
-echo "install-browser-deps: ready ($(/usr/bin/chromium --version 2>/dev/null | head -1), node $(node --version), playwright-core ${want})"
+echo "install-browser-deps: ready ($(/usr/bin/chromium --version 2>/dev/null | head -1), node $(node --version), ${want})"

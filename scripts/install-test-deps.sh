@@ -2,9 +2,10 @@
 # Installs what the test suite needs beyond the Rust toolchain, idempotently:
 #   - python3 with venv (Debian: python3, python3-venv) when missing
 #   - a project-local virtualenv (.venv) with the Autobahn runner (kosoku),
-#     the `websockets` client used by cross-implementation tests, and the
-#     Prometheus project's `prometheus_client`, whose text parsers check
-#     /metrics (tests/metrics.rs through tests/parse_metrics.py)
+#     the `websockets` client used by cross-implementation tests and the
+#     SockJS conformance tests (tests/sockjs), and the Prometheus project's
+#     `prometheus_client`, whose text parsers check /metrics
+#     (tests/metrics.rs through tests/parse_metrics.py)
 #   - php-cli (scripts/install-php.sh) for the PHP admin client's tests
 #   - redis-server (Debian) for the cluster tests, which start their own
 #     instances on free ports.

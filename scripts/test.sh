@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # The whole test suite, as CI runs it:
 #   1. unit and property tests, integration tests against a real server over
-#      real sockets (cargo test), once with each I/O driver (io_uring, epoll)
+#      real sockets (cargo test), once with each I/O driver (io_uring, epoll);
+#      these include the SockJS conformance tests (tests/sockjs, Python, run
+#      by tests/sockjs.rs)
 #   2. Autobahn WebSocket conformance against the real server, each driver
 #   3. the JavaScript client in headless Chromium against real servers
 # Installs what it needs first (scripts/install-test-deps.sh,

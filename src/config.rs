@@ -147,6 +147,72 @@ impl Default for UsersConfig {
     }
 }
 
+/// `[sockjs]`: SockJS endpoints for the stock `sockjs-client` library
+/// (docs/sockjs.md). Each SockJS session is a Kometa session: the client
+/// protocol's JSON commands travel inside SockJS messages at `prefix`, the
+/// Jii-comet text protocol at `jii_prefix`.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct SockJsConfig {
+    /// Serve SockJS at `prefix` (on by default, like SSE and long-polling:
+    /// nothing is spent until a client uses it).
+    pub enabled: bool,
+    /// Path of the SockJS service (the URL given to `new SockJS(…)`).
+    pub prefix: String,
+    /// Serve the Jii-comet text protocol over SockJS at `jii_prefix`.
+    pub jii_enabled: bool,
+    pub jii_prefix: String,
+    /// Offer the websocket transport (`/info` says so); when off, the
+    /// websocket URLs answer 404 and clients use the HTTP transports.
+    pub websocket: bool,
+    /// For load balancers that keep sessions sticky by cookie: `/info` says
+    /// `cookie_needed` and session responses set `JSESSIONID`.
+    pub cookie_needed: bool,
+    /// A heartbeat frame (`h`) goes to every SockJS session this often; a
+    /// waiting poll is answered with one.
+    pub heartbeat_interval_ms: u64,
+    /// A streaming response (xhr_streaming, eventsource, htmlfile) ends
+    /// once it has carried this many bytes, so the browser can free what
+    /// it holds; the client opens the next one (SockJS default: 128 KiB).
+    pub response_limit_bytes: usize,
+    /// Where `/iframe.html` loads sockjs-client from (an absolute URL or a
+    /// path starting with `/`).
+    pub client_url: String,
+    /// SockJS sessions over all shards (they also count in
+    /// `limits.http_sessions_max`); more are answered 503.
+    pub sessions_max: usize,
+    /// Messages a session has received and not yet handled. An HTTP send
+    /// that would pass it gets 429; a WebSocket is read no further until
+    /// the session catches up.
+    pub pending_messages_max: usize,
+    /// Bytes of those messages.
+    pub pending_bytes_max: usize,
+    /// The services the SockJS conformance suite expects at `/echo`,
+    /// `/close`, `/disabled_websocket_echo` and `/cookie_needed_echo`.
+    /// For tests only.
+    pub test_services: bool,
+}
+
+impl Default for SockJsConfig {
+    fn default() -> Self {
+        SockJsConfig {
+            enabled: true,
+            prefix: "/sockjs".into(),
+            jii_enabled: true,
+            jii_prefix: "/comet".into(),
+            websocket: true,
+            cookie_needed: false,
+            heartbeat_interval_ms: 25_000,
+            response_limit_bytes: 128 * 1024,
+            client_url: "https://cdn.jsdelivr.net/npm/sockjs-client@1/dist/sockjs.min.js".into(),
+            sessions_max: 100_000,
+            pending_messages_max: 1024,
+            pending_bytes_max: 256 * 1024,
+            test_services: false,
+        }
+    }
+}
+
 /// Which driver, as configured.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -469,6 +535,7 @@ pub struct Config {
     pub metrics: MetricsConfig,
     pub api: ApiConfig,
     pub log: LogConfig,
+    pub sockjs: SockJsConfig,
 }
 
 impl Default for Config {
@@ -499,6 +566,7 @@ impl Default for Config {
             metrics: MetricsConfig::default(),
             api: ApiConfig::default(),
             log: LogConfig::default(),
+            sockjs: SockJsConfig::default(),
         }
     }
 }
@@ -732,6 +800,7 @@ impl Config {
 
         self.validate_cluster()?;
         self.validate_edge()?;
+        self.validate_sockjs()?;
 
         let mut seen = std::collections::HashSet::new();
         for (index, namespace) in self.namespaces.iter().enumerate() {
@@ -797,6 +866,55 @@ impl Config {
         }
         if rpc.connect_headers.iter().any(|h| h.is_empty() || h.bytes().any(|b| b.is_ascii_uppercase())) {
             return Err(error("rpc.connect_headers", "header names must be non-empty and lower case"));
+        }
+        Ok(())
+    }
+
+    fn validate_sockjs(&self) -> Result<(), ConfigError> {
+        let s = &self.sockjs;
+        let mut prefixes = Vec::new();
+        for (key, enabled, prefix) in
+            [("sockjs.prefix", s.enabled, &s.prefix), ("sockjs.jii_prefix", s.jii_enabled, &s.jii_prefix)]
+        {
+            let path_byte = |b: u8| b.is_ascii_alphanumeric() || matches!(b, b'/' | b'-' | b'_' | b'.' | b'~');
+            if !prefix.starts_with('/') || prefix.ends_with('/') || !prefix.bytes().all(path_byte) {
+                return Err(error(key, format!("`{prefix}` must be a path like /sockjs (no trailing slash)")));
+            }
+            let taken = ["/ws", "/sse", "/poll", "/cmd", "/health", "/demo", "/echo", "/close"];
+            let test_paths = ["/disabled_websocket_echo", "/cookie_needed_echo"];
+            if taken.iter().chain(&test_paths).any(|path| prefix == path || prefix.starts_with(&format!("{path}/"))) {
+                return Err(error(key, format!("`{prefix}` is a path the server already serves")));
+            }
+            if enabled {
+                prefixes.push((key, prefix));
+            }
+        }
+        if let [(_, a), (key, b)] = prefixes[..] {
+            if a == b || a.starts_with(&format!("{b}/")) || b.starts_with(&format!("{a}/")) {
+                return Err(error(key, "must differ from sockjs.prefix (neither may contain the other)"));
+            }
+        }
+        let url = &s.client_url;
+        if !(url.starts_with('/') || url.starts_with("http://") || url.starts_with("https://"))
+            || url.bytes().any(|b| b <= b' ' || matches!(b, b'"' | b'<' | b'>' | b'\\' | 0x7f))
+        {
+            return Err(error(
+                "sockjs.client_url",
+                "must be an http(s) URL or a path starting with / (no quotes, <, > or spaces)",
+            ));
+        }
+        check_range("sockjs.heartbeat_interval_ms", s.heartbeat_interval_ms, 100, 3_600_000)?;
+        check_range("sockjs.response_limit_bytes", s.response_limit_bytes, 1024, 1 << 30)?;
+        check_range("sockjs.sessions_max", s.sessions_max, 1, 100_000_000)?;
+        check_range("sockjs.pending_messages_max", s.pending_messages_max, 1, 1 << 20)?;
+        check_range("sockjs.pending_bytes_max", s.pending_bytes_max, 1024, 1 << 30)?;
+        // One request body or WebSocket message must fit when nothing waits.
+        let one_send_bytes = self.limits.http_body_bytes_max.max(self.limits.client_message_bytes_max);
+        if s.pending_bytes_max < one_send_bytes {
+            return Err(error(
+                "sockjs.pending_bytes_max",
+                format!("must be at least limits.http_body_bytes_max and limits.client_message_bytes_max ({one_send_bytes})"),
+            ));
         }
         Ok(())
     }
@@ -1020,6 +1138,32 @@ mod tests {
         config.limits.client_commands_per_s = 0;
         config.limits.client_commands_burst = 0;
         config.limits.connections_per_ip_max = 0;
+        config.validate().unwrap();
+    }
+
+    #[test]
+    fn sockjs_settings_name_their_key() {
+        let mut config = Config::from_toml("[sockjs]\nprefix = \"/rt\"\nheartbeat_interval_ms = 1000\n").unwrap();
+        config.validate().unwrap();
+        assert_eq!(config.sockjs.prefix, "/rt");
+        assert!(config.sockjs.enabled && config.sockjs.jii_enabled);
+        for (toml, key) in [
+            ("prefix = \"sockjs\"", "sockjs.prefix"),
+            ("prefix = \"/sockjs/\"", "sockjs.prefix"),
+            ("prefix = \"/ws\"", "sockjs.prefix"),
+            ("jii_prefix = \"/sockjs\"", "sockjs.jii_prefix"),
+            ("jii_prefix = \"/sockjs/comet\"", "sockjs.jii_prefix"),
+            ("client_url = \"javascript:x\"", "sockjs.client_url"),
+            ("client_url = \"/a\\\"b\"", "sockjs.client_url"),
+            ("response_limit_bytes = 10", "sockjs.response_limit_bytes"),
+            ("pending_bytes_max = 2048", "sockjs.pending_bytes_max"),
+        ] {
+            let mut config = Config::from_toml(&format!("[sockjs]\n{toml}\n")).unwrap();
+            let error = config.validate().unwrap_err();
+            assert!(error.0.contains(key), "{toml}: {error}");
+        }
+        // A disabled Jii service may share nothing, so its prefix is not compared.
+        let mut config = Config::from_toml("[sockjs]\njii_enabled = false\njii_prefix = \"/sockjs\"\n").unwrap();
         config.validate().unwrap();
     }
 

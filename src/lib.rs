@@ -8,7 +8,7 @@
 //!
 //! | crate                 | does                                                       |
 //! |-----------------------|------------------------------------------------------------|
-//! | `kometa-protocol`     | sans-io codecs: HTTP heads, WebSocket frames, client JSON, admin frames, tokens |
+//! | `kometa-protocol`     | sans-io codecs: HTTP heads, WebSocket frames, client JSON, admin frames, tokens, SockJS, Jii-comet |
 //! | `kometa-admin-client` | the blocking admin client (CLI, load generator, backends)  |
 //! | `kometa-sys`          | checked wrappers over the socket, epoll and timer calls    |
 //! | `kometa-loadgen`      | `kometa load` and the floor server                         |
@@ -25,7 +25,7 @@
 //! | [`bus`]        | cross-shard bounded queues with eventfd wake-ups; message and query types; process-wide limit tables |
 //! | [`connection`] | one connection as a sans-io state machine: HTTP head, WebSocket, SSE, long-poll, closing; timers from a passed clock; bounded outbox |
 //! | [`shard`]      | the driver per core: I/O driver (io_uring or epoll), slab, reads, writes, fan-out, sweep |
-//! | [`app`]        | what requests and messages mean: routes, client commands, HTTP sessions, channel owners, users, queries |
+//! | [`app`]        | what requests and messages mean: routes, client commands, HTTP sessions, SockJS and Jii-comet, channel owners, users, queries |
 //! | [`admin`]      | the admin listener, `/metrics` and the HTTP API, on their own thread; the operations they share |
 //! | [`cluster`]    | cluster mode: the Redis gateway thread, scripts, key layout       |
 //! | [`server`]     | process start: limits, listeners, executors, signals              |

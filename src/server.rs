@@ -364,6 +364,7 @@ pub fn serve(config: Config, source: Option<ConfigSource>) -> Result<(), ServeEr
         shutting_down: AtomicBool::new(false),
         gateway_stop: AtomicBool::new(false),
         http_sessions: AtomicUsize::new(0),
+        sockjs_sessions: AtomicUsize::new(0),
         wakeups: Arc::clone(&wakeups),
         cluster_degraded: AtomicBool::new(clustered),
         cluster_health: std::sync::Mutex::new(String::new()),

@@ -573,6 +573,36 @@ proptest! {
 }
 
 // ---------------------------------------------------------------------------
+// SockJS payloads and URLs, Jii-comet lines
+
+proptest! {
+    #![proptest_config(config(512))]
+
+    #[test]
+    fn sockjs_arbitrary(body in vec(any::<u8>(), 0..200)) {
+        checks::sockjs(&body);
+    }
+
+    /// Arrays of strings with escapes (surrogates, controls, markup), then mutated.
+    #[test]
+    fn sockjs_payloads_mutated(
+        units in vec(vec(prop_oneof![0u32..0x80, 0xD7F0u32..0xE010, 0x2020u32..0x2070, 0xFFF0u32..0x1_0000], 0..12), 0..5),
+        replacements in vec((any::<usize>(), prop::sample::select(b"[]\\\"u,<".to_vec())), 0..3),
+    ) {
+        let strings: Vec<String> = units
+            .iter()
+            .map(|string| string.iter().map(|unit| format!("\\u{unit:04x}")).collect::<String>())
+            .collect();
+        let mut bytes = format!("[\"{}\"]", strings.join("\",\"")).into_bytes();
+        let decoded = kometa_protocol::sockjs::decode_messages(&bytes, 64).map(|messages| messages.len());
+        prop_assert_eq!(decoded, Ok(strings.len().max(1)));
+        checks::sockjs(&bytes);
+        replace_bytes(&mut bytes, &replacements);
+        checks::sockjs(&bytes);
+    }
+}
+
+// ---------------------------------------------------------------------------
 // Regression inputs found by the fuzz targets (scripts/fuzz.sh), minimised
 // with `cargo fuzz tmin`, with what the target reported.
 

@@ -558,3 +558,43 @@ pub fn session_ids(data: &[u8]) {
         assert_eq!(parse_event_id(&again), Some((session, seq)));
     }
 }
+
+// ---------------------------------------------------------------------------
+// sockjs
+
+/// SockJS client payloads (`sockjs::decode_messages`), SockJS URLs
+/// (`sockjs::route`), the Jii-comet parser, and the frames the server
+/// writes back (`write_messages`, `write_wrapped`).
+///
+/// Input: what a client sent (a payload, a path, a Jii line).
+///
+/// Invariants: nothing panics; at most the allowed number of messages
+/// decode; the server's own frame of decoded messages decodes again to as
+/// many messages, and a second round trip changes nothing (the first may
+/// pair an unpaired high surrogate with the low one after it); the escaped
+/// frame holds no raw control character, and inside htmlfile's script no
+/// `<` at all.
+pub fn sockjs(data: &[u8]) {
+    use kometa_protocol::sockjs::{decode_messages, route, write_messages, write_wrapped, Transport};
+    const MESSAGES_MAX: usize = 64;
+    let text = String::from_utf8_lossy(data);
+    let _ = route(&text);
+    let _ = kometa_protocol::jii::parse(&text);
+    let Ok(messages) = decode_messages(data, MESSAGES_MAX) else { return };
+    assert!(messages.len() <= MESSAGES_MAX);
+    let frame_of = |messages: &[Vec<u8>]| {
+        let mut frame = Vec::new();
+        write_messages(&mut frame, messages.iter().map(Vec::as_slice));
+        frame
+    };
+    let frame = frame_of(&messages);
+    assert!(!frame.iter().any(|&b| b < 0x20), "raw control character in {frame:?}");
+    let again = decode_messages(&frame[1..], MESSAGES_MAX).expect("the server's own frame decodes");
+    assert_eq!(again.len(), messages.len());
+    let twice = decode_messages(&frame_of(&again)[1..], MESSAGES_MAX).expect("decodes");
+    assert_eq!(twice, again);
+    let mut script = Vec::new();
+    write_wrapped(&mut script, Transport::HtmlFile, "", &frame);
+    let inside = &script[b"<script>\np(".len()..script.len() - b");\n</script>\r\n".len()];
+    assert!(!inside.contains(&b'<'), "htmlfile must escape <");
+}

@@ -178,7 +178,7 @@ impl Collector for Snapshot {
         })?;
         self.per_shard_by(
             e,
-            ("kometa_handshakes", "Handshakes completed: WebSocket upgrades, new SSE and long-poll sessions."),
+            ("kometa_handshakes", "Handshakes completed: WebSocket upgrades, new SSE, long-poll and SockJS sessions."),
             Counter,
             "transport",
             |s| HANDSHAKE_LABELS.iter().copied().zip(s.handshakes).collect(),
@@ -194,11 +194,11 @@ impl Collector for Snapshot {
             e,
             (
                 "kometa_http_sessions",
-                "SSE and long-poll sessions (they outlive their requests by timeouts.session_grace_ms).",
+                "SSE, long-poll and SockJS sessions (they outlive their requests by timeouts.session_grace_ms).",
             ),
             Gauge,
             "kind",
-            |s| vec![("sse", s.sessions_sse), ("long_poll", s.sessions_long_poll)],
+            |s| vec![("sse", s.sessions_sse), ("long_poll", s.sessions_long_poll), ("sockjs", s.sessions_sockjs)],
         )?;
         self.per_shard(e, "kometa_authenticated_connections", "Connections with a verified user token.", Gauge, |s| {
             s.stats.authenticated

@@ -41,7 +41,12 @@ impl Shard {
             // `OPTIONS *` (RFC 9110 §9.3.7): what the server allows.
             "*" => self.respond(key, 204, &[("Allow", "GET, HEAD, POST, OPTIONS")], "", keep_alive, false),
             path if self.config.echo_path.as_deref() == Some(path) => return self.upgrade(key, request, input, true),
-            _ => self.respond(key, 404, &[], "not found", keep_alive, with_body),
+            _ => {
+                if let Some(held) = self.sockjs_request(key, generation, request, body, input) {
+                    return held;
+                }
+                self.respond(key, 404, &[], "not found", keep_alive, with_body);
+            }
         }
         false
     }
@@ -77,27 +82,9 @@ impl Shard {
         self.send_owned(key, response);
     }
 
-    fn upgrade(&mut self, key: ConnKey, request: &Request<'_>, input: &[u8], echo: bool) -> bool {
-        let upgrade = match ws::check_upgrade(request, &self.config.allowed_origins, self.config.allow_missing_origin) {
-            Ok(upgrade) => upgrade,
-            Err(refusal) => {
-                self.respond(key, refusal.status, refusal.headers, refusal.reason, false, true);
-                self.end_after_flush(key);
-                return false;
-            }
-        };
-        if self.cluster_refuses() {
-            let reason = "the cluster's Redis is unreachable; try another node";
-            self.respond(key, 503, &[("Retry-After", "1")], reason, false, true);
-            self.end_after_flush(key);
-            return false;
-        }
-        if !self.handshake_allowed(key) {
-            let reason = "too many WebSocket handshakes from your address (limits.handshakes_per_ip_per_s)";
-            self.respond(key, 429, &[("Retry-After", "1")], reason, false, true);
-            self.end_after_flush(key);
-            return false;
-        }
+    /// `input`: the request head and what follows (for the connect proxy).
+    pub(crate) fn upgrade(&mut self, key: ConnKey, request: &Request<'_>, input: &[u8], echo: bool) -> bool {
+        let Some(upgrade) = self.check_upgrade(key, request) else { return false };
         // A token in the URL is checked before the upgrade: a bad one gets
         // 401 with the reason, never an anonymous connection.
         let identity = match request.query_param("token") {
@@ -111,20 +98,12 @@ impl Shard {
                 }
             },
         };
-        let mut response = Vec::with_capacity(160);
-        ws::write_upgrade_response(&mut response, &upgrade);
-        self.send_owned(key, response);
-        let cx = Context { now_ms: self.now_ms, limits: &self.config.limits, timeouts: &self.config.timeouts };
-        let Some(conn) = self.conns.get_mut(key as usize) else { return false };
-        conn.state.upgraded(echo, &cx);
-        self.metrics.websockets += 1;
-        self.metrics.handshakes[0] += 1;
-        let generation = conn.state.generation();
+        let Some(generation) = self.complete_upgrade(key, &upgrade, echo) else { return false };
         match identity {
             Some(identity) => self.register_user(key, generation, identity, None, false),
             // No token: the backend may know the user from its cookie.
             None if !echo && self.connect_proxy_enabled() => {
-                let headers = self.proxy_headers(&input[..request.head_len]);
+                let headers = self.proxy_headers(&input[..request.head_len.min(input.len())]);
                 self.connect_proxy(key, generation, headers);
             }
             None => {}
@@ -142,6 +121,47 @@ impl Shard {
         }
         self.metrics.limit_refusals.add(LimitKind::HandshakesPerIp);
         false
+    }
+
+    /// The checks of a WebSocket upgrade (RFC 6455, origins, a cluster
+    /// that turns new connections away, handshakes per address); a refusal
+    /// is answered and the connection ends.
+    pub(crate) fn check_upgrade(&mut self, key: ConnKey, request: &Request<'_>) -> Option<ws::Upgrade> {
+        let upgrade = match ws::check_upgrade(request, &self.config.allowed_origins, self.config.allow_missing_origin) {
+            Ok(upgrade) => upgrade,
+            Err(refusal) => {
+                self.respond(key, refusal.status, refusal.headers, refusal.reason, false, true);
+                self.end_after_flush(key);
+                return None;
+            }
+        };
+        if self.cluster_refuses() {
+            let reason = "the cluster's Redis is unreachable; try another node";
+            self.respond(key, 503, &[("Retry-After", "1")], reason, false, true);
+            self.end_after_flush(key);
+            return None;
+        }
+        if !self.handshake_allowed(key) {
+            let reason = "too many WebSocket handshakes from your address (limits.handshakes_per_ip_per_s)";
+            self.respond(key, 429, &[("Retry-After", "1")], reason, false, true);
+            self.end_after_flush(key);
+            return None;
+        }
+        Some(upgrade)
+    }
+
+    /// Answers 101: the connection speaks WebSocket from now on. Returns its
+    /// generation.
+    pub(crate) fn complete_upgrade(&mut self, key: ConnKey, upgrade: &ws::Upgrade, echo: bool) -> Option<u32> {
+        let mut response = Vec::with_capacity(160);
+        ws::write_upgrade_response(&mut response, upgrade);
+        self.send_owned(key, response);
+        let cx = Context { now_ms: self.now_ms, limits: &self.config.limits, timeouts: &self.config.timeouts };
+        let conn = self.conns.get_mut(key as usize)?;
+        conn.state.upgraded(echo, &cx);
+        self.metrics.websockets += 1;
+        self.metrics.handshakes[0] += 1;
+        Some(conn.state.generation())
     }
 
     /// Sends a plain-text response.

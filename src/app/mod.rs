@@ -1,6 +1,7 @@
 //! The application: what requests and messages mean. Routes on the public
 //! port (health, upgrades, static files), the client protocol's commands,
-//! HTTP sessions (SSE, long-poll, commands over HTTP), channel ownership
+//! HTTP sessions (SSE, long-poll, commands over HTTP), SockJS and the
+//! Jii-comet protocol over it, channel ownership
 //! (offsets, history, presence, fan-out to shards), users, queries for the
 //! admin socket.
 //!
@@ -11,8 +12,10 @@
 
 mod commands;
 mod http;
+mod jii;
 mod owner;
 mod queries;
 mod rpc;
 mod sessions;
+mod sockjs;
 mod users;

@@ -186,15 +186,7 @@ impl Shard {
             if shard >= self.shard_count() {
                 return Located::Unknown;
             }
-            let has_output = self.conns.get(key as usize).is_some_and(|c| c.state.has_output());
-            if has_output {
-                // A pipelined earlier response is still queued here; moving
-                // the socket now would reorder it. Rare: ask the client to retry.
-                self.respond(key, 503, &[("Retry-After", "1")], "retry", false, true);
-                self.end_after_flush(key);
-                return Located::Migrated;
-            }
-            self.migrate(key, shard, input);
+            self.hand_over(key, shard, input);
             return Located::Migrated;
         }
         let found = self.conn_mut(session_key, session_generation).is_some_and(|conn| {
@@ -207,8 +199,22 @@ impl Shard {
         }
     }
 
+    /// Hands the request at `key` (and everything after it, `input`) to
+    /// `shard`, where the session it asks for lives.
+    pub(crate) fn hand_over(&mut self, key: ConnKey, shard: usize, input: &[u8]) {
+        let has_output = self.conns.get(key as usize).is_some_and(|c| c.state.has_output());
+        if has_output {
+            // A pipelined earlier response is still queued here; moving
+            // the socket now would reorder it. Rare: ask the client to retry.
+            self.respond(key, 503, &[("Retry-After", "1")], "retry", false, true);
+            self.end_after_flush(key);
+            return;
+        }
+        self.migrate(key, shard, input);
+    }
+
     /// Creates a session slot; `None` when `limits.http_sessions_max` is reached.
-    fn create_session(&mut self, kind: SessionKind) -> Option<(ConnKey, u32)> {
+    pub(crate) fn create_session(&mut self, kind: SessionKind) -> Option<(ConnKey, u32)> {
         let open = self.shared.http_sessions.fetch_add(1, Ordering::Relaxed);
         if open >= self.config.limits.http_sessions_max || self.is_draining() {
             self.shared.http_sessions.fetch_sub(1, Ordering::Relaxed);
@@ -229,6 +235,7 @@ impl Shard {
         self.metrics.handshakes[match kind {
             SessionKind::Sse => 1,
             SessionKind::LongPoll => 2,
+            SessionKind::SockJs => 3,
         }] += 1;
         Some((key, generation))
     }
@@ -315,7 +322,7 @@ impl Shard {
         Some((session, generation))
     }
 
-    fn session_role(&mut self, key: ConnKey) -> Option<&mut HttpRole> {
+    pub(crate) fn session_role(&mut self, key: ConnKey) -> Option<&mut HttpRole> {
         self.conns.get_mut(key as usize).and_then(|conn| conn.state.http.as_deref_mut())
     }
 
@@ -536,7 +543,7 @@ impl Shard {
     }
 
     /// The session has no stream or poll any more: its grace period starts.
-    fn detached_now(&mut self, session: ConnKey) {
+    pub(crate) fn detached_now(&mut self, session: ConnKey) {
         let cx = Context { now_ms: self.now_ms, limits: &self.config.limits, timeouts: &self.config.timeouts };
         if let Some(conn) = self.conns.get_mut(session as usize) {
             if let Some(HttpRole::Session(hs)) = conn.state.http.as_deref() {
@@ -634,7 +641,13 @@ impl Shard {
                 return;
             }
             let Some(HttpRole::Session(hs)) = conn.state.http.as_deref_mut() else { return };
-            let Some(command) = hs.commands.pop_front() else { return };
+            let Some(command) = hs.commands.pop_front() else {
+                if hs.kind == SessionKind::SockJs {
+                    // A WebSocket held back while these piled up reads on.
+                    self.sockjs_commands_drained(key);
+                }
+                return;
+            };
             self.client_command(key, generation, &command);
         }
     }
@@ -644,6 +657,10 @@ impl Shard {
         let (messages_max, bytes_max) =
             (self.config.limits.session_buffer_messages_max, self.config.limits.session_buffer_bytes_max);
         let Some(HttpRole::Session(hs)) = self.session_role(key) else { return };
+        if hs.kind == SessionKind::SockJs {
+            self.sockjs_push(key, item);
+            return;
+        }
         let seq = hs.buffer.push(item, messages_max, bytes_max);
         let Some(attachment) = hs.attached else { return };
         match hs.kind {
@@ -660,14 +677,20 @@ impl Shard {
                 }
             }
             SessionKind::LongPoll => self.release_request(attachment, true),
+            SessionKind::SockJs => {}
         }
     }
 
     /// Ends a session: a final `{"close":…}` message, then the slot goes
     /// (unsubscribing everything) and its stream or poll ends.
     pub(crate) fn end_session(&mut self, key: ConnKey, code: u16, reason: &str) {
-        if !matches!(self.session_role(key), Some(HttpRole::Session(_))) {
-            return;
+        match self.session_role(key) {
+            Some(HttpRole::Session(hs)) if hs.kind == SessionKind::SockJs => {
+                self.sockjs_end(key, code, reason);
+                return;
+            }
+            Some(HttpRole::Session(_)) => {}
+            _ => return,
         }
         self.send_json(key, |out| {
             let mut object = ObjectWriter::new(out);
@@ -687,6 +710,10 @@ impl Shard {
             HttpRole::Session(session) => {
                 self.shared.http_sessions.fetch_sub(1, Ordering::Relaxed);
                 self.metrics.http_sessions -= 1;
+                if let Some(sockjs) = session.sockjs {
+                    self.sockjs_session_gone(key, &sockjs, session.attached);
+                    return;
+                }
                 if let Some(attachment) = session.attached {
                     // The session is gone: its stream ends, its poll closes.
                     if let Some(conn) = self.conn_mut(attachment.key, attachment.generation) {
@@ -708,6 +735,7 @@ impl Shard {
                     }
                 }
             }
+            HttpRole::SockJs(request) => self.sockjs_request_gone(key, *request),
         }
     }
 
@@ -725,6 +753,7 @@ impl Shard {
                 }
                 self.release_request(Attachment { key, generation }, false);
             }
+            Some(HttpRole::SockJs(_)) => self.sockjs_poll_timeout(key, generation),
             _ => self.close_conn(key),
         }
     }

@@ -136,11 +136,12 @@ pub struct ShardMetrics {
     pub stats: ShardStats,
     /// Open sockets by `Transport` (index = `Transport as usize`).
     pub sockets: [u64; 4],
-    /// SSE and long-poll sessions (socket-less session slots).
+    /// SSE, long-poll and SockJS sessions (socket-less session slots).
     pub sessions_sse: u64,
     pub sessions_long_poll: u64,
-    /// WebSocket upgrades, SSE sessions and long-poll sessions started.
-    pub handshakes: [u64; 3],
+    pub sessions_sockjs: u64,
+    /// WebSocket upgrades, SSE, long-poll and SockJS sessions started.
+    pub handshakes: [u64; 4],
     /// Publications and user messages written or queued to client connections.
     pub deliveries: u64,
     /// Publications refused to publishers on this shard (its clients).
@@ -159,7 +160,7 @@ pub struct ShardMetrics {
 }
 
 /// Indexes into `ShardMetrics::handshakes`.
-pub const HANDSHAKE_LABELS: [&str; 3] = ["websocket", "sse", "long_poll"];
+pub const HANDSHAKE_LABELS: [&str; 4] = ["websocket", "sse", "long_poll", "sockjs"];
 
 #[cfg(test)]
 mod tests {

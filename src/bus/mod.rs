@@ -44,6 +44,8 @@ pub struct Shared {
     pub gateway_stop: AtomicBool,
     /// HTTP sessions over all shards (bounded by `limits.http_sessions_max`).
     pub http_sessions: AtomicUsize,
+    /// SockJS sessions over all shards (bounded by `sockjs.sessions_max`).
+    pub sockjs_sessions: AtomicUsize,
     /// One per shard, to wake them (shutdown, bus).
     pub wakeups: Arc<[Wakeup]>,
     /// Cluster mode: true while any Redis is unreachable (for

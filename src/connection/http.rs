@@ -7,6 +7,7 @@
 use std::collections::VecDeque;
 use std::sync::Arc;
 
+use super::sockjs::{SockJsRequest, SockJsSession};
 use crate::hub::index::ConnKey;
 use crate::hub::publication::Publication;
 
@@ -121,6 +122,8 @@ impl SessionBuffer {
 pub enum SessionKind {
     Sse,
     LongPoll,
+    /// A SockJS session (`HttpSession::sockjs` says more).
+    SockJs,
 }
 
 /// The connection (stream or poll) currently serving a session.
@@ -141,11 +144,20 @@ pub struct HttpSession {
     pub attached: Option<Attachment>,
     /// Commands from `POST /cmd` waiting to run (bounded).
     pub commands: VecDeque<Box<[u8]>>,
+    /// The SockJS side of a `SessionKind::SockJs` session.
+    pub sockjs: Option<Box<SockJsSession>>,
 }
 
 impl HttpSession {
     pub fn new(id: Box<str>, kind: SessionKind) -> HttpSession {
-        HttpSession { id, kind, buffer: SessionBuffer::default(), attached: None, commands: VecDeque::new() }
+        HttpSession {
+            id,
+            kind,
+            buffer: SessionBuffer::default(),
+            attached: None,
+            commands: VecDeque::new(),
+            sockjs: None,
+        }
     }
 }
 
@@ -159,6 +171,8 @@ pub enum HttpRole {
     /// The socket waiting for a session's messages (long-poll), with what
     /// its answer needs: the cursor it asked with, keep-alive and CORS.
     Poll { session: ConnKey, generation: u32, cursor: u64, keep_alive: bool, cors: Option<Box<str>> },
+    /// A request (poll, stream or WebSocket) serving a SockJS session.
+    SockJs(Box<SockJsRequest>),
 }
 
 #[cfg(test)]

@@ -18,6 +18,7 @@
 
 pub mod http;
 pub mod outbox;
+pub mod sockjs;
 
 use std::sync::Arc;
 
@@ -117,7 +118,8 @@ pub enum Phase {
     Session,
     /// The socket streaming an HTTP session's events (SSE response body).
     Stream,
-    /// The socket of a long-poll request waiting for a session's messages.
+    /// The socket of a long-poll request waiting for a session's messages
+    /// (or of a SockJS poll or stream: the application writes its body).
     Polling,
     /// An HTTP error answered before the whole request was read: once the
     /// response is flushed our write side is shut and input is discarded

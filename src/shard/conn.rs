@@ -462,7 +462,10 @@ impl Shard {
                 }
                 Step::Message { used, payload } => {
                     self.metrics.messages_in += 1;
-                    self.client_command(key, generation, &payload);
+                    // A SockJS WebSocket carries frames for its session.
+                    if !self.sockjs_socket_message(key, generation, &payload) {
+                        self.client_command(key, generation, &payload);
+                    }
                     position += used;
                 }
                 Step::Request { used, request, body, input: whole } => {

@@ -153,7 +153,7 @@ pub struct Metrics {
     pub deliveries: u64,
     /// WebSocket upgrades, SSE sessions, long-poll sessions started
     /// (`bus::metrics::HANDSHAKE_LABELS`).
-    pub handshakes: [u64; 3],
+    pub handshakes: [u64; 4],
     /// Publications refused to this shard's clients, by reason.
     pub refusals: RefusalCounts,
     /// From an owner's acceptance of a publication to its last write on
@@ -242,6 +242,8 @@ pub struct Shard {
     pub(crate) presence_counts_due: Vec<Arc<str>>,
     /// When the earliest of them is due (u64::MAX: none).
     pub(crate) presence_counts_next_ms: u64,
+    /// SockJS sessions here, by the ids their clients chose.
+    pub(crate) sockjs: crate::connection::sockjs::Registry,
 }
 
 impl Shard {
@@ -317,6 +319,7 @@ impl Shard {
             next_channel_sweep_ms: 0,
             presence_counts_due: Vec::new(),
             presence_counts_next_ms: u64::MAX,
+            sockjs: Default::default(),
             config,
         })
     }
@@ -578,7 +581,7 @@ impl Shard {
     /// slab, the owned channels and users (as `STATS` passes over the slab).
     pub fn metrics_snapshot(&self) -> ShardMetrics {
         let mut sockets = [0u64; 4];
-        let (mut sessions_sse, mut sessions_long_poll) = (0, 0);
+        let (mut sessions_sse, mut sessions_long_poll, mut sessions_sockjs) = (0, 0, 0);
         for (_, conn) in &self.conns {
             let transport = match conn.state.phase() {
                 Phase::Session => {
@@ -586,6 +589,7 @@ impl Shard {
                         match session.kind {
                             SessionKind::Sse => sessions_sse += 1,
                             SessionKind::LongPoll => sessions_long_poll += 1,
+                            SessionKind::SockJs => sessions_sockjs += 1,
                         }
                     }
                     continue;
@@ -604,6 +608,7 @@ impl Shard {
             sockets,
             sessions_sse,
             sessions_long_poll,
+            sessions_sockjs,
             handshakes: metrics.handshakes,
             deliveries: metrics.deliveries,
             refusals: metrics.refusals,

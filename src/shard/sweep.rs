@@ -58,6 +58,7 @@ impl Shard {
                 // Counts of rate-limited warnings whose call sites went quiet.
                 crate::log::report_suppressed();
             }
+            self.sockjs_sweep();
             if self.now_ms >= self.next_channel_sweep_ms {
                 self.next_channel_sweep_ms = self.now_ms + CHANNEL_SWEEP_INTERVAL_MS.max(sweep_interval_ms);
                 let config = Arc::clone(&self.config);

@@ -652,6 +652,91 @@ test("demo page: two visitors chat and see each other online", async (t) => {
   for (const p of pages) assert.deepEqual(p.errors, []);
 });
 
+// ---- SockJS: the stock sockjs-client (pinned in package.json, installed by
+// scripts/install-browser-deps.sh) against /sockjs and /comet
+
+async function waitFor(check, what, timeoutMs = 10000) {
+  const deadline = Date.now() + timeoutMs;
+  while (!(await check())) {
+    if (Date.now() > deadline) throw new Error(`timed out waiting for ${what}`);
+    await sleep(50);
+  }
+}
+
+async function sockjsPage(t) {
+  const ctx = await t.context();
+  const page = await ctx.newPage();
+  page.on("console", (m) => { if (process.env.VERBOSE) console.log(`    [page] ${m.text()}`); });
+  await page.goto(statik.url + "/pages/sockjs.html");
+  return page;
+}
+
+const WS_OFF = "[sockjs]\nwebsocket = false\n";
+for (const [name, config, options, transport] of [
+  ["websocket", null, { transports: ["websocket"] }, "websocket"],
+  ["xhr-streaming (WebSocket off)", WS_OFF, {}, "xhr-streaming"],
+  ["xhr-polling (WebSocket off)", WS_OFF, { transports: ["xhr-polling"] }, "xhr-polling"],
+  ["eventsource", null, { transports: ["eventsource"] }, "eventsource"],
+  ["jsonp-polling", null, { transports: ["jsonp-polling"] }, "jsonp-polling"],
+]) {
+  test(`sockjs-client subscribes and receives over ${name}`, async (t) => {
+    const srv = await t.server({ config });
+    const page = await sockjsPage(t);
+    // sockjs-client gives a transport a few round trips of /info to open;
+    // a loaded CI machine needs longer (its documented `timeout` option).
+    await page.evaluate(([u, o]) => S.connect(u, o), [srv.url + "/sockjs", { timeout: 10000, ...options }]);
+    await until(page, () => S.opened || S.closed);
+    assert.equal(await page.evaluate(() => S.closed), null, "the session opens");
+    assert.equal(await page.evaluate(() => S.transport()), transport);
+    const reply = (id) => until(page, (i) => S.json().some((m) => m.id === i), id).then(() =>
+      page.evaluate((i) => S.json().find((m) => m.id === i), id));
+
+    await page.evaluate(() => S.send(JSON.stringify({ op: "subscribe", channel: "news", id: 1 })));
+    assert.equal((await reply(1)).ok, true);
+    for (let i = 1; i <= 5; i++) await srv.publish("news", "update", { i, text: "zażółć \u2028 😀" });
+    await until(page, () => S.json().filter((m) => m.event === "update").length === 5);
+    const news = await page.evaluate(() => S.json().filter((m) => m.event === "update"));
+    assert.deepEqual(news.map((m) => m.offset), range(1, 5));
+    assert.equal(news[0].data.text, "zażółć \u2028 😀");
+
+    // A client publication comes back through the same session.
+    await page.evaluate(() => S.send(JSON.stringify({ op: "subscribe", channel: "web_chat", id: 2 })));
+    assert.equal((await reply(2)).ok, true);
+    await page.evaluate(() => S.send(JSON.stringify({ op: "publish", channel: "web_chat", data: { text: "hi </script>" }, id: 3 })));
+    assert.equal((await reply(3)).ok, true);
+    await until(page, () => S.json().some((m) => m.channel === "web_chat" && m.event));
+    assert.equal(await page.evaluate(() => S.json().find((m) => m.channel === "web_chat" && m.event).data.text), "hi </script>");
+
+    assert.equal(await page.evaluate(() => S.closed), null);
+    assert.deepEqual(await page.evaluate(() => S.pageErrors), []);
+    // Closing from the page aborts the receiving request, which ends the
+    // session on the server (a JSONP script cannot be aborted: that
+    // session ends after its next heartbeat and session_grace_ms).
+    await page.evaluate(() => S.sock.close());
+    if (transport !== "jsonp-polling") {
+      await waitFor(async () => (await srv.stats()).http_sessions === 0, "the session ends");
+    }
+  });
+}
+
+test("Jii-comet through sockjs-client at /comet", async (t) => {
+  const srv = await t.server();
+  const page = await sockjsPage(t);
+  await page.evaluate((u) => S.connect(u, { timeout: 10000 }), srv.url + "/comet");
+  await until(page, () => S.opened);
+  // Commands run in order: the refused unsubscribe comes after the subscribe.
+  await page.evaluate(() => { S.send("subscribe news"); S.send("unsubscribe not-subscribed"); });
+  await until(page, () => S.got.some((m) => m.startsWith("error ") && m.includes("not_subscribed")));
+  await srv.publish("news", "update", { x: 1 });
+  await until(page, () => S.got.includes('channel news {"x":1}'));
+  await page.evaluate(() => S.send('action site/ping {"requestUid":"u-1"}'));
+  await until(page, () => S.got.some((m) => m.startsWith("action ")));
+  const answer = JSON.parse(await page.evaluate(() => S.got.find((m) => m.startsWith("action ")).slice(7)));
+  assert.equal(answer.requestUid, "u-1");
+  assert.equal(answer.error, "rpc_unavailable");
+  assert.deepEqual(await page.evaluate(() => S.pageErrors), []);
+});
+
 // ---- runner
 
 async function main() {

@@ -13,6 +13,8 @@
 //! | [`ws`]         | WebSocket upgrade, frames, close codes, UTF-8 (RFC 6455)       |
 //! | [`client`]     | the client protocol's JSON commands and replies               |
 //! | [`json`]       | validation and re-emission of publication data                |
+//! | [`sockjs`]     | SockJS URLs, frames, transport wrapping, client payloads      |
+//! | [`jii`]        | the Jii-comet text protocol carried over SockJS               |
 //! | [`admin`]      | the admin socket's binary frames, requests and replies        |
 //! | [`token`]      | HS256 connection tokens (JWT)                                 |
 //! | [`session_id`] | HTTP session ids and SSE event ids                            |
@@ -22,8 +24,10 @@
 pub mod admin;
 pub mod client;
 pub mod http;
+pub mod jii;
 pub mod json;
 pub mod session_id;
+pub mod sockjs;
 pub mod token;
 pub mod ws;
 

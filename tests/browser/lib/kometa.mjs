@@ -2,7 +2,7 @@
 // small admin-protocol client (docs/admin-protocol.md) to publish, send to
 // users and read stats without spawning a process per request.
 import { spawn, execFile } from "node:child_process";
-import { mkdtempSync, rmSync } from "node:fs";
+import { mkdtempSync, rmSync, writeFileSync } from "node:fs";
 import net from "node:net";
 import os from "node:os";
 import path from "node:path";
@@ -13,11 +13,16 @@ export const BIN = path.join(ROOT, "target/debug/kometa");
 
 const servers = new Set();
 
-export async function startKometa({ listen = "127.0.0.1:0", tokenSecret = null, shards = 2, env = {} } = {}) {
+// `config`: TOML for a config file (sections such as [sockjs]).
+export async function startKometa({ listen = "127.0.0.1:0", tokenSecret = null, shards = 2, env = {}, config = null } = {}) {
   const dir = mkdtempSync(path.join(os.tmpdir(), "kometa-browser-"));
   const admin = "unix:" + path.join(dir, "admin.sock");
   const args = ["serve", "--listen", listen, "--admin", admin, "--shards", String(shards)];
   if (tokenSecret) args.push("--token-secret", tokenSecret);
+  if (config) {
+    writeFileSync(path.join(dir, "kometa.toml"), config);
+    args.push("--config", path.join(dir, "kometa.toml"));
+  }
   const proc = spawn(BIN, args, { stdio: ["ignore", "pipe", "pipe"], env: { ...process.env, RUST_LOG: "warn", ...env } });
   let stderr = "";
   proc.stderr.on("data", (d) => { stderr = (stderr + d).slice(-20000); });

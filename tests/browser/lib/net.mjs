@@ -13,6 +13,8 @@ const ROUTES = {
   "/kometa.js": "client/kometa.js",
   "/kometa.mjs": "client/kometa.mjs",
   "/kometa.d.ts": "client/kometa.d.ts",
+  // The stock SockJS client, installed by scripts/install-browser-deps.sh.
+  "/sockjs.js": "tests/browser/node_modules/sockjs-client/dist/sockjs.min.js",
 };
 
 export function startStatic() {
