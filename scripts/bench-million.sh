@@ -290,6 +290,15 @@ kernel_counters > "$out/kernel-before.tsv"
 
 # --- 3. the load, with a sampler beside it ---------------------------------------------
 
+# stop_load: SIGTERM to `kometa load` itself, which then stops its workers
+# and still reports. Not to timeout(1) around it: that would arm its
+# --kill-after and kill the load before the report.
+stop_load() {
+    local child
+    child=$(cat /proc/"$load_pid"/task/*/children 2>/dev/null | awk '{ print $1; exit }')
+    kill -TERM "${child:-$load_pid}" 2>/dev/null || true
+}
+
 # parked_shards PID: the shard threads of a node that sit in io_uring_enter
 # (wchan io_cqring_wait). A shard waits for work in epoll_wait (its own
 # sleeper); parked in glommio's reactor instead, nothing it serves wakes it.
@@ -322,7 +331,7 @@ note_stuck_nodes() {
             echo "bench-million: $name stopped serving: its shard thread $tid is parked in io_uring_enter (see $out/stuck.tsv)" >&2
             if ((!keep_going)); then
                 echo "$name stopped serving" > "$out/aborted"
-                kill -TERM "$load_pid" 2>/dev/null || true
+                stop_load
             fi
         fi
     done < "$out/nodes.tsv"
@@ -358,7 +367,7 @@ sample_loop() {
         if ((avail < memory_floor_mib * 1024)); then
             echo "bench-million: MemAvailable $((avail / 1024)) MiB is below --memory-floor $memory_floor_mib MiB: stopping the load" >&2
             echo "memory" > "$out/aborted"
-            kill -TERM "$load_pid" 2>/dev/null || true
+            stop_load
         fi
         if [ "$phase" = settle ] && ((!held)); then
             settle_since=${settle_since:-$SECONDS}
@@ -391,7 +400,7 @@ load_args=(load broadcast -n "$connections" --url "ws://127.0.0.1:$listen_port/w
     --json "$out/report.json" --check --progress)
 echo "\$ kometa ${load_args[*]}" > "$out/command.txt"
 : > "$out/load.err"
-timeout -k 30 "$load_limit_s" nice -n "$generator_nice" "$kometa" "${load_args[@]}" > "$out/report.txt" 2> "$out/load.err" &
+timeout -k 60 "$load_limit_s" nice -n "$generator_nice" "$kometa" "${load_args[@]}" > "$out/report.txt" 2> "$out/load.err" &
 load_pid=$!
 sample_loop &
 sampler_pid=$!
@@ -536,7 +545,7 @@ if hold_row:
         "redis_rss_bytes": hold_row["redis_rss_kib"] * 1024,
     }
 
-exactly_once = bool(d) and d.get("total") == d.get("expected") and not any(
+exactly_once = bool(d) and (d.get("expected") or 0) > 0 and d.get("total") == d.get("expected") and not any(
     d.get(k) for k in ("missing", "duplicates", "gaps", "misrouted"))
 lines = []
 w = lines.append
