@@ -30,6 +30,8 @@ KOMETA_USER=kometa
 usage() {
     cat <<EOF
 Usage: $(basename "$0") [--dry-run] [--with-systemd] [--help]
+       $(basename "$0") --live-only [--keys KEY,...] [--record FILE] [--dry-run]
+       $(basename "$0") --restore FILE [--dry-run]
 
 Installs Kometa's host tuning (run as root):
   1. $SYSCTL_SRC
@@ -52,20 +54,50 @@ Safe to run again: unchanged files and values are left alone.
                    works without root
   --with-systemd   also install the systemd unit
   -h, --help       this text
+
+Live-only mode, for a test run on a machine you do not want to reconfigure
+(scripts/bench-million.sh uses it): only step 1's live values, nothing
+written under /etc, no user, no limits file, no unit, no check.sh report.
+  --live-only      apply the settings to /proc/sys only; list what changed
+  --keys K1,K2     only these keys of $(basename "$SYSCTL_SRC")
+  --record FILE    append "KEY<TAB>VALUE BEFORE" for every key changed
+  --restore FILE   write such recorded values back (implies --live-only)
 EOF
 }
 
 DRY_RUN=0
 WITH_SYSTEMD=0
+LIVE_ONLY=0
+ONLY_KEYS=""
+RECORD=""
+RESTORE=""
 while (($#)); do
     case $1 in
         --dry-run | -n) DRY_RUN=1 ;;
         --with-systemd) WITH_SYSTEMD=1 ;;
+        --live-only) LIVE_ONLY=1 ;;
+        --keys | --record | --restore)
+            (($# >= 2)) || { echo "apply.sh: $1 needs a value (see --help)" >&2; exit 2; }
+            case $1 in
+                --keys) ONLY_KEYS=$2 ;;
+                --record) RECORD=$2 ;;
+                --restore) RESTORE=$2 LIVE_ONLY=1 ;;
+            esac
+            shift
+            ;;
         -h | --help) usage; exit 0 ;;
         *) echo "apply.sh: unknown argument '$1' (see --help)" >&2; exit 2 ;;
     esac
     shift
 done
+if ((!LIVE_ONLY)) && [[ -n $ONLY_KEYS$RECORD ]]; then
+    echo "apply.sh: --keys and --record go with --live-only" >&2
+    exit 2
+fi
+if ((LIVE_ONLY && WITH_SYSTEMD)); then
+    echo "apply.sh: --with-systemd installs files; it does not go with --live-only" >&2
+    exit 2
+fi
 
 die() {
     echo "apply.sh: $*" >&2
@@ -89,6 +121,8 @@ run() {
 if ((EUID != 0)); then
     if ((DRY_RUN)); then
         echo "note: not running as root; this dry run only shows what root would do."
+    elif ((LIVE_ONLY)); then
+        die "must run as root: it changes live kernel settings under /proc/sys. Use --dry-run to see what it would do."
     else
         die "must run as root: it writes $SYSCTL_DST and $LIMITS_DST,
 changes live kernel settings under /proc/sys, may create the '$KOMETA_USER' user
@@ -159,6 +193,42 @@ PARSED=$(parse_sysctl_file "$SYSCTL_SRC" apply.sh) || die "cannot parse $SYSCTL_
 [[ -n $PARSED ]] || die "no settings found in $SYSCTL_SRC"
 mapfile -t SETTINGS <<<"$PARSED"
 
+# --restore FILE: put back what a --live-only --record run changed, newest
+# first (a key recorded twice then ends at its oldest value).
+if [[ -n $RESTORE ]]; then
+    [[ -r $RESTORE ]] || die "cannot read $RESTORE"
+    step "sysctl: restoring live values from $RESTORE"
+    failed=0
+    while IFS=$'\t' read -r key value; do
+        [[ -n $key ]] || continue
+        [[ $key =~ ^[a-z0-9_.-]+$ ]] || die "$RESTORE: '$key' is not a sysctl key"
+        if run sysctl -q -w "$key=$value"; then
+            ((DRY_RUN)) || say "restored: $key = $value"
+        else
+            failed=1
+        fi
+    done < <(tac "$RESTORE")
+    ((failed)) && die "some values could not be restored (see above)"
+    printf '\nRestored.\n'
+    exit 0
+fi
+
+# --keys: only the listed settings, each of which must be in the file.
+if [[ -n $ONLY_KEYS ]]; then
+    IFS=',' read -r -a wanted <<<"$ONLY_KEYS"
+    selected=()
+    for key in "${wanted[@]}"; do
+        found=""
+        for s in "${SETTINGS[@]}"; do
+            IFS=$'\t' read -r _ _ k _ <<<"$s"
+            [[ $k == "$key" ]] && found=$s
+        done
+        [[ -n $found ]] || die "--keys: $key is not set in $SYSCTL_SRC"
+        selected+=("$found")
+    done
+    SETTINGS=("${selected[@]}")
+fi
+
 # Refuse before changing anything if a mandatory key does not exist here.
 for s in "${SETTINGS[@]}"; do
     IFS=$'\t' read -r _ optional key _ <<<"$s"
@@ -168,11 +238,14 @@ for s in "${SETTINGS[@]}"; do
 done
 
 FAILURES=()
+CHANGED=()
 
 # --- 1. sysctl ---------------------------------------------------------------------
 
-step "sysctl: $SYSCTL_DST"
-install_file "$SYSCTL_SRC" "$SYSCTL_DST" 0644 || true
+if ((!LIVE_ONLY)); then
+    step "sysctl: $SYSCTL_DST"
+    install_file "$SYSCTL_SRC" "$SYSCTL_DST" 0644 || true
+fi
 
 step "sysctl: live values (/proc/sys)"
 for s in "${SETTINGS[@]}"; do
@@ -186,11 +259,35 @@ for s in "${SETTINGS[@]}"; do
     if [[ $cur == "$rec" ]]; then
         say "ok   $key = $cur"
     elif satisfied "$policy" "$rec" "$cur"; then
-        say "keep $key = $cur (already satisfies $policy $rec; not changed now, the boot-time file sets $rec)"
-    elif ! run sysctl -q -w "$key=$rec"; then
+        if ((LIVE_ONLY)); then
+            say "keep $key = $cur (already satisfies $policy $rec)"
+        else
+            say "keep $key = $cur (already satisfies $policy $rec; not changed now, the boot-time file sets $rec)"
+        fi
+    elif run sysctl -q -w "$key=$rec"; then
+        CHANGED+=("$key: $cur -> $rec")
+        if [[ -n $RECORD ]] && ((!DRY_RUN)); then
+            printf '%s\t%s\n' "$key" "$cur" >>"$RECORD"
+        fi
+    else
         FAILURES+=("sysctl $key")
     fi
 done
+
+if ((LIVE_ONLY)); then
+    if ((${#CHANGED[@]} == 0)); then
+        say "changed: nothing"
+    elif ((DRY_RUN)); then
+        for c in "${CHANGED[@]}"; do say "would change: $c"; done
+    else
+        for c in "${CHANGED[@]}"; do say "changed: $c"; done
+    fi
+    if ((${#FAILURES[@]})); then
+        printf '\napply.sh: failed: %s\n' "${FAILURES[*]}" >&2
+        exit 1
+    fi
+    exit 0
+fi
 
 # --- 2. user ---------------------------------------------------------------------
 

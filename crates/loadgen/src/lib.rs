@@ -10,6 +10,7 @@
 //! | [`publish`] | the publisher (admin socket or HTTP POST), paced or as fast as taken |
 //! | [`report`]  | worker results merged, server figures, JSON and text               |
 //! | [`wire`]    | the JSON lines between the parent and its workers                 |
+//! | [`scale`]   | workers and source addresses chosen from the connection count |
 //! | [`scan`], [`frame`], [`track`], [`hist`], [`ramp`], [`target`], [`procfs`], [`sys`] | small parts, each unit-tested |
 //!
 //! The parent never touches a client socket. It starts W copies of its own
@@ -17,7 +18,8 @@
 //! and a config line on stdin, and reads progress and results as JSON lines
 //! from their stdout. Spreading sockets over processes beats the per-process
 //! open-files limit; spreading them over source addresses (127.0.0.N, bound
-//! with IP_BIND_ADDRESS_NO_PORT) beats the ephemeral port range. Several
+//! with IP_BIND_ADDRESS_NO_PORT) beats the ephemeral port range; both are
+//! chosen from the connection count unless given ([`scale`]). Several
 //! `--url`s (nodes of a cluster) share the connections round-robin, and a
 //! churned subscriber resumes on the next URL, so resume crosses nodes; the
 //! publisher may go through any node's admin socket, since exactly-once is
@@ -33,6 +35,7 @@ pub mod procfs;
 pub mod publish;
 pub mod ramp;
 pub mod report;
+pub mod scale;
 pub mod scan;
 pub mod sys;
 pub mod target;
@@ -50,20 +53,21 @@ use clap::{Args, Subcommand};
 
 use kometa_admin_client::{default_admin_address, AdminAddress};
 use publish::{AdminPublisher, HttpPublisher, PublishOutcome, PublishPlan, Publisher};
-use report::{ServerReadings, UrlUsed};
+use report::{GeneratorReadings, ServerReadings, UrlUsed};
+use scale::HostLimits;
 use target::{parse_duration_ms, Rate, Url};
-use wire::{Command, Progress, Protocol, Scenario, Target, WorkerConfig, WorkerMessage, WorkerResult, LINE_BYTES_MAX};
+use wire::{
+    Command, Groups, Progress, Protocol, Scenario, Target, WorkerConfig, WorkerMessage, WorkerResult, LINE_BYTES_MAX,
+};
 
-/// Connections one worker holds by default (the open-files limit here is 20,000).
-const CONNECTIONS_PER_WORKER: u64 = 15_000;
 /// Connections opened per second when --ramp-rate is not given.
 const DEFAULT_RAMP_RATE_PER_S: f64 = 2000.0;
 /// Most workers one run starts.
 const WORKERS_MAX: u32 = 1024;
 /// Most connections one run asks for.
 const CONNECTIONS_MAX: u64 = 100_000_000;
-/// Ephemeral ports per (source address, server address): 32768-60999 by default.
-const PORTS_PER_SOURCE_ADDRESS: u64 = 28_000;
+/// Most group channels (`--groups`): every worker keeps their names.
+const GROUPS_MAX: u32 = 100_000;
 /// Messages from workers waiting for the parent.
 const EVENT_QUEUE_MAX: usize = 4096;
 /// Most `--server-pid`s one run reads (one per node).
@@ -97,6 +101,11 @@ pub enum ScenarioArgs {
         common: CommonArgs,
         #[command(flatten)]
         publish: PublishArgs,
+        /// Also subscribe connection n to group channel CHANNEL-gJ (J = n mod GROUPS), and
+        /// publish in turns: CHANNEL, then each group channel, then CHANNEL again.
+        /// Exactly-once is checked on every channel; a push of another group counts as misrouted.
+        #[arg(long, default_value_t = 0)]
+        groups: u32,
     },
     /// Like broadcast, while subscribers disconnect and resume from their last
     /// offset at a rate; counts gaps, duplicates and failed recoveries.
@@ -138,11 +147,14 @@ pub struct CommonArgs {
     /// Connections to hold (connect scenario: handshakes to make).
     #[arg(long, short = 'n', default_value_t = 1000)]
     pub connections: u64,
-    /// Worker processes [default: one per 15,000 connections].
+    /// Worker processes [default: one per 15,000 connections, fewer connections each where the
+    /// open-files hard limit is below 15,064].
     #[arg(long)]
     pub workers: Option<u32>,
     /// Client source addresses: a count (N: 127.0.0.2 onwards), a range
-    /// (127.0.0.2-127.0.0.20) or a comma-separated list [default: the kernel's choice].
+    /// (127.0.0.2-127.0.0.20) or a comma-separated list [default: the kernel's choice, or on
+    /// loopback as many from 127.0.0.2 on as keep every (source, server) pair within 90 % of
+    /// net.ipv4.ip_local_port_range].
     #[arg(long)]
     pub source_addresses: Option<String>,
     /// New connections per second over all workers; 0 = as fast as --in-flight allows
@@ -228,6 +240,10 @@ pub struct PublishArgs {
     /// Most publications one run sends (bounds the per-publication table in `max` mode).
     #[arg(long, default_value_t = 1_000_000)]
     pub publications_max: u64,
+    /// Send only the first publication for this long, then the rest at --rate for --duration:
+    /// the first reaches every subscriber alone (with --groups: the one to everyone).
+    #[arg(long = "pause-after-first", default_value = "0s", value_parser = parse_duration_ms)]
+    pub pause_after_first_ms: u64,
 }
 
 /// What the parent works from, checked before anything starts.
@@ -236,6 +252,7 @@ struct Plan {
     scenario: Scenario,
     common: CommonArgs,
     publish: Option<PublishArgs>,
+    groups: Groups,
     configs: Vec<WorkerConfig>,
     /// In `--url` order.
     urls: Vec<UrlUsed>,
@@ -245,9 +262,11 @@ struct Plan {
 }
 
 fn plan(args: LoadArgs) -> Result<Plan, String> {
+    let mut groups = Groups::default();
     let (scenario, common, channels, publish, churn_rate_per_s, subscribe) = match *args.scenario {
         ScenarioArgs::Idle { common, channels } => (Scenario::Idle, common, channels, None, 0.0, true),
-        ScenarioArgs::Broadcast { common, publish } => {
+        ScenarioArgs::Broadcast { common, publish, groups: count } => {
+            groups.count = count;
             let channels = ChannelArgs { channel: publish.channel.clone(), channels: 1, channel_pool: Some(1) };
             (Scenario::Broadcast, common, channels, Some(publish), 0.0, true)
         }
@@ -300,6 +319,16 @@ fn plan(args: LoadArgs) -> Result<Plan, String> {
             return Err("--protocol raw needs --publish-url to publish".into());
         }
     }
+    if groups.count > GROUPS_MAX {
+        return Err(format!("--groups is at most {GROUPS_MAX}"));
+    }
+    if groups.count > 0
+        && (common.protocol == Protocol::Raw || publish.as_ref().is_some_and(|p| p.publish_url.is_some()))
+    {
+        return Err(
+            "--groups needs Kometa's protocol and admin socket (one URL cannot publish to several channels)".into()
+        );
+    }
     if let Some(publish) = &publish {
         if publish.window == 0 || publish.window > 65_536 {
             return Err("--window must be 1..=65536".into());
@@ -316,19 +345,26 @@ fn plan(args: LoadArgs) -> Result<Plan, String> {
         Some(Rate::Max) => publish.as_ref().map_or(0, |p| p.publications_max),
         None => 0,
     };
-    let source_addresses = match &common.source_addresses {
-        Some(text) => target::parse_source_addresses(text)?,
-        None => Vec::new(),
-    };
+    let limits = HostLimits::read();
     let slots = if scenario == Scenario::Connect { common.in_flight } else { common.connections };
-    let workers = match common.workers {
-        Some(0) => return Err("--workers must be at least 1".into()),
-        Some(n) => n,
-        None => slots.div_ceil(CONNECTIONS_PER_WORKER).max(1) as u32,
+    let open_at_once = slots;
+    let addresses: Vec<std::net::SocketAddr> = targets.iter().map(|t| t.address).collect();
+    let (source_addresses, sources_chosen) = match &common.source_addresses {
+        Some(text) => (target::parse_source_addresses(text)?, false),
+        None => match scale::auto_source_addresses(open_at_once, &addresses, &limits)? {
+            Some(chosen) => (chosen, true),
+            None => (Vec::new(), false),
+        },
     };
-    if workers > WORKERS_MAX {
+    let (workers, workers_chosen) = match common.workers {
+        Some(0) => return Err("--workers must be at least 1".into()),
+        Some(n) => (u64::from(n), false),
+        None => (scale::workers_for(slots, &limits)?, true),
+    };
+    if workers > u64::from(WORKERS_MAX) {
         return Err(format!("at most {WORKERS_MAX} workers"));
     }
+    let workers = workers as u32;
     let shares = ramp::split(common.connections, u64::from(workers));
     let in_flight_shares = ramp::split(common.in_flight, u64::from(workers));
     let mut configs = Vec::new();
@@ -359,22 +395,38 @@ fn plan(args: LoadArgs) -> Result<Plan, String> {
             subscribe,
             message_bytes_max: common.message_bytes_max,
             progress_interval_ms: 250,
+            groups,
         });
         first_index += connections;
     }
-    let open_at_once = if scenario == Scenario::Connect { common.in_flight } else { common.connections };
-    // Ports run out per (source, server address): the busiest loopback address counts.
-    let url_shares = ramp::split(open_at_once, targets.len() as u64);
-    let per_address = |address: std::net::SocketAddr| {
-        targets.iter().zip(&url_shares).filter(|(t, _)| t.address == address).map(|(_, share)| share).sum::<u64>()
+    // Ports run out per (source, server address): the busiest loopback pair counts.
+    let loopback: Vec<std::net::SocketAddr> = addresses.iter().copied().filter(|a| a.ip().is_loopback()).collect();
+    let per_pair = if loopback.len() == addresses.len() {
+        scale::busiest_pair(open_at_once, source_addresses.len() as u64, &addresses)
+    } else {
+        0
     };
-    let per_address_max =
-        targets.iter().filter(|t| t.address.ip().is_loopback()).map(|t| per_address(t.address)).max().unwrap_or(0);
-    let per_source = per_address_max / source_addresses.len().max(1) as u64;
-    if per_source > PORTS_PER_SOURCE_ADDRESS {
+    if per_pair > limits.ephemeral_ports {
         eprintln!(
-            "kometa load: warning: {per_source} connections per source address is more than the ~{PORTS_PER_SOURCE_ADDRESS} \
-             ephemeral ports; use --source-addresses"
+            "kometa load: warning: up to {per_pair} connections per (source address, server address) is more than \
+             the {} ephemeral ports; use --source-addresses",
+            limits.ephemeral_ports
+        );
+    }
+    if (sources_chosen || workers_chosen) && open_at_once > scale::CONNECTIONS_PER_WORKER_MAX {
+        let sources = match (source_addresses.first(), source_addresses.last()) {
+            (Some(first), Some(last)) if sources_chosen => {
+                format!("{} source addresses ({first}-{last})", source_addresses.len())
+            }
+            _ if source_addresses.is_empty() => "the kernel's source address".to_string(),
+            _ => format!("{} source addresses", source_addresses.len()),
+        };
+        eprintln!(
+            "kometa load: {open_at_once} connections: {workers} workers of at most {} (open-files limit {}), {sources}, \
+             {} ephemeral ports each",
+            limits.connections_per_worker(),
+            limits.open_files_hard,
+            limits.ephemeral_ports
         );
     }
     let urls: Vec<UrlUsed> = urls
@@ -402,9 +454,11 @@ fn plan(args: LoadArgs) -> Result<Plan, String> {
         "channel": channels.channel,
         "channels_per_connection": channels.channels,
         "channel_pool": channel_pool,
+        "groups": groups.count,
         "rate": publish.as_ref().map(|p| p.rate.to_string()),
         "payload_bytes": publish.as_ref().map(|p| p.payload_bytes),
         "window": publish.as_ref().map(|p| p.window),
+        "pause_after_first_ms": publish.as_ref().map(|p| p.pause_after_first_ms),
         "publish_url": publish.as_ref().and_then(|p| p.publish_url.clone()),
         "churn_rate_per_s": churn_rate_per_s,
         "subscribe": subscribe,
@@ -413,6 +467,7 @@ fn plan(args: LoadArgs) -> Result<Plan, String> {
     Ok(Plan {
         scenario,
         publish,
+        groups,
         configs,
         publications_max,
         // Both ends in this kernel only when every node is local.
@@ -433,6 +488,7 @@ pub fn run(args: LoadArgs) -> Result<(), String> {
     let mut server = ServerReadings::before(&plan.common.server_pid)?;
 
     let mut fleet = Fleet::spawn(&plan.configs)?;
+    let mut generator = GeneratorReadings::new(fleet.children.iter().map(Child::id).collect());
     let mut display = Display::new(&plan);
     let mut interrupted = false;
     let connect = plan.scenario == Scenario::Connect;
@@ -460,6 +516,9 @@ pub fn run(args: LoadArgs) -> Result<(), String> {
     let mut mark_cpu_self_ns = sys::cpu_ns(false);
     if !connect && !interrupted {
         display.phase = "settle";
+        if let Some(readings) = server.as_mut() {
+            readings.ramp_done();
+        }
         let settle_end_ns = sys::monotonic_ns() + plan.common.settle_ms * MS;
         while sys::monotonic_ns() < settle_end_ns && !sys::stop_requested() {
             fleet.pump(&mut display, Duration::from_millis(50))?;
@@ -467,16 +526,24 @@ pub fn run(args: LoadArgs) -> Result<(), String> {
         if let Some(readings) = server.as_mut() {
             readings.after_ramp()?;
         }
+        generator.after_ramp();
         mark_cpu_self_ns = sys::cpu_ns(false);
         fleet.command(&Command::Mark);
         display.phase = "run";
-        outcome = measured_phase(&plan, publisher.take(), &mut fleet, &mut display, server.as_mut())?;
+        outcome = measured_phase(&plan, publisher.take(), &mut fleet, &mut display, server.as_mut(), &mut generator)?;
         interrupted |= sys::stop_requested();
-        let (final_offset, accepted) = outcome.as_ref().map_or((None, 0), |o| (o.final_offset, o.accepted));
+        let (final_offset, accepted, group_final_offsets) = outcome
+            .as_ref()
+            .map_or((None, 0, Vec::new()), |o| (o.final_offset, o.accepted, o.group_final_offsets.clone()));
         let drain_ms = plan.publish.as_ref().map_or(0, |p| p.drain_ms);
-        fleet.command(&if interrupted { Command::Stop } else { Command::Finish { final_offset, accepted, drain_ms } });
+        fleet.command(&if interrupted {
+            Command::Stop
+        } else {
+            Command::Finish { final_offset, accepted, drain_ms, group_final_offsets }
+        });
         display.phase = "drain";
-        let deadline_ns = sys::monotonic_ns() + (drain_ms + WORKER_GRACE_MS) * MS;
+        let mut deadline_ns = sys::monotonic_ns() + (drain_ms + WORKER_GRACE_MS) * MS;
+        let mut told_to_stop = false;
         while !fleet.all_results() {
             if sys::stop_requested() && !interrupted {
                 interrupted = true;
@@ -484,7 +551,15 @@ pub fn run(args: LoadArgs) -> Result<(), String> {
             }
             fleet.pump(&mut display, Duration::from_millis(50))?;
             if sys::monotonic_ns() > deadline_ns {
-                return Err("workers did not report in time after the run".into());
+                if told_to_stop {
+                    // Report what the others measured rather than nothing.
+                    break;
+                }
+                // Late (a starved host): stop now, one more grace period.
+                fleet.command(&Command::Stop);
+                told_to_stop = true;
+                interrupted = true;
+                deadline_ns = sys::monotonic_ns() + WORKER_GRACE_MS * MS;
             }
         }
     } else if interrupted {
@@ -499,26 +574,38 @@ pub fn run(args: LoadArgs) -> Result<(), String> {
     if let Some(readings) = server.as_mut() {
         readings.end(connect);
     }
+    if connect {
+        generator.after_ramp();
+    }
+    let workers_started = plan.configs.len();
     let results = fleet.finish();
     let cpu_self_ns = sys::cpu_ns(false);
     let generator_cpu_ns = cpu_self_ns.saturating_sub(cpu_self_start_ns) + sys::cpu_ns(true);
     let workers_run_ns: u64 = results.iter().map(|r| r.cpu_run_ns).sum();
     let generator_cpu_run_ns =
         if connect { generator_cpu_ns } else { workers_run_ns + cpu_self_ns.saturating_sub(mark_cpu_self_ns) };
-    let report = report::build(&report::Inputs {
+    let mut report = report::build(&report::Inputs {
         scenario: plan.scenario,
         parameters: plan.parameters.clone(),
         requested: plan.common.connections,
         workers: &results,
         urls: &plan.urls,
         publish: outcome.as_ref(),
+        groups: plan.groups,
         server,
+        generator_memory: generator,
         sockets_per_connection: plan.sockets_per_connection,
         generator_cpu_ns,
         generator_cpu_run_ns,
         wall_ns: sys::monotonic_ns().saturating_sub(started_ns),
         interrupted,
     });
+    if results.len() < workers_started {
+        report.warnings.push(format!(
+            "{} of {workers_started} workers did not report in time: their connections and deliveries are missing here",
+            workers_started - results.len()
+        ));
+    }
     print!("{}", report.text());
     if let Some(path) = &plan.common.json {
         let json = serde_json::to_vec_pretty(&report).map_err(|e| format!("report JSON: {e}"))?;
@@ -537,10 +624,10 @@ fn check(report: &report::Report) -> Result<(), String> {
         return Err(format!("check failed: {} of {} connections established", c.established, c.requested));
     }
     if let Some(d) = &report.deliveries {
-        if d.missing > 0 || d.duplicates > 0 || d.gaps > 0 || d.total != d.expected {
+        if d.missing > 0 || d.duplicates > 0 || d.gaps > 0 || d.total != d.expected || d.misrouted > 0 {
             return Err(format!(
-                "check failed: {} of {} deliveries, {} missing, {} duplicates, {} gaps",
-                d.total, d.expected, d.missing, d.duplicates, d.gaps
+                "check failed: {} of {} deliveries, {} missing, {} duplicates, {} gaps, {} misrouted",
+                d.total, d.expected, d.missing, d.duplicates, d.gaps, d.misrouted
             ));
         }
     }
@@ -561,7 +648,8 @@ fn connect_publisher(plan: &Plan) -> Result<Option<Box<dyn Publisher + Send>>, S
         Some(text) => AdminAddress::parse(text).map_err(|e| format!("--admin: {e}"))?,
         None => default_admin_address(),
     };
-    let publisher = AdminPublisher::connect(&address, publish.admin_key.as_deref(), &publish.channel, &publish.event)
+    let key = publish.admin_key.as_deref();
+    let publisher = AdminPublisher::connect(&address, key, &publish.channel, plan.groups, &publish.event)
         .map_err(|e| format!("admin socket {address}: {e}"))?;
     Ok(Some(Box::new(publisher)))
 }
@@ -574,6 +662,7 @@ fn measured_phase(
     fleet: &mut Fleet,
     display: &mut Display,
     mut server: Option<&mut ServerReadings>,
+    generator: &mut GeneratorReadings,
 ) -> Result<Option<PublishOutcome>, String> {
     let end_ns = sys::monotonic_ns() + plan.common.duration_ms * MS;
     let mut next_sample_ns = 0;
@@ -586,6 +675,7 @@ fn measured_phase(
         if let Some(readings) = server.as_deref_mut() {
             readings.peak();
         }
+        generator.peak();
     };
     let (Some(mut publisher), Some(publish)) = (publisher, plan.publish.as_ref()) else {
         while sys::monotonic_ns() < end_ns && !sys::stop_requested() {
@@ -600,6 +690,8 @@ fn measured_phase(
         publications_max: plan.publications_max,
         window: publish.window,
         payload_bytes: publish.payload_bytes,
+        groups: plan.groups,
+        pause_after_first_ms: publish.pause_after_first_ms,
     };
     let thread = std::thread::Builder::new()
         .name("publisher".into())
@@ -717,8 +809,23 @@ impl Fleet {
 
     /// Waits for the workers to exit (so their CPU time is counted) and returns their results.
     fn finish(mut self) -> Vec<WorkerResult> {
+        // Closing stdin ends a worker; one that has not reported is also
+        // signalled, and killed if it is still there after the grace period.
         self.stdins.clear();
+        for (child, result) in self.children.iter().zip(&self.results) {
+            if result.is_none() {
+                // SAFETY: signalling our own child process by its pid.
+                unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
+            }
+        }
+        let deadline_ns = sys::monotonic_ns() + WORKER_GRACE_MS * MS;
         for child in &mut self.children {
+            while matches!(child.try_wait(), Ok(None)) && sys::monotonic_ns() < deadline_ns {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            if matches!(child.try_wait(), Ok(None)) {
+                let _ = child.kill();
+            }
             let _ = child.wait();
         }
         self.children.clear();
@@ -954,6 +1061,46 @@ mod tests {
         let plan = plan_of(&["idle"]).unwrap();
         assert_eq!(plan.parameters["url"], "ws://127.0.0.1:8080/ws");
         assert!(plan.parameters["server_pid"].is_null());
+    }
+
+    #[test]
+    fn a_million_is_planned_without_hand_picked_workers_or_sources() {
+        let limits = HostLimits::read();
+        let plan = plan_of(&["idle", "-n", "1000000", "--url", "ws://127.0.0.1:8080/ws"]).unwrap();
+        // No worker past 15,000 connections or its open-files limit.
+        assert!(plan.configs.iter().all(|c| c.connections <= limits.connections_per_worker()));
+        assert_eq!(plan.configs.len() as u64, scale::workers_for(1_000_000, &limits).unwrap());
+        assert_eq!(plan.configs.iter().map(|c| c.connections).sum::<u64>(), 1_000_000);
+        // Enough sources that no (source, server) pair needs more than the usable ports.
+        let sources = plan.configs[0].source_addresses.len() as u64;
+        assert!(sources >= 2, "{sources}");
+        let address = [plan.configs[0].targets[0].address];
+        assert!(scale::busiest_pair(1_000_000, sources, &address) <= limits.usable_ports());
+        assert_eq!(plan.parameters["source_addresses"], sources);
+        // Given ones are kept, and small runs keep the kernel's choice.
+        let plan = plan_of(&["idle", "-n", "1000000", "--source-addresses", "127.0.0.2-127.0.0.200"]).unwrap();
+        assert_eq!(plan.configs[0].source_addresses.len(), 199);
+        let plan = plan_of(&["idle", "-n", "10000"]).unwrap();
+        assert!(plan.configs[0].source_addresses.is_empty() || limits.usable_ports() < 10_000);
+        assert_eq!(plan.configs.len() as u64, scale::workers_for(10_000, &limits).unwrap());
+        // A remote server: no loopback addresses to invent.
+        let plan = plan_of(&["idle", "-n", "100000", "--url", "ws://10.1.2.3:80/ws"]).unwrap();
+        assert!(plan.configs[0].source_addresses.is_empty());
+    }
+
+    #[test]
+    fn groups_are_for_kometa_broadcasts_through_the_admin_socket() {
+        let plan = plan_of(&["broadcast", "-n", "10", "--groups", "3", "--channel", "all"]).unwrap();
+        assert_eq!(plan.groups, Groups { count: 3 });
+        assert!(plan
+            .configs
+            .iter()
+            .all(|c| c.groups.count == 3 && c.channel == "all" && c.channels_per_connection == 1));
+        assert_eq!(plan.parameters["groups"], 3);
+        assert_eq!(plan_of(&["broadcast"]).unwrap().groups, Groups::default());
+        assert!(plan_of(&["churn", "--groups", "3"]).is_err());
+        assert!(plan_of(&["broadcast", "--groups", "3", "--publish-url", "http://127.0.0.1:1/pub"]).is_err());
+        assert!(plan_of(&["broadcast", "--groups", "1000001"]).is_err());
     }
 
     #[test]

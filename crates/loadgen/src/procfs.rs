@@ -5,6 +5,9 @@
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ProcessSample {
     pub rss_bytes: u64,
+    /// The private part of the RSS (`RssAnon:`): without the pages of the
+    /// executable, which processes of one binary share; 0 where not shown.
+    pub anon_bytes: u64,
     /// User plus system CPU time.
     pub cpu_ns: u64,
 }
@@ -14,11 +17,13 @@ pub fn sample_process(pid: u32) -> Result<ProcessSample, String> {
     let read = |file: &str| {
         std::fs::read_to_string(format!("/proc/{pid}/{file}")).map_err(|e| format!("/proc/{pid}/{file}: {e}"))
     };
-    let rss_bytes = kb_field(&read("status")?, "VmRSS:")
+    let status = read("status")?;
+    let rss_bytes = kb_field(&status, "VmRSS:")
         .ok_or_else(|| format!("/proc/{pid}/status has no VmRSS (is it a zombie?)"))?
         .saturating_mul(1024);
+    let anon_bytes = kb_field(&status, "RssAnon:").unwrap_or(0).saturating_mul(1024);
     let ticks = cpu_ticks(&read("stat")?).ok_or_else(|| format!("/proc/{pid}/stat: unexpected format"))?;
-    Ok(ProcessSample { rss_bytes, cpu_ns: ticks.saturating_mul(1_000_000_000) / clock_ticks_per_s() })
+    Ok(ProcessSample { rss_bytes, anon_bytes, cpu_ns: ticks.saturating_mul(1_000_000_000) / clock_ticks_per_s() })
 }
 
 /// `Slab:` from `/proc/meminfo`, in bytes: kernel objects, socket structures among them.

@@ -17,6 +17,7 @@ use super::ramp;
 use super::scan::write_publication;
 use super::sys;
 use super::target::Rate;
+use super::wire::Groups;
 
 /// How long the publisher waits for one reply before giving up.
 const REPLY_TIMEOUT: Duration = Duration::from_secs(10);
@@ -38,7 +39,9 @@ pub enum Reply {
 
 /// Something that publishes, pipelined: replies come in request order.
 pub trait Publisher {
-    fn send(&mut self, data: &[u8]) -> Result<(), String>;
+    /// Publishes `data` to the broadcast channel (`group` None) or to a
+    /// group channel (`--groups`; only the admin publisher has them).
+    fn send(&mut self, group: Option<u32>, data: &[u8]) -> Result<(), String>;
     fn receive(&mut self) -> Result<Reply, String>;
 }
 
@@ -46,19 +49,32 @@ pub trait Publisher {
 pub struct AdminPublisher {
     client: AdminClient,
     channel: String,
+    /// `--groups`: the group channels, by group.
+    group_channels: Vec<String>,
     event: String,
 }
 
 impl AdminPublisher {
-    pub fn connect(address: &AdminAddress, key: Option<&str>, channel: &str, event: &str) -> Result<Self, String> {
+    pub fn connect(
+        address: &AdminAddress,
+        key: Option<&str>,
+        channel: &str,
+        groups: Groups,
+        event: &str,
+    ) -> Result<Self, String> {
         let client = AdminClient::connect(address, key, REPLY_TIMEOUT).map_err(|e| e.to_string())?;
-        Ok(AdminPublisher { client, channel: channel.to_string(), event: event.to_string() })
+        let group_channels = (0..groups.count).map(|g| Groups::channel_name(channel, g)).collect();
+        Ok(AdminPublisher { client, channel: channel.to_string(), group_channels, event: event.to_string() })
     }
 }
 
 impl Publisher for AdminPublisher {
-    fn send(&mut self, data: &[u8]) -> Result<(), String> {
-        let (channel, event) = (&self.channel, &self.event);
+    fn send(&mut self, group: Option<u32>, data: &[u8]) -> Result<(), String> {
+        let channel = match group {
+            None => &self.channel,
+            Some(g) => self.group_channels.get(g as usize).ok_or_else(|| format!("no group channel {g}"))?,
+        };
+        let event = &self.event;
         self.client
             .send(opcode::PUBLISH, |w| {
                 w.str16(channel).str16(event).bytes32(data);
@@ -108,7 +124,8 @@ impl HttpPublisher {
 }
 
 impl Publisher for HttpPublisher {
-    fn send(&mut self, data: &[u8]) -> Result<(), String> {
+    /// One URL, one channel: `--groups` is refused with `--publish-url`.
+    fn send(&mut self, _group: Option<u32>, data: &[u8]) -> Result<(), String> {
         let mut request = format!(
             "POST {} HTTP/1.1\r\nHost: {}\r\nContent-Type: application/json\r\nAccept: application/json\r\nContent-Length: {}\r\n\r\n",
             self.path,
@@ -237,6 +254,37 @@ pub struct PublishPlan {
     /// Requests in flight at most.
     pub window: usize,
     pub payload_bytes: usize,
+    /// Publication `seq` goes to `groups.of_publication(seq)`.
+    pub groups: Groups,
+    /// Nothing but the first publication for this long, so it reaches every
+    /// subscriber alone (with groups: the broadcast to everyone, before the
+    /// group channels' turns). The duration starts after it.
+    pub pause_after_first_ms: u64,
+}
+
+impl PublishPlan {
+    /// When publication `seq` is due, in nanoseconds after the start:
+    /// `seq / rate`, and the pause on top for every one after the first.
+    fn slot_ns(&self, seq: u64) -> u64 {
+        let pause_ns = if seq == 0 { 0 } else { self.pause_after_first_ms.saturating_mul(1_000_000) };
+        let paced_ns = match self.rate {
+            Rate::Max => 0,
+            Rate::PerSecond(rate) => (seq as f64 * 1e9 / rate).ceil() as u64,
+        };
+        pause_ns.saturating_add(paced_ns)
+    }
+
+    /// Publications due `elapsed_ns` after the start (at most `publications_max`).
+    fn due(&self, elapsed_ns: u64) -> u64 {
+        let pause_ns = self.pause_after_first_ms.saturating_mul(1_000_000);
+        if elapsed_ns < pause_ns {
+            return self.publications_max.min(1);
+        }
+        match self.rate {
+            Rate::Max => self.publications_max,
+            Rate::PerSecond(rate) => ramp::due(self.publications_max, rate, elapsed_ns - pause_ns),
+        }
+    }
 }
 
 /// What the publisher did.
@@ -247,8 +295,11 @@ pub struct PublishOutcome {
     pub rejected: BTreeMap<String, u64>,
     /// The error that stopped publishing early.
     pub error: Option<String>,
+    /// Offsets of the broadcast channel.
     pub first_offset: Option<u64>,
     pub final_offset: Option<u64>,
+    /// With groups: each group channel's last accepted offset, by group.
+    pub group_final_offsets: Vec<Option<u64>>,
     /// Subscriber counts the server reported (Kometa).
     pub subscribers_min: Option<u64>,
     pub subscribers_max: Option<u64>,
@@ -261,13 +312,21 @@ pub struct PublishOutcome {
 }
 
 impl PublishOutcome {
-    fn account(&mut self, reply: Reply) {
+    fn account(&mut self, group: Option<u32>, reply: Reply) {
         match reply {
             Reply::Accepted { offset, subscribers } => {
                 self.accepted += 1;
-                if let Some(offset) = offset {
-                    self.first_offset = Some(self.first_offset.map_or(offset, |o| o.min(offset)));
-                    self.final_offset = Some(self.final_offset.map_or(offset, |o| o.max(offset)));
+                match (offset, group) {
+                    (Some(offset), None) => {
+                        self.first_offset = Some(self.first_offset.map_or(offset, |o| o.min(offset)));
+                        self.final_offset = Some(self.final_offset.map_or(offset, |o| o.max(offset)));
+                    }
+                    (Some(offset), Some(g)) => {
+                        if let Some(slot) = self.group_final_offsets.get_mut(g as usize) {
+                            *slot = Some(slot.map_or(offset, |o| o.max(offset)));
+                        }
+                    }
+                    (None, _) => {}
                 }
                 if let Some(count) = subscribers {
                     self.subscribers_min = Some(self.subscribers_min.map_or(count, |c| c.min(count)));
@@ -283,27 +342,37 @@ impl PublishOutcome {
 /// what it said.
 fn take_reply(
     publisher: &mut dyn Publisher,
-    in_flight: &mut VecDeque<u64>,
+    in_flight: &mut VecDeque<(u64, Option<u32>)>,
     ack: &mut Latency,
     outcome: &mut PublishOutcome,
 ) -> Result<(), String> {
     let reply = publisher.receive()?;
-    if let Some(sent_ns) = in_flight.pop_front() {
-        ack.record_ns(sys::monotonic_ns().saturating_sub(sent_ns));
-    }
-    outcome.account(reply);
+    let group = match in_flight.pop_front() {
+        Some((sent_ns, group)) => {
+            ack.record_ns(sys::monotonic_ns().saturating_sub(sent_ns));
+            group
+        }
+        None => None,
+    };
+    outcome.account(group, reply);
     Ok(())
 }
 
 /// Publishes until the duration, the count or a stop signal, then collects
 /// every outstanding reply. `stop` is polled between publications.
 pub fn publish(publisher: &mut dyn Publisher, plan: &PublishPlan, stop: &dyn Fn() -> bool) -> PublishOutcome {
-    let mut outcome = PublishOutcome { started_ns: sys::monotonic_ns(), ..Default::default() };
+    let mut outcome = PublishOutcome {
+        started_ns: sys::monotonic_ns(),
+        group_final_offsets: vec![None; plan.groups.count as usize],
+        ..Default::default()
+    };
     let start = outcome.started_ns;
-    let end = start.saturating_add(plan.duration_ms.saturating_mul(1_000_000));
+    let end = start
+        .saturating_add(plan.pause_after_first_ms.saturating_mul(1_000_000))
+        .saturating_add(plan.duration_ms.saturating_mul(1_000_000));
     let window = plan.window.max(1);
-    // Send times of the requests in flight, oldest first (replies come in order).
-    let mut in_flight: VecDeque<u64> = VecDeque::with_capacity(window);
+    // Send times and groups of the requests in flight, oldest first (replies come in order).
+    let mut in_flight: VecDeque<(u64, Option<u32>)> = VecDeque::with_capacity(window);
     let mut ack = Latency::new();
     let mut data = Vec::with_capacity(plan.payload_bytes + 64);
     let mut seq: u64 = 0;
@@ -312,24 +381,19 @@ pub fn publish(publisher: &mut dyn Publisher, plan: &PublishPlan, stop: &dyn Fn(
         if now >= end || seq >= plan.publications_max || stop() {
             break;
         }
-        let due = match plan.rate {
-            Rate::Max => plan.publications_max,
-            Rate::PerSecond(rate) => ramp::due(plan.publications_max, rate, now - start),
-        };
+        let due = plan.due(now - start);
         if seq < due && in_flight.len() < window {
-            if let Rate::PerSecond(rate) = plan.rate {
-                let slot_ns = start + (seq as f64 * 1e9 / rate) as u64;
-                if now > slot_ns + LATE_NS {
-                    outcome.late += 1;
-                }
+            if matches!(plan.rate, Rate::PerSecond(_)) && now > start + plan.slot_ns(seq) + LATE_NS {
+                outcome.late += 1;
             }
             let sent_ns = sys::monotonic_ns();
             write_publication(&mut data, sent_ns, seq, plan.payload_bytes);
-            if let Err(error) = publisher.send(&data) {
+            let group = plan.groups.of_publication(seq);
+            if let Err(error) = publisher.send(group, &data) {
                 outcome.error = Some(error);
                 break;
             }
-            in_flight.push_back(sent_ns);
+            in_flight.push_back((sent_ns, group));
             seq += 1;
             outcome.sent += 1;
             continue;
@@ -343,9 +407,8 @@ pub fn publish(publisher: &mut dyn Publisher, plan: &PublishPlan, stop: &dyn Fn(
             continue;
         }
         // Nothing in flight and nothing due: sleep until the next slot.
-        if let Rate::PerSecond(rate) = plan.rate {
-            let next_ns = start + (seq as f64 * 1e9 / rate).ceil() as u64;
-            let wake_ns = next_ns.min(end);
+        if seq >= due {
+            let wake_ns = (start + plan.slot_ns(seq)).min(end);
             let now = sys::monotonic_ns();
             if wake_ns > now {
                 std::thread::sleep(Duration::from_nanos((wake_ns - now).min(50_000_000)));
@@ -376,10 +439,18 @@ mod tests {
         window: usize,
         reject_every: usize,
         replies: usize,
+        groups_sent: Vec<Option<u32>>,
+    }
+
+    impl Fake {
+        fn new(window: usize, reject_every: usize) -> Fake {
+            Fake { sent: vec![], in_flight: 0, window, reject_every, replies: 0, groups_sent: vec![] }
+        }
     }
 
     impl Publisher for Fake {
-        fn send(&mut self, data: &[u8]) -> Result<(), String> {
+        fn send(&mut self, group: Option<u32>, data: &[u8]) -> Result<(), String> {
+            self.groups_sent.push(group);
             self.in_flight += 1;
             assert!(self.in_flight <= self.window, "window exceeded");
             self.sent.push(data.to_vec());
@@ -398,9 +469,16 @@ mod tests {
 
     #[test]
     fn max_rate_respects_the_window_and_the_count() {
-        let mut fake = Fake { sent: vec![], in_flight: 0, window: 8, reject_every: 10, replies: 0 };
-        let plan =
-            PublishPlan { rate: Rate::Max, duration_ms: 60_000, publications_max: 100, window: 8, payload_bytes: 64 };
+        let mut fake = Fake::new(8, 10);
+        let plan = PublishPlan {
+            rate: Rate::Max,
+            duration_ms: 60_000,
+            publications_max: 100,
+            window: 8,
+            payload_bytes: 64,
+            groups: Groups::default(),
+            pause_after_first_ms: 0,
+        };
         let outcome = publish(&mut fake, &plan, &|| false);
         assert_eq!(outcome.sent, 100);
         assert_eq!(outcome.accepted, 90);
@@ -418,13 +496,15 @@ mod tests {
 
     #[test]
     fn paced_rate_stops_at_the_duration() {
-        let mut fake = Fake { sent: vec![], in_flight: 0, window: 4, reject_every: 0, replies: 0 };
+        let mut fake = Fake::new(4, 0);
         let plan = PublishPlan {
             rate: Rate::PerSecond(100.0),
             duration_ms: 200,
             publications_max: 1_000,
             window: 4,
             payload_bytes: 0,
+            groups: Groups::default(),
+            pause_after_first_ms: 0,
         };
         let outcome = publish(&mut fake, &plan, &|| false);
         // 100/s for 0.2 s: about 20, never more than 21 (the first is due at once).
@@ -433,10 +513,70 @@ mod tests {
     }
 
     #[test]
+    fn groups_take_turns_and_keep_their_own_final_offsets() {
+        let mut fake = Fake::new(2, 0);
+        let plan = PublishPlan {
+            rate: Rate::Max,
+            duration_ms: 60_000,
+            publications_max: 7,
+            window: 2,
+            payload_bytes: 0,
+            groups: Groups { count: 2 },
+            pause_after_first_ms: 0,
+        };
+        let outcome = publish(&mut fake, &plan, &|| false);
+        assert_eq!(fake.groups_sent, [None, Some(0), Some(1), None, Some(0), Some(1), None]);
+        // The fake answers offset 10 + reply number: the broadcast channel got
+        // replies 1, 4 and 7, group 0 replies 2 and 5, group 1 replies 3 and 6.
+        assert_eq!((outcome.first_offset, outcome.final_offset), (Some(11), Some(17)));
+        assert_eq!(outcome.group_final_offsets, [Some(15), Some(16)]);
+        assert_eq!(outcome.accepted, 7);
+    }
+
+    #[test]
+    fn the_first_publication_gets_the_pause_to_itself() {
+        let plan = |rate, pause_after_first_ms| PublishPlan {
+            rate,
+            duration_ms: 1_000,
+            publications_max: 100,
+            window: 1,
+            payload_bytes: 0,
+            groups: Groups::default(),
+            pause_after_first_ms,
+        };
+        let ms = 1_000_000;
+        // Without a pause: one every 1/rate from the start, as before.
+        let paced = plan(Rate::PerSecond(10.0), 0);
+        assert_eq!((paced.due(0), paced.due(99 * ms), paced.due(100 * ms)), (1, 1, 2));
+        assert_eq!((paced.slot_ns(0), paced.slot_ns(1)), (0, 100 * ms));
+        // With 5 s: only the first until then, the second at 5.1 s.
+        let paused = plan(Rate::PerSecond(10.0), 5_000);
+        assert_eq!((paused.due(4_999 * ms), paused.due(5_000 * ms), paused.due(5_100 * ms)), (1, 1, 2));
+        assert_eq!((paused.slot_ns(0), paused.slot_ns(1), paused.slot_ns(3)), (0, 5_100 * ms, 5_300 * ms));
+        let max = plan(Rate::Max, 2_000);
+        assert_eq!((max.due(0), max.due(2_000 * ms)), (1, 100));
+        // Publishing ends the duration after the pause.
+        let mut fake = Fake::new(1, 0);
+        let short = PublishPlan { duration_ms: 150, ..plan(Rate::PerSecond(20.0), 200) };
+        let started = sys::monotonic_ns();
+        let outcome = publish(&mut fake, &short, &|| false);
+        // The first at once, then 20/s from 0.25 s to 0.35 s: two or three more.
+        assert!((3..=4).contains(&outcome.sent), "{outcome:?}");
+        assert!(sys::monotonic_ns() - started >= 300 * ms);
+    }
+
+    #[test]
     fn stop_ends_publishing() {
-        let mut fake = Fake { sent: vec![], in_flight: 0, window: 4, reject_every: 0, replies: 0 };
-        let plan =
-            PublishPlan { rate: Rate::Max, duration_ms: 60_000, publications_max: 1_000, window: 4, payload_bytes: 0 };
+        let mut fake = Fake::new(4, 0);
+        let plan = PublishPlan {
+            rate: Rate::Max,
+            duration_ms: 60_000,
+            publications_max: 1_000,
+            window: 4,
+            payload_bytes: 0,
+            groups: Groups::default(),
+            pause_after_first_ms: 0,
+        };
         let outcome = publish(&mut fake, &plan, &|| true);
         assert_eq!(outcome.sent, 0);
     }

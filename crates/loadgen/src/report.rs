@@ -9,8 +9,9 @@ use super::hist::{Latency, Percentiles};
 use super::procfs;
 use super::publish::PublishOutcome;
 use super::ramp;
+use super::sys;
 use super::track::{merge_last_arrivals, DeliveryCounts};
-use super::wire::{Scenario, WorkerResult};
+use super::wire::{Groups, Scenario, WorkerResult};
 
 /// Readings of one server process (`--server-pid`), taken by the parent.
 #[derive(Debug, Clone, Copy, Default)]
@@ -21,6 +22,8 @@ pub struct ProcessReadings {
     pub rss_peak_bytes: u64,
     pub rss_end_bytes: u64,
     pub cpu_before_ns: u64,
+    /// When every worker was ready (the settle starts); 0 if never read.
+    pub cpu_ramp_done_ns: u64,
     pub cpu_mark_ns: u64,
     pub cpu_end_ns: u64,
 }
@@ -34,6 +37,9 @@ pub struct ServerReadings {
     pub rss_peak_bytes: u64,
     pub slab_before_bytes: u64,
     pub slab_after_ramp_bytes: u64,
+    /// CLOCK_MONOTONIC at the end of the ramp and of the settle (0: not read).
+    pub ramp_done_ns: u64,
+    pub after_ramp_ns: u64,
 }
 
 impl ServerReadings {
@@ -56,8 +62,21 @@ impl ServerReadings {
         Ok(Some(ServerReadings { processes, slab_before_bytes: procfs::slab_bytes()?, ..Default::default() }))
     }
 
+    /// When the ramp is done: the start of the settle, whose CPU time is the
+    /// servers' cost of holding idle connections. A process that cannot be
+    /// read now is read again after the settle (and fails the run then).
+    pub fn ramp_done(&mut self) {
+        for process in &mut self.processes {
+            if let Ok(sample) = procfs::sample_process(process.pid) {
+                process.cpu_ramp_done_ns = sample.cpu_ns;
+            }
+        }
+        self.ramp_done_ns = sys::monotonic_ns();
+    }
+
     /// After the ramp and settle: the baseline of the per-connection figures.
     pub fn after_ramp(&mut self) -> Result<(), String> {
+        self.after_ramp_ns = sys::monotonic_ns();
         for process in &mut self.processes {
             let sample = procfs::sample_process(process.pid)?;
             process.rss_after_ramp_bytes = sample.rss_bytes;
@@ -104,6 +123,40 @@ impl ServerReadings {
     }
 }
 
+/// The generator's own memory: the summed RSS of its worker processes (the
+/// parent holds no client sockets), read when the servers' is.
+#[derive(Debug, Clone, Default)]
+pub struct GeneratorReadings {
+    pids: Vec<u32>,
+    /// After the ramp and settle (for the connect scenario: at the end).
+    pub rss_after_ramp_bytes: u64,
+    /// The private part of it (RssAnon), at the same moment.
+    pub anon_after_ramp_bytes: u64,
+    pub rss_peak_bytes: u64,
+}
+
+impl GeneratorReadings {
+    pub fn new(pids: Vec<u32>) -> GeneratorReadings {
+        GeneratorReadings { pids, ..Default::default() }
+    }
+
+    /// (RSS, anonymous RSS) summed; a worker that cannot be read (one that
+    /// already exited) counts as 0.
+    fn total_bytes(&self) -> (u64, u64) {
+        let samples = self.pids.iter().filter_map(|&pid| procfs::sample_process(pid).ok());
+        samples.fold((0, 0), |(rss, anon), s| (rss + s.rss_bytes, anon + s.anon_bytes))
+    }
+
+    pub fn after_ramp(&mut self) {
+        (self.rss_after_ramp_bytes, self.anon_after_ramp_bytes) = self.total_bytes();
+        self.rss_peak_bytes = self.rss_peak_bytes.max(self.rss_after_ramp_bytes);
+    }
+
+    pub fn peak(&mut self) {
+        self.rss_peak_bytes = self.rss_peak_bytes.max(self.total_bytes().0);
+    }
+}
+
 /// One `--url`, resolved, and its share of the connections.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct UrlUsed {
@@ -120,7 +173,10 @@ pub struct Inputs<'a> {
     /// In `--url` order; connection n went to URL n mod len.
     pub urls: &'a [UrlUsed],
     pub publish: Option<&'a PublishOutcome>,
+    /// Broadcast with `--groups`: which publications went to which channel.
+    pub groups: Groups,
     pub server: Option<ServerReadings>,
+    pub generator_memory: GeneratorReadings,
     /// Both ends of each connection live on this host (loopback target).
     pub sockets_per_connection: u64,
     pub generator_cpu_ns: u64,
@@ -206,6 +262,8 @@ pub struct Deliveries {
     pub gaps: u64,
     pub not_recovered: u64,
     pub unexpected: u64,
+    /// `--groups`: pushes of a group channel the subscriber had not joined.
+    pub misrouted: u64,
     pub before_reply: u64,
     pub other_messages: u64,
     /// From the first to the last delivery of the run.
@@ -220,6 +278,12 @@ pub struct LatencyReport {
     /// Per publication: until the last subscriber had it.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub last_subscriber: Option<Percentiles>,
+    /// `--groups`: the same for the publications to the broadcast channel
+    /// (every subscriber) and to the group channels.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub last_subscriber_broadcast: Option<Percentiles>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub last_subscriber_groups: Option<Percentiles>,
     /// Per publication: until the server acknowledged it to the publisher.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub publish_ack: Option<Percentiles>,
@@ -254,6 +318,10 @@ pub struct Server {
     pub cpu_s: f64,
     /// From the start of the measured phase to the end.
     pub cpu_run_s: f64,
+    /// The settle (`--settle`, after the ramp, before the measured phase):
+    /// how long it was, and the CPU the servers spent holding idle connections.
+    pub settle_s: f64,
+    pub cpu_settle_s: f64,
     /// With several `--server-pid`: each process.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub processes: Vec<ServerProcess>,
@@ -268,6 +336,15 @@ pub struct ServerProcess {
     pub rss_end_bytes: u64,
     pub cpu_s: f64,
     pub cpu_run_s: f64,
+    pub cpu_settle_s: f64,
+}
+
+/// CPU time between the end of the ramp and the end of the settle.
+fn settle_cpu_ns(p: &ProcessReadings) -> u64 {
+    if p.cpu_ramp_done_ns == 0 {
+        return 0;
+    }
+    p.cpu_mark_ns.saturating_sub(p.cpu_ramp_done_ns)
 }
 
 impl ServerProcess {
@@ -280,6 +357,7 @@ impl ServerProcess {
             rss_end_bytes: p.rss_end_bytes,
             cpu_s: seconds(p.cpu_end_ns.saturating_sub(p.cpu_before_ns)),
             cpu_run_s: seconds(p.cpu_end_ns.saturating_sub(p.cpu_mark_ns)),
+            cpu_settle_s: seconds(settle_cpu_ns(p)),
         }
     }
 }
@@ -293,6 +371,14 @@ pub struct Generator {
     pub busiest_worker_cpu_share: f64,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub server_to_generator_cpu_run_ratio: Option<f64>,
+    /// Summed RSS of the workers after the ramp, and per established
+    /// connection; the anonymous part leaves out the executable's pages,
+    /// which every worker maps and counts.
+    pub rss_after_ramp_bytes: u64,
+    pub rss_peak_bytes: u64,
+    pub rss_per_connection_bytes: f64,
+    pub anon_after_ramp_bytes: u64,
+    pub anon_per_connection_bytes: f64,
 }
 
 fn seconds(ns: u64) -> f64 {
@@ -389,23 +475,33 @@ pub fn build(inputs: &Inputs<'_>) -> Report {
         gaps: deliveries.gaps,
         not_recovered: sum(|w| w.not_recovered),
         unexpected: sum(|w| w.unexpected),
+        misrouted: sum(|w| w.misrouted),
         before_reply: sum(|w| w.before_reply),
         other_messages: sum(|w| w.other_messages),
         per_s: per_second(deliveries.total, delivery_span_ns),
     });
 
-    let last_subscriber = (inputs.scenario == Scenario::Broadcast).then(|| {
+    let broadcast = inputs.scenario == Scenario::Broadcast;
+    let merged = if broadcast {
         let parts: Vec<Vec<(u64, u64)>> = workers.iter().map(|w| w.last_arrival_ns.clone()).collect();
+        merge_last_arrivals(&parts)
+    } else {
+        BTreeMap::new()
+    };
+    let last_of = |keep: &dyn Fn(u64) -> bool| {
         let mut last = Latency::new();
-        for latency_ns in merge_last_arrivals(&parts).into_values() {
+        for (_, &latency_ns) in merged.iter().filter(|(&seq, _)| keep(seq)) {
             last.record_ns(latency_ns);
         }
         last.summary()
-    });
+    };
+    let grouped = broadcast && inputs.groups.count > 0;
     let latency_ms = LatencyReport {
         handshake: handshake.summary(),
         delivery: deliveries.as_ref().map(|_| latency.summary()),
-        last_subscriber,
+        last_subscriber: broadcast.then(|| last_of(&|_| true)),
+        last_subscriber_broadcast: grouped.then(|| last_of(&|seq| inputs.groups.of_publication(seq).is_none())),
+        last_subscriber_groups: grouped.then(|| last_of(&|seq| inputs.groups.of_publication(seq).is_some())),
         publish_ack: inputs.publish.filter(|_| publishing).map(|p| p.ack),
     };
 
@@ -458,6 +554,8 @@ pub fn build(inputs: &Inputs<'_>) -> Report {
             slab_per_socket_bytes: slab_growth / inputs.sockets_per_connection.max(1) as f64,
             cpu_s: seconds(total(|p| p.cpu_end_ns.saturating_sub(p.cpu_before_ns))),
             cpu_run_s: seconds(total(|p| p.cpu_end_ns.saturating_sub(p.cpu_mark_ns))),
+            settle_s: if s.ramp_done_ns == 0 { 0.0 } else { seconds(s.after_ramp_ns.saturating_sub(s.ramp_done_ns)) },
+            cpu_settle_s: seconds(total(settle_cpu_ns)),
             processes: if s.processes.len() > 1 { s.processes.iter().map(ServerProcess::of).collect() } else { vec![] },
         }
     });
@@ -476,6 +574,11 @@ pub fn build(inputs: &Inputs<'_>) -> Report {
             .as_ref()
             .filter(|_| inputs.generator_cpu_run_ns > 0)
             .map(|s| s.cpu_run_s / seconds(inputs.generator_cpu_run_ns)),
+        rss_after_ramp_bytes: inputs.generator_memory.rss_after_ramp_bytes,
+        rss_peak_bytes: inputs.generator_memory.rss_peak_bytes,
+        rss_per_connection_bytes: per_connection(inputs.generator_memory.rss_after_ramp_bytes as f64),
+        anon_after_ramp_bytes: inputs.generator_memory.anon_after_ramp_bytes,
+        anon_per_connection_bytes: per_connection(inputs.generator_memory.anon_after_ramp_bytes as f64),
     };
 
     let mut warnings = Vec::new();
@@ -491,6 +594,9 @@ pub fn build(inputs: &Inputs<'_>) -> Report {
                 "delivery was not exactly once: {} missing, {} duplicates, {} gaps",
                 d.missing, d.duplicates, d.gaps
             ));
+        }
+        if d.misrouted > 0 {
+            warnings.push(format!("{} pushes reached subscribers of another group", d.misrouted));
         }
     }
     if let Some(p) = &publications {
@@ -605,6 +711,16 @@ impl Report {
         if let Some(p) = &self.latency_ms.last_subscriber {
             let _ = writeln!(out, "last subscriber {}", percentiles(p));
         }
+        if let Some(p) = &self.latency_ms.last_subscriber_broadcast {
+            let _ = writeln!(out, "  to everyone  {}", percentiles(p));
+        }
+        if let Some(p) = &self.latency_ms.last_subscriber_groups {
+            let _ = writeln!(out, "  to a group   {}", percentiles(p));
+        }
+        if let Some(d) = self.deliveries.as_ref().filter(|_| self.latency_ms.last_subscriber_groups.is_some()) {
+            let _ =
+                writeln!(out, "misrouted      {} (pushes of a group channel to a subscriber of another)", d.misrouted);
+        }
         if let Some(p) = &self.latency_ms.publish_ack {
             let _ = writeln!(out, "publish ack    {}", percentiles(p));
         }
@@ -633,12 +749,20 @@ impl Report {
                 s.slab_growth_per_connection_bytes, s.sockets_per_connection, s.slab_per_socket_bytes
             );
         }
+        let settle = |s: &Server, cpu_s: f64| {
+            if s.settle_s > 0.0 {
+                format!(", {cpu_s:.2} s in the {:.1} s settle", s.settle_s)
+            } else {
+                String::new()
+            }
+        };
         if let Some(s) = &self.server {
             let _ = writeln!(
                 out,
-                "server CPU     {:.2} s total, {:.2} s in the measured phase{}",
+                "server CPU     {:.2} s total, {:.2} s in the measured phase{}{}",
                 s.cpu_s,
                 s.cpu_run_s,
+                settle(s, s.cpu_settle_s),
                 summed(s)
             );
             for p in &s.processes {
@@ -650,8 +774,11 @@ impl Report {
                 };
                 let _ = writeln!(
                     out,
-                    "server pid {:<4} {rss}CPU {:.2} s total, {:.2} s in the measured phase",
-                    p.pid, p.cpu_s, p.cpu_run_s
+                    "server pid {:<4} {rss}CPU {:.2} s total, {:.2} s in the measured phase{}",
+                    p.pid,
+                    p.cpu_s,
+                    p.cpu_run_s,
+                    settle(s, p.cpu_settle_s)
                 );
             }
         }
@@ -665,6 +792,18 @@ impl Report {
             g.busiest_worker_cpu_share * 100.0,
             g.server_to_generator_cpu_run_ratio.map(|r| format!(", server/generator {r:.2}")).unwrap_or_default()
         );
+        if g.rss_after_ramp_bytes > 0 {
+            let _ = writeln!(
+                out,
+                "generator RSS  {} in {} workers after the ramp ({:.0} B per connection; anonymous {}, {:.0} B), {} peak",
+                bytes(g.rss_after_ramp_bytes),
+                g.workers,
+                g.rss_per_connection_bytes,
+                bytes(g.anon_after_ramp_bytes),
+                g.anon_per_connection_bytes,
+                bytes(g.rss_peak_bytes)
+            );
+        }
         for warning in &self.warnings {
             let _ = writeln!(out, "warning: {warning}");
         }
@@ -705,6 +844,7 @@ mod tests {
             requested: 300,
             workers,
             publish: Some(publish),
+            groups: Groups::default(),
             urls: &[],
             server: Some(ServerReadings {
                 processes: vec![ProcessReadings {
@@ -720,6 +860,7 @@ mod tests {
                 slab_after_ramp_bytes: 3_400_000,
                 ..Default::default()
             }),
+            generator_memory: GeneratorReadings::default(),
             sockets_per_connection: 2,
             generator_cpu_ns: 2_000_000_000,
             generator_cpu_run_ns: 1_000_000_000,
@@ -856,6 +997,54 @@ mod tests {
         let json = serde_json::to_value(&report).unwrap();
         assert!(json.pointer("/server/pid").is_none() && json.pointer("/server/processes/1/cpu_run_s").is_some());
         assert_eq!(json.pointer("/targets/0/resumed"), Some(&serde_json::json!(5)));
+    }
+
+    #[test]
+    fn groups_split_the_last_subscriber_and_misrouted_pushes_warn() {
+        // Publications 0 and 3 went to everyone, 1 and 2 to a group (two groups).
+        let mut workers = vec![worker(0, 10, 10, 50)];
+        workers[0].last_arrival_ns = vec![(0, 9_000_000), (1, 1_000_000), (2, 2_000_000), (3, 7_000_000)];
+        workers[0].misrouted = 2;
+        let publish = PublishOutcome::default();
+        let mut inputs = inputs(&workers, &publish);
+        inputs.groups = Groups { count: 2 };
+        let report = build(&inputs);
+        let everyone = report.latency_ms.last_subscriber_broadcast.unwrap();
+        let groups = report.latency_ms.last_subscriber_groups.unwrap();
+        assert_eq!((everyone.count, groups.count, report.latency_ms.last_subscriber.unwrap().count), (2, 2, 4));
+        assert!((everyone.max_ms - 9.0).abs() < 0.01 && (groups.max_ms - 2.0).abs() < 0.01, "{everyone:?} {groups:?}");
+        assert_eq!(report.deliveries.as_ref().unwrap().misrouted, 2);
+        assert!(report.warnings.iter().any(|w| w.contains("another group")), "{:?}", report.warnings);
+        assert!(report.text().contains("  to everyone  p50"));
+        // Without groups the split is absent.
+        let json = serde_json::to_value(build(&super::tests::inputs(&workers, &publish))).unwrap();
+        assert!(json.pointer("/latency_ms/last_subscriber_broadcast").is_none());
+    }
+
+    #[test]
+    fn settle_cpu_and_generator_memory_are_reported() {
+        let workers = vec![worker(0, 150, 0, 50), worker(1, 150, 0, 50)];
+        let publish = PublishOutcome::default();
+        let mut inputs = inputs(&workers, &publish);
+        let server = inputs.server.as_mut().unwrap();
+        server.processes[0].cpu_ramp_done_ns = 400_000_000;
+        (server.ramp_done_ns, server.after_ramp_ns) = (5_000_000_000, 15_000_000_000);
+        inputs.generator_memory.rss_after_ramp_bytes = 60_000_000;
+        inputs.generator_memory.anon_after_ramp_bytes = 30_000_000;
+        inputs.generator_memory.rss_peak_bytes = 61_000_000;
+        let report = build(&inputs);
+        let server = report.server.as_ref().unwrap();
+        // CPU from the end of the ramp (0.4 s) to the mark (1 s), over a 10 s settle.
+        assert!((server.cpu_settle_s - 0.6).abs() < 1e-9 && (server.settle_s - 10.0).abs() < 1e-9, "{server:?}");
+        assert!((report.generator.rss_per_connection_bytes - 200_000.0).abs() < 1e-9);
+        let text = report.text();
+        assert!(text.contains("0.60 s in the 10.0 s settle"), "{text}");
+        let line = "generator RSS  57.2 MiB in 2 workers after the ramp (200000 B per connection; anonymous 28.6 MiB, 100000 B)";
+        assert!(text.contains(line), "{text}");
+        // A ramp that was never marked done (connect) has no settle figure.
+        let mut inputs = super::tests::inputs(&workers, &publish);
+        inputs.scenario = Scenario::Connect;
+        assert_eq!(build(&inputs).server.unwrap().cpu_settle_s, 0.0);
     }
 
     #[test]

@@ -65,6 +65,37 @@ pub struct TargetCounts {
     pub disconnects: u64,
 }
 
+/// `broadcast --groups G`: besides the broadcast channel, connection `n`
+/// joins group channel `n mod G` (`CHANNEL-gJ`), and publications take turns:
+/// the broadcast channel, then group 0, 1, …, G−1, then the broadcast channel
+/// again. Both the worker (which sequence a push belongs to) and the
+/// publisher (where publication `seq` goes) follow it, so a push that reaches
+/// a subscriber of another group is caught.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Groups {
+    /// 0: no group channels (every publication to the broadcast channel).
+    pub count: u32,
+}
+
+impl Groups {
+    /// The group connection `n` joins.
+    pub fn of_connection(self, n: u64) -> Option<u32> {
+        (self.count > 0).then(|| (n % u64::from(self.count)) as u32)
+    }
+
+    /// Where publication `seq` goes: None for the broadcast channel.
+    pub fn of_publication(self, seq: u64) -> Option<u32> {
+        match seq % (u64::from(self.count) + 1) {
+            0 => None,
+            turn => Some((turn - 1) as u32),
+        }
+    }
+
+    pub fn channel_name(channel: &str, group: u32) -> String {
+        format!("{channel}-g{group}")
+    }
+}
+
 /// Everything one worker needs, sent as the first line on its stdin.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct WorkerConfig {
@@ -101,6 +132,9 @@ pub struct WorkerConfig {
     /// Largest server message accepted.
     pub message_bytes_max: usize,
     pub progress_interval_ms: u64,
+    /// Group channels besides the broadcast channel (broadcast scenario).
+    #[serde(default)]
+    pub groups: Groups,
 }
 
 impl WorkerConfig {
@@ -146,6 +180,10 @@ pub enum Command {
         /// Publications the server accepted.
         accepted: u64,
         drain_ms: u64,
+        /// With groups: the last accepted offset of each group channel
+        /// (`final_offset` is then the broadcast channel's).
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        group_final_offsets: Vec<Option<u64>>,
     },
     /// Stop now and report.
     Stop,
@@ -193,6 +231,9 @@ pub struct WorkerResult {
     pub replayed: u64,
     /// Pushes that carried no sequence, or one past the run's publications.
     pub unexpected: u64,
+    /// Groups: pushes of a group channel the subscriber did not join.
+    #[serde(default)]
+    pub misrouted: u64,
     /// Pushes that came before the subscribe reply.
     pub before_reply: u64,
     /// Messages that were neither pushes nor replies the generator expects.
@@ -243,6 +284,7 @@ mod tests {
             subscribe: false,
             message_bytes_max: 1,
             progress_interval_ms: 1,
+            groups: Groups::default(),
         }
     }
 
@@ -279,11 +321,34 @@ mod tests {
     }
 
     #[test]
+    fn groups_take_turns_after_the_broadcast() {
+        let none = Groups::default();
+        assert_eq!((none.of_connection(5), none.of_publication(0), none.of_publication(7)), (None, None, None));
+        let three = Groups { count: 3 };
+        let turns: Vec<Option<u32>> = (0..9).map(|seq| three.of_publication(seq)).collect();
+        assert_eq!(turns, [None, Some(0), Some(1), Some(2), None, Some(0), Some(1), Some(2), None]);
+        assert_eq!(
+            (three.of_connection(0), three.of_connection(4), three.of_connection(u64::MAX)),
+            (Some(0), Some(1), Some(0))
+        );
+        assert_eq!(Groups::channel_name("load", 2), "load-g2");
+        assert_eq!(
+            Groups { count: u32::MAX }.of_publication(u64::MAX),
+            Some((u64::MAX % (u64::from(u32::MAX) + 1) - 1) as u32)
+        );
+    }
+
+    #[test]
     fn commands_round_trip() {
-        let finish = Command::Finish { final_offset: Some(9), accepted: 9, drain_ms: 100 };
+        let finish = Command::Finish { final_offset: Some(9), accepted: 9, drain_ms: 100, group_final_offsets: vec![] };
         let line = serde_json::to_string(&finish).unwrap();
         assert_eq!(line, r#"{"cmd":"finish","final_offset":9,"accepted":9,"drain_ms":100}"#);
         assert_eq!(serde_json::from_str::<Command>(&line).unwrap(), finish);
+        let groups =
+            Command::Finish { final_offset: None, accepted: 3, drain_ms: 1, group_final_offsets: vec![Some(4), None] };
+        let line = serde_json::to_string(&groups).unwrap();
+        assert!(line.ends_with(r#""group_final_offsets":[4,null]}"#), "{line}");
+        assert_eq!(serde_json::from_str::<Command>(&line).unwrap(), groups);
         assert_eq!(serde_json::from_str::<Command>(r#"{"cmd":"mark"}"#).unwrap(), Command::Mark);
     }
 }

@@ -17,7 +17,9 @@ use super::ramp::{self, Ramp};
 use super::scan;
 use super::sys::{self, Epoll, HANGUP, READABLE, WRITABLE};
 use super::track::{DeliveryCounts, LastArrivals, Sequence};
-use super::wire::{Command, Progress, Protocol, Scenario, TargetCounts, WorkerConfig, WorkerMessage, WorkerResult};
+use super::wire::{
+    Command, Groups, Progress, Protocol, Scenario, TargetCounts, WorkerConfig, WorkerMessage, WorkerResult,
+};
 use kometa_protocol::ws::{accept_key, encode_client_frame};
 
 /// Token of the stdin pipe in the epoll set (connection tokens are
@@ -38,6 +40,12 @@ const RECONNECT_BACKOFF_MS: u64 = 100;
 const BURST_MAX: u64 = 256;
 const SWEEP_INTERVAL_MS: u64 = 50;
 const DRAIN_CHECK_INTERVAL_MS: u64 = 10;
+/// Clients one millisecond of interval covers: sweeps and drain checks walk
+/// every client, so a worker of 15,000 does them every 300 and 100 ms, not
+/// every 50 and 10 (67 workers walking 1,000,000 clients 100 times a second
+/// were a visible share of two cores while the servers needed them).
+const SWEEP_CLIENTS_PER_MS: usize = 50;
+const DRAIN_CHECK_CLIENTS_PER_MS: usize = 150;
 /// Commands are short; a longer line is a broken parent.
 const COMMAND_LINE_BYTES_MAX: usize = 1 << 20;
 const MS: u64 = 1_000_000;
@@ -89,6 +97,8 @@ struct Client {
     writable_armed: bool,
     /// Order check of the tracked channel (the first one); None until subscribed.
     sequence: Option<Sequence>,
+    /// Order check of its group channel (`--groups`); None until subscribed.
+    group_sequence: Option<Sequence>,
     epoch: Option<Box<str>>,
     /// After a resume, offsets up to here are replays.
     replay_through: u64,
@@ -118,6 +128,7 @@ impl Client {
             replies_pending: 0,
             writable_armed: false,
             sequence: None,
+            group_sequence: None,
             epoch: None,
             replay_through: 0,
             resume: false,
@@ -153,6 +164,7 @@ struct Stats {
     recovered: u64,
     replayed: u64,
     unexpected: u64,
+    misrouted: u64,
     before_reply: u64,
     other_messages: u64,
     churned: u64,
@@ -172,7 +184,7 @@ impl Stats {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, PartialEq)]
 enum Phase {
     Ramping,
     Ready,
@@ -180,13 +192,27 @@ enum Phase {
     Running,
     Draining {
         deadline_ns: u64,
-        final_offset: Option<u64>,
-        accepted: u64,
+        last: LastPublished,
     },
     Finished {
-        final_offset: Option<u64>,
-        accepted: u64,
+        last: LastPublished,
     },
+}
+
+/// What the publisher got accepted, as the parent said in `Finish`.
+#[derive(Debug, Clone, PartialEq, Default)]
+struct LastPublished {
+    /// Kometa: the broadcast channel's last accepted offset.
+    final_offset: Option<u64>,
+    accepted: u64,
+    /// Groups: each group channel's last accepted offset.
+    group_final_offsets: Vec<Option<u64>>,
+}
+
+impl LastPublished {
+    fn of_group(&self, group: Option<u32>) -> Option<u64> {
+        self.group_final_offsets.get(group? as usize).copied().flatten()
+    }
 }
 
 /// Everything but the clients, so a client and the context can be borrowed together.
@@ -194,12 +220,16 @@ struct Ctx {
     config: WorkerConfig,
     epoll: Epoll,
     channel_names: Vec<String>,
+    /// `--groups`: the group channels' names.
+    group_names: Vec<String>,
     stats: Stats,
     latency: Latency,
     handshake: Latency,
     last_arrivals: LastArrivals,
     /// Broadcast: keep the per-publication latest arrival.
     track_last: bool,
+    /// Clients in `State::Closing` (a sweep is needed while there are any).
+    closing: u64,
     rng: u64,
 }
 
@@ -220,11 +250,17 @@ impl Ctx {
         if client.state == State::Open {
             progress.open = progress.open.saturating_sub(1);
         }
+        if client.state == State::Closing {
+            self.closing = self.closing.saturating_sub(1);
+        }
         if state.in_flight() {
             progress.in_flight += 1;
         }
         if state == State::Open {
             progress.open += 1;
+        }
+        if state == State::Closing {
+            self.closing += 1;
         }
         client.state = state;
         client.since_ns = now_ns;
@@ -287,6 +323,7 @@ fn emit(message: &WorkerMessage) -> Result<(), String> {
 /// Entry point of `kometa load-worker`.
 pub fn main() -> Result<(), String> {
     sys::install_stop_handler();
+    sys::disable_transparent_huge_pages();
     sys::raise_open_files_limit();
     let mut commands = LineReader { buffer: Vec::new(), eof: false };
     let line = loop {
@@ -350,6 +387,7 @@ impl Worker {
             .map(|i| Client::new(config.first_index + i, i as u32, config.target_of(config.first_index + i)))
             .collect();
         let channel_names = (0..config.channel_pool.max(1)).map(|j| config.channel_name(j)).collect();
+        let group_names = (0..config.groups.count).map(|g| Groups::channel_name(&config.channel, g)).collect();
         let ramp = Ramp {
             total: config.connections,
             rate_per_s: config.ramp_rate_per_s,
@@ -366,11 +404,13 @@ impl Worker {
             ctx: Ctx {
                 epoll,
                 channel_names,
+                group_names,
                 stats: Stats { targets: vec![TargetCounts::default(); config.targets.len()], ..Stats::default() },
                 latency: Latency::new(),
                 handshake: Latency::new(),
                 last_arrivals: LastArrivals::new(if track_last { capacity } else { 0 }),
                 track_last,
+                closing: 0,
                 rng: now | 1,
                 config,
             },
@@ -399,11 +439,12 @@ impl Worker {
         loop {
             let now = sys::monotonic_ns();
             if sys::stop_requested() || self.commands.eof {
-                self.phase = Phase::Finished { final_offset: None, accepted: 0 };
+                self.phase = Phase::Finished { last: LastPublished::default() };
             }
             self.drive(now)?;
-            if let Phase::Finished { final_offset, accepted } = self.phase {
-                return self.finish(final_offset, accepted);
+            if let Phase::Finished { last } = &self.phase {
+                let last = last.clone();
+                return self.finish(&last);
             }
             let count = self.ctx.epoll.wait(&mut events, self.poll_timeout_ms()).map_err(|e| format!("epoll: {e}"))?;
             for event in &events[..count] {
@@ -421,10 +462,16 @@ impl Worker {
         match self.phase {
             Phase::Ramping => 5,
             Phase::Running if self.ctx.config.churn_rate_per_s > 0.0 => 5,
-            Phase::Draining { .. } => DRAIN_CHECK_INTERVAL_MS as i32,
+            Phase::Draining { .. } => self.interval_ms(DRAIN_CHECK_INTERVAL_MS, DRAIN_CHECK_CLIENTS_PER_MS) as i32,
             _ if !self.reconnects.is_empty() => 5,
-            _ => SWEEP_INTERVAL_MS as i32,
+            _ => self.interval_ms(SWEEP_INTERVAL_MS, SWEEP_CLIENTS_PER_MS) as i32,
         }
+    }
+
+    /// An interval for work that walks every client: `base_ms`, longer for
+    /// many clients.
+    fn interval_ms(&self, base_ms: u64, clients_per_ms: usize) -> u64 {
+        base_ms.max((self.clients.len() / clients_per_ms) as u64)
     }
 
     fn read_commands(&mut self) -> Result<(), String> {
@@ -444,12 +491,13 @@ impl Worker {
                         self.phase = Phase::Running;
                     }
                 }
-                Command::Finish { final_offset, accepted, drain_ms } => {
+                Command::Finish { final_offset, accepted, drain_ms, group_final_offsets } => {
                     self.mark.get_or_insert_with(|| (now, sys::cpu_ns(false)));
                     let deadline_ns = now.saturating_add(drain_ms.saturating_mul(MS));
-                    self.phase = Phase::Draining { deadline_ns, final_offset, accepted };
+                    let last = LastPublished { final_offset, accepted, group_final_offsets };
+                    self.phase = Phase::Draining { deadline_ns, last };
                 }
-                Command::Stop => self.phase = Phase::Finished { final_offset: None, accepted: 0 },
+                Command::Stop => self.phase = Phase::Finished { last: LastPublished::default() },
             }
         }
         Ok(())
@@ -461,17 +509,18 @@ impl Worker {
             Phase::Ramping if self.ctx.config.scenario == Scenario::Connect => self.drive_connect(now),
             Phase::Ramping => self.drive_ramp(now)?,
             Phase::Running if self.ctx.config.churn_rate_per_s > 0.0 => self.drive_churn(now),
-            Phase::Draining { deadline_ns, final_offset, accepted } if now >= self.next_drain_check_ns => {
-                self.next_drain_check_ns = now + DRAIN_CHECK_INTERVAL_MS * MS;
-                if now >= deadline_ns || self.caught_up(final_offset, accepted) {
-                    self.phase = Phase::Finished { final_offset, accepted };
+            Phase::Draining { deadline_ns, ref last } if now >= self.next_drain_check_ns => {
+                self.next_drain_check_ns =
+                    now + self.interval_ms(DRAIN_CHECK_INTERVAL_MS, DRAIN_CHECK_CLIENTS_PER_MS) * MS;
+                if now >= deadline_ns || self.caught_up(last) {
+                    self.phase = Phase::Finished { last: last.clone() };
                 }
             }
             _ => {}
         }
         self.drive_reconnects(now);
         if now >= self.next_sweep_ns {
-            self.next_sweep_ns = now + SWEEP_INTERVAL_MS * MS;
+            self.next_sweep_ns = now + self.interval_ms(SWEEP_INTERVAL_MS, SWEEP_CLIENTS_PER_MS) * MS;
             self.sweep_timeouts(now);
         }
         if now >= self.next_progress_ns {
@@ -536,7 +585,7 @@ impl Worker {
         let busy = self.free_slots.len() < self.clients.len();
         if !busy && (over_time || self.attempts >= self.ctx.config.connections) {
             self.ramp_done_ns = now;
-            self.phase = Phase::Finished { final_offset: None, accepted: 0 };
+            self.phase = Phase::Finished { last: LastPublished::default() };
         }
     }
 
@@ -579,7 +628,7 @@ impl Worker {
     }
 
     fn sweep_timeouts(&mut self, now: u64) {
-        let busy = self.ctx.stats.progress.in_flight > 0 || self.clients.iter().any(|c| c.state == State::Closing);
+        let busy = self.ctx.stats.progress.in_flight > 0 || self.ctx.closing > 0;
         if !busy {
             return;
         }
@@ -599,13 +648,20 @@ impl Worker {
     }
 
     /// Every subscriber has the last publication, or can no longer get it.
-    fn caught_up(&self, final_offset: Option<u64>, accepted: u64) -> bool {
+    fn caught_up(&self, last: &LastPublished) -> bool {
         let kometa = self.ctx.kometa();
+        let groups = self.ctx.config.groups;
+        let reached = |sequence: Option<Sequence>, final_offset: Option<u64>| {
+            sequence.is_none_or(|s| final_offset.is_none_or(|last| s.next > last))
+        };
         self.clients.iter().all(|client| match client.sequence {
             None => true,
             Some(_) if client.state == State::Done => true,
-            Some(sequence) if kometa => final_offset.is_none_or(|last| sequence.next > last),
-            Some(sequence) => sequence.next >= accepted,
+            Some(sequence) if kometa => {
+                reached(Some(sequence), last.final_offset)
+                    && reached(client.group_sequence, last.of_group(groups.of_connection(client.index)))
+            }
+            Some(sequence) => sequence.next >= last.accepted,
         })
     }
 
@@ -690,28 +746,34 @@ impl Worker {
         }
     }
 
-    fn finish(&mut self, final_offset: Option<u64>, accepted: u64) -> Result<(), String> {
+    fn finish(&mut self, last: &LastPublished) -> Result<(), String> {
         let now = sys::monotonic_ns();
         let kometa = self.ctx.kometa();
+        let groups = self.ctx.config.groups;
         let stats = &self.ctx.stats;
         let subscribers = self.clients.iter().filter(|c| c.sequence.is_some()).count() as u64;
         let (expected, missing) = if kometa {
-            // Offsets say exactly what each subscriber should have had.
+            // Offsets say exactly what each subscriber should have had, on
+            // the broadcast channel and on its group channel.
+            let tail =
+                |sequence: Option<Sequence>, final_offset: Option<u64>| Some(sequence?.missing_through(final_offset?));
             let tails = self
                 .clients
                 .iter()
-                .filter_map(|c| Some(c.sequence?.missing_through(final_offset?)))
+                .flat_map(|c| {
+                    let group = last.of_group(groups.of_connection(c.index));
+                    [tail(c.sequence, last.final_offset), tail(c.group_sequence, group)]
+                })
+                .flatten()
                 .fold(0u64, u64::saturating_add);
             let missing = stats.deliveries.gaps.saturating_add(tails);
             (stats.deliveries.unique.saturating_add(missing), missing)
         } else {
+            let accepted = last.accepted;
             let expected = accepted.saturating_mul(subscribers);
             (expected, expected.saturating_sub(stats.deliveries.unique))
         };
         let open_at_end = stats.progress.open;
-        for client in &mut self.clients {
-            client.socket = None;
-        }
         let cpu_ns = sys::cpu_ns(false);
         let stats = &self.ctx.stats;
         let mut progress = stats.progress;
@@ -730,6 +792,7 @@ impl Worker {
             recovered: stats.recovered,
             replayed: stats.replayed,
             unexpected: stats.unexpected,
+            misrouted: stats.misrouted,
             before_reply: stats.before_reply,
             other_messages: stats.other_messages,
             churned: stats.churned,
@@ -745,7 +808,14 @@ impl Worker {
             connect_done_ns: stats.connect_done_ns,
             targets: stats.targets.clone(),
         };
-        emit(&WorkerMessage::Result(Box::new(result)))
+        // Report first: closing 15,000 sockets (a million over all workers,
+        // each a FIN both servers and generator must handle) takes a while
+        // on a loaded host, and the parent waits for the reports, not this.
+        emit(&WorkerMessage::Result(Box::new(result)))?;
+        for client in &mut self.clients {
+            client.socket = None;
+        }
+        Ok(())
     }
 }
 
@@ -853,6 +923,9 @@ fn on_writable(client: &mut Client, ctx: &mut Ctx, now: u64) -> Result<(), End> 
         send(client, ctx, request.as_bytes())?;
     } else if !client.tx.is_empty() {
         match (&*socket).write(&client.tx) {
+            // Emptied: let the buffer go (a million idle clients would
+            // otherwise each keep their handshake request's capacity).
+            Ok(written) if written == client.tx.len() => client.tx = Vec::new(),
             Ok(written) => {
                 client.tx.drain(..written);
             }
@@ -973,6 +1046,8 @@ fn on_handshake(client: &mut Client, ctx: &mut Ctx, head: &[u8], now: u64) -> Re
     if accept.map(|h| h.value) != Some(accept_key(client.key.as_bytes()).as_bytes()) {
         return Err(End::error("handshake_bad_accept"));
     }
+    // Checked: an idle client keeps no per-connection strings it no longer needs.
+    client.key = String::new();
     ctx.handshake.record_ns(now.saturating_sub(client.connect_started_ns));
     ctx.stats.progress.handshakes += 1;
     let subscribe = ctx.kometa() && (ctx.config.scenario != Scenario::Connect || ctx.config.subscribe);
@@ -1007,7 +1082,21 @@ fn send_subscribes(client: &mut Client, ctx: &mut Ctx) -> Result<(), End> {
         send_frame(client, ctx, 0x81, command.as_bytes())?;
     }
     client.replies_pending = count;
+    // Its reply (id count + 1) starts the group sequence.
+    let group_command = group_channel(client, ctx).map(|name| {
+        let channel = serde_json::to_string(name).unwrap_or_default();
+        format!(r#"{{"op":"subscribe","channel":{channel},"id":{}}}"#, count + 1)
+    });
+    if let Some(command) = group_command {
+        send_frame(client, ctx, 0x81, command.as_bytes())?;
+        client.replies_pending += 1;
+    }
     Ok(())
+}
+
+/// The name of the group channel a client joins (`--groups`), if any.
+fn group_channel<'a>(client: &Client, ctx: &'a Ctx) -> Option<&'a String> {
+    ctx.group_names.get(ctx.config.groups.of_connection(client.index)? as usize)
 }
 
 fn on_established(client: &mut Client, ctx: &mut Ctx, now: u64) -> Result<(), End> {
@@ -1118,6 +1207,9 @@ fn on_reply(client: &mut Client, ctx: &mut Ctx, message: &[u8], now: u64) -> Res
             (false, _) => client.sequence = Some(Sequence::starting_at(offset.saturating_add(1))),
         }
         client.epoch = epoch;
+    } else if id == Some(u64::from(ctx.config.channels_per_connection) + 1) && ctx.config.groups.count > 0 {
+        let offset = value.get("offset").and_then(serde_json::Value::as_u64).unwrap_or(0);
+        client.group_sequence = Some(Sequence::starting_at(offset.saturating_add(1)));
     }
     client.replies_pending -= 1;
     if client.replies_pending == 0 {
@@ -1144,7 +1236,20 @@ fn on_push(client: &mut Client, ctx: &mut Ctx, message: &[u8], now: u64) {
     } else {
         seq
     };
-    let Some(sequence) = client.sequence.as_mut() else {
+    // With groups the publisher's sequence number says which channel a push
+    // belongs to; without, every push is the tracked channel's.
+    let groups = ctx.config.groups;
+    let sequence = match groups.of_publication(seq) {
+        Some(group) if kometa && groups.count > 0 => {
+            if groups.of_connection(client.index) != Some(group) {
+                stats.misrouted += 1;
+                return;
+            }
+            client.group_sequence.as_mut()
+        }
+        _ => client.sequence.as_mut(),
+    };
+    let Some(sequence) = sequence else {
         stats.before_reply += 1;
         return;
     };
