@@ -6,7 +6,7 @@
 //! One task per shard runs the event loop (`Shard::tick`): bus messages,
 //! socket readiness from the I/O driver (`io`: io_uring multishot poll and
 //! accept, or edge-triggered epoll), pending fan-outs and the timer sweep,
-//! each with a budget per tick, yielding to the executor between ticks.
+//! each with a budget per tick; it sleeps only in the I/O driver.
 //! Because that one task is the only one that mutates connections and
 //! subscriptions, no locks or `RefCell` juggling across awaits are needed;
 //! admin tasks only send bus messages and await replies.
@@ -77,8 +77,6 @@ pub const DESCRIPTORS_RESERVED: usize = 64;
 const TOKEN_LISTENER: u64 = u32::MAX as u64;
 const TOKEN_WAKEUP: u64 = (u32::MAX - 1) as u64;
 const TOKEN_TICKER: u64 = (u32::MAX - 2) as u64;
-/// A busy shard lets its executor's reactor run at least this often.
-const YIELD_INTERVAL: Duration = Duration::from_micros(250);
 /// A shard about to sleep returns freed memory to the OS at most this often
 /// (see `sys::return_freed_memory`).
 const RETURN_MEMORY_INTERVAL: Duration = Duration::from_millis(1000);
@@ -693,12 +691,19 @@ impl Shard {
 /// per sleep, a descriptor dup and a task switch: 50-75% more CPU per
 /// handshake, measured).
 pub async fn run(shard: Rc<RefCell<Shard>>) {
+    // The shard's task is the only one on its executor and waits in its
+    // own I/O driver, never in glommio's reactor: it does not yield to
+    // glommio at all. It used to yield every 250 µs of busy work, and on a
+    // heavily overloaded host (load average 30-120, 67 nodes on 2 CPUs,
+    // docs/benchmarks.md "One million connections") glommio then parked in
+    // io_uring_enter for minutes with the shard's task still runnable,
+    // while the shard's own epoll set and ring held accepts, its ticker and
+    // bus wake-ups that glommio does not watch.
     let (wakeup_index, shared, sweep_ms) = {
         let shard = shard.borrow();
         (shard.id, Arc::clone(&shard.shared), shard.config.timeouts.sweep_interval_ms)
     };
     let wakeup = &shared.wakeups[wakeup_index];
-    let mut last_yield = Instant::now();
     let mut last_memory_return = Instant::now();
     loop {
         let outcome = shard.borrow_mut().tick();
@@ -718,15 +723,7 @@ pub async fn run(shard: Rc<RefCell<Shard>>) {
                 // The ticker fires every sweep interval, so the timeout is a backstop.
                 shard.borrow_mut().driver.wait(i32::try_from(sweep_ms * 2).unwrap_or(i32::MAX));
                 wakeup.cancel_park();
-                last_yield = Instant::now();
-                continue;
             }
-        }
-        // Yielding runs glommio's reactor (a syscall): often enough for its
-        // housekeeping, not after every tick.
-        if last_yield.elapsed() >= YIELD_INTERVAL {
-            futures_lite::future::yield_now().await;
-            last_yield = Instant::now();
         }
     }
 }
