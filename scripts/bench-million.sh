@@ -299,36 +299,50 @@ stop_load() {
     kill -TERM "${child:-$load_pid}" 2>/dev/null || true
 }
 
-# parked_shards PID: the shard threads of a node that sit in io_uring_enter
-# (wchan io_cqring_wait). A shard waits for work in epoll_wait (its own
-# sleeper); parked in glommio's reactor instead, nothing it serves wakes it.
-parked_shards() {
-    local task
-    for task in /proc/"$1"/task/*; do
-        [[ $(cat "$task/comm" 2>/dev/null) == kometa-shard-* ]] || continue
-        [[ $(cat "$task/wchan" 2>/dev/null) == io_cqring_wait ]] && echo "${task##*/}"
-    done
-    return 0
+# probe_nodes: asks every node for its STATS in the background (one probe
+# per node in flight at most); the answer lands in probe/NAME.result. A node
+# whose shards stopped serving leaves STATS unanswered. (An idle io_uring
+# shard waits in io_uring_enter, so a thread's wait channel says nothing.)
+probe_nodes() {
+    local name pid sock
+    mkdir -p "$out/probe"
+    while IFS=$'\t' read -r name pid sock; do
+        [ -e "$out/probe/$name.running" ] && continue
+        touch "$out/probe/$name.running"
+        (
+            if timeout 15 "$kometa" stats --admin "unix:$sock" --timeout 10 > /dev/null 2>&1; then
+                echo ok > "$out/probe/$name.result"
+            else
+                echo unanswered > "$out/probe/$name.result"
+            fi
+            rm -f "$out/probe/$name.running"
+        ) &
+    done < "$out/nodes.tsv"
 }
 
-# note_stuck_nodes: a node whose shard stays parked for three samples in a
-# row has stopped serving (its accept queue fills, its STATS go unanswered).
-# Noted once per node in stuck.tsv, with the thread's kernel stack; the load
-# is stopped then (it still reports), unless --keep-going.
-declare -A parked_for=()
+# note_stuck_nodes: a node that leaves three STATS probes in a row
+# unanswered (10 s each) has stopped serving. Noted once per node in
+# stuck.tsv, with its threads' kernel stacks; the load is stopped then (it
+# still reports), unless --keep-going.
+declare -A unanswered_for=()
 note_stuck_nodes() {
-    local name pid sock tid
+    local name pid sock result task
     while IFS=$'\t' read -r name pid sock; do
-        tid=$(parked_shards "$pid" | head -1)
-        if [ -z "$tid" ]; then
-            parked_for[$name]=0
+        [ -e "$out/probe/$name.result" ] || continue
+        result=$(cat "$out/probe/$name.result")
+        rm -f "$out/probe/$name.result"
+        if [ "$result" = ok ]; then
+            unanswered_for[$name]=0
             continue
         fi
-        parked_for[$name]=$((${parked_for[$name]:-0} + 1))
-        if ((parked_for[$name] == 3)); then
-            printf '%s\t%s\t%s\t%s\n' "$name" "$pid" "$tid" "$((SECONDS - started))" >> "$out/stuck.tsv"
-            { echo "== $name pid $pid thread $tid"; cat "/proc/$pid/task/$tid/stack" "/proc/$pid/task/$tid/syscall" 2>/dev/null; } >> "$out/stuck-stacks.txt"
-            echo "bench-million: $name stopped serving: its shard thread $tid is parked in io_uring_enter (see $out/stuck.tsv)" >&2
+        unanswered_for[$name]=$((${unanswered_for[$name]:-0} + 1))
+        if ((unanswered_for[$name] == 3)); then
+            printf '%s\t%s\t%s\t%s\n' "$name" "$pid" "${unanswered_for[$name]}" "$((SECONDS - started))" >> "$out/stuck.tsv"
+            for task in /proc/"$pid"/task/*; do
+                echo "== $name pid $pid thread ${task##*/} $(cat "$task/comm" 2>/dev/null) wchan $(cat "$task/wchan" 2>/dev/null)"
+                cat "$task/stack" "$task/syscall" 2>/dev/null
+            done >> "$out/stuck-stacks.txt"
+            echo "bench-million: $name stopped serving: three STATS probes in a row unanswered (see $out/stuck-stacks.txt)" >&2
             if ((!keep_going)); then
                 echo "$name stopped serving" > "$out/aborted"
                 stop_load
@@ -342,7 +356,7 @@ note_stuck_nodes() {
 # serving; during the hold, asks every node for its STATS and notes the
 # host's memory once.
 sample_loop() {
-    local interval=1 settle_since="" held=0 line phase established avail workers
+    local interval=1 settle_since="" held=0 line phase established avail workers samples_taken=0
     started=$SECONDS
     ((connections > 200000)) && interval=2
     printf 't_s\tphase\testablished\tmem_free_kib\tmem_available_kib\tslab_kib\tsunreclaim_kib\tservers_rss_kib\tgenerator_rss_kib\tredis_rss_kib\n' > "$out/samples.tsv"
@@ -363,6 +377,8 @@ sample_loop() {
             "$(for pid in "${node_pids[@]}"; do rss_kib "$pid"; done | awk '{ s += $1 } END { print s + 0 }')" \
             "$(for pid in $workers; do rss_kib "$pid"; done | awk '{ s += $1 } END { print s + 0 }')" \
             "$(rss_kib "$redis_pid")" >> "$out/samples.tsv"
+        samples_taken=$((samples_taken + 1))
+        if ((samples_taken % 5 == 1)); then probe_nodes; fi
         note_stuck_nodes
         if ((avail < memory_floor_mib * 1024)); then
             echo "bench-million: MemAvailable $((avail / 1024)) MiB is below --memory-floor $memory_floor_mib MiB: stopping the load" >&2
@@ -600,9 +616,9 @@ try:
         stuck = [line.rstrip("\n").split("\t") for line in f if line.strip()]
 except OSError:
     pass
-summary["stuck_nodes"] = [{"node": n, "pid": int(p), "thread": int(t), "at_s": int(a)} for n, p, t, a in stuck]
+summary["stuck_nodes"] = [{"node": n, "pid": int(p), "probes_unanswered": int(u), "at_s": int(a)} for n, p, u, a in stuck]
 if stuck:
-    w(f"stuck nodes    {len(stuck)}: " + ", ".join(f"{n} (shard thread {t} parked in io_uring_enter from {a} s)" for n, _, t, a in stuck))
+    w(f"stuck nodes    {len(stuck)}: " + ", ".join(f"{n} (STATS unanswered {u} times in a row, at {a} s)" for n, _, u, a in stuck))
 if not report:
     w("report         none: kometa load ended without one (see load.err)")
 goal_memory = 300 * requested  # 300 MB for a million

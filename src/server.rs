@@ -410,9 +410,18 @@ pub fn serve(config: Config, source: Option<ConfigSource>) -> Result<(), ServeEr
             .name(&format!("kometa-shard-{id}"))
             .io_memory(EXECUTOR_IO_MEMORY_BYTES)
             .spawn(move || async move {
+                let on_failure = Arc::clone(&shared);
                 let shard = match Shard::new(id, config, shared, listener, endpoint) {
                     Ok(shard) => Rc::new(RefCell::new(shard)),
-                    Err(error) => return Err(format!("shard {id}: {error}")),
+                    Err(error) => {
+                        // Stop every shard now, not when this one is joined:
+                        // a half-started server would drop the connections
+                        // the kernel queued on this shard's listener.
+                        tracing::error!(shard = id, %error, "shard failed to start; stopping");
+                        on_failure.shutting_down.store(true, Ordering::Release);
+                        on_failure.wakeups.iter().for_each(bus::Wakeup::signal);
+                        return Err(format!("shard {id}: {error}"));
+                    }
                 };
                 shard::run(shard).await;
                 Ok(())

@@ -135,8 +135,15 @@ impl Server {
         let stream = TcpStream::connect(("127.0.0.1", self.port)).expect("tcp connect");
         stream.set_read_timeout(Some(TIMEOUT)).expect("timeout");
         stream.set_nodelay(true).expect("nodelay");
-        let (socket, _) = tungstenite::client::client(self.url(path), stream).expect("websocket handshake");
-        Client { socket }
+        match tungstenite::client::client(self.url(path), stream) {
+            Ok((socket, _)) => Client { socket },
+            Err(error) => {
+                // A refused handshake is rare and load-dependent: say what the server logged.
+                std::thread::sleep(Duration::from_millis(200));
+                let log: Vec<String> = self.log.try_iter().collect();
+                panic!("websocket handshake: {error:?}; server log:\n{}", log.join("\n"))
+            }
+        }
     }
 
     pub fn tcp(&self) -> TcpStream {
