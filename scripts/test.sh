@@ -56,7 +56,7 @@ failed=$(count failed)
 echo
 echo "== summary ($(( $(date +%s) - started )) s)"
 echo "cargo test: ${passed} passed, ${failed} failed over both I/O drivers (exit ${cargo_status})"
-grep -E '^autobahn: [0-9]+ cases' target/autobahn.log || echo "autobahn: no summary"
+grep -E '^autobahn: [0-9]+ cases' target/autobahn.log || echo "autobahn: no summary (exit ${autobahn_status}; see target/autobahn.log)"
 grep -E '^browser tests:' target/browser.log || echo "browser tests: no summary (exit ${browser_status})"
 grep -E '^goals' target/million.log || echo "million: no summary (exit ${million_status})"
 if [ "$cargo_status" -ne 0 ] || [ "$autobahn_status" -ne 0 ] || [ "$browser_status" -ne 0 ] || [ "$million_status" -ne 0 ]; then

@@ -270,3 +270,56 @@ fn sighup_swaps_the_certificate_and_keeps_existing_connections() {
     server.publish("k", "e", "7");
     assert_eq!(recv_json(&mut old)["data"], 7);
 }
+
+/// `kometa load` over wss:// (what the TLS figures in docs/benchmarks.md
+/// are measured with): every subscriber completes a full handshake, gets
+/// every publication once, and a wrong CA is a counted TLS error.
+#[test]
+fn the_load_generator_speaks_wss() {
+    let (server, server_pki) = tls_server(2);
+    let ca_file = server.dir.join("ca.pem");
+    std::fs::write(&ca_file, &server_pki.ca_pem).expect("write CA");
+    let admin = match &server.admin {
+        kometa_admin_client::AdminAddress::Unix(path) => format!("unix:{}", path.display()),
+        kometa_admin_client::AdminAddress::Tcp(address) => format!("tcp:{address}"),
+    };
+    let url = format!("wss://localhost:{}/ws", server.port);
+    let run = |ca: &Path, extra: &[&str]| -> Value {
+        let json_file = server.dir.join("load.json");
+        let output = std::process::Command::new(env!("CARGO_BIN_EXE_kometa"))
+            .args(["load", "broadcast", "--connections", "100", "--workers", "2", "--rate", "20"])
+            .args(["--duration", "1s", "--settle", "200ms", "--url", &url, "--admin", &admin])
+            .arg("--tls-ca")
+            .arg(ca)
+            .arg("--json")
+            .arg(&json_file)
+            .args(extra)
+            .output()
+            .expect("run kometa load");
+        let text = std::fs::read(&json_file).unwrap_or_else(|e| {
+            panic!(
+                "no report ({e}): {}\n{}",
+                String::from_utf8_lossy(&output.stdout),
+                String::from_utf8_lossy(&output.stderr)
+            )
+        });
+        serde_json::from_slice(&text).expect("report is JSON")
+    };
+    let report = run(&ca_file, &[]);
+    let at = |report: &Value, pointer: &str| report.pointer(pointer).and_then(Value::as_u64);
+    assert_eq!(at(&report, "/connections/established"), Some(100), "{report:#}");
+    let accepted = at(&report, "/publications/accepted").expect("accepted");
+    assert!(accepted >= 10, "{report:#}");
+    assert_eq!(at(&report, "/deliveries/total"), Some(accepted * 100), "{report:#}");
+    assert_eq!(at(&report, "/deliveries/missing"), Some(0), "{report:#}");
+    assert_eq!(at(&report, "/deliveries/duplicates"), Some(0), "{report:#}");
+    assert!(server.stats()["tls_handshakes"].as_u64().unwrap_or(0) >= 100);
+
+    // A CA that did not sign the server's certificate: no connection.
+    let other = pki(&common::temp_dir("other-pki"));
+    let other_ca = server.dir.join("other-ca.pem");
+    std::fs::write(&other_ca, &other.ca_pem).expect("write CA");
+    let refused = run(&other_ca, &["--connect-timeout", "2s"]);
+    assert_eq!(at(&refused, "/connections/established"), Some(0), "{refused:#}");
+    assert_eq!(at(&refused, "/connections/connect_errors/tls_certificate"), Some(100), "{refused:#}");
+}

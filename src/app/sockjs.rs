@@ -646,7 +646,8 @@ impl Shard {
         messages: Vec<Vec<u8>>,
         socket: Option<Attachment>,
     ) -> Result<(), ()> {
-        let (messages_max, bytes_max) = (self.config.sockjs.pending_messages_max, self.config.sockjs.pending_bytes_max);
+        let (messages_max, bytes_max) =
+            (self.config.sockjs.pending_messages_max, self.config.sockjs_pending_bytes_max());
         let Some(conn) = self.conn_mut(session, session_generation) else { return Ok(()) };
         let Some(HttpRole::Session(hs)) = conn.state.http.as_deref_mut() else { return Ok(()) };
         let Some(service) = hs.sockjs.as_ref().map(|sockjs| sockjs.service) else { return Ok(()) };

@@ -193,6 +193,10 @@ pub struct CommonArgs {
     /// Largest server message accepted, in bytes.
     #[arg(long, default_value_t = 1 << 20)]
     pub message_bytes_max: usize,
+    /// PEM certificates to trust for wss:// URLs (a test CA). Sessions are
+    /// never resumed: every connection makes a full TLS handshake.
+    #[arg(long)]
+    pub tls_ca: Option<std::path::PathBuf>,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -296,8 +300,21 @@ fn plan(args: LoadArgs) -> Result<Plan, String> {
     let urls = target::parse_urls(&common.url)?;
     let mut targets = Vec::with_capacity(urls.len());
     for url in &urls {
-        targets.push(Target { address: url.resolve()?, authority: url.authority.clone(), path: url.path.clone() });
+        let tls_server_name = url.tls.then(|| url.host.clone());
+        targets.push(Target {
+            address: url.resolve()?,
+            authority: url.authority.clone(),
+            path: url.path.clone(),
+            tls_server_name,
+        });
     }
+    let tls_ca_pem = match &common.tls_ca {
+        Some(path) => Some(std::fs::read_to_string(path).map_err(|e| format!("--tls-ca {}: {e}", path.display()))?),
+        None if urls.iter().any(|url| url.tls) => {
+            return Err("wss:// URLs need --tls-ca FILE (the PEM certificates to trust)".into())
+        }
+        None => None,
+    };
     if common.server_pid.len() > SERVER_PIDS_MAX {
         return Err(format!("--server-pid: at most {SERVER_PIDS_MAX}"));
     }
@@ -396,6 +413,7 @@ fn plan(args: LoadArgs) -> Result<Plan, String> {
             message_bytes_max: common.message_bytes_max,
             progress_interval_ms: 250,
             groups,
+            tls_ca_pem: tls_ca_pem.clone(),
         });
         first_index += connections;
     }

@@ -21,17 +21,23 @@ pub struct Url {
     pub port: u16,
     /// Path and query, starting with `/`; may hold `{channel}` and `{n}`.
     pub path: String,
+    /// `wss://` (or `https://`): TLS to the server.
+    pub tls: bool,
 }
 
 impl Url {
     /// Parses `SCHEME://host[:port][/path]`. `{channel}` and `{n}` may appear
     /// in the path only.
     pub fn parse(text: &str, scheme: &str, default_port: u16) -> Result<Url, String> {
-        let Some(rest) = text.strip_prefix(scheme).and_then(|r| r.strip_prefix("://")) else {
-            if text.starts_with("wss://") || text.starts_with("https://") {
-                return Err(format!("`{text}`: TLS is not supported; point the generator at the plain port"));
-            }
-            return Err(format!("`{text}` must start with {scheme}://"));
+        let tls_scheme = format!("{scheme}s");
+        let (rest, tls, default_port) = match text.strip_prefix(scheme).and_then(|r| r.strip_prefix("://")) {
+            Some(rest) => (rest, false, default_port),
+            None => match text.strip_prefix(tls_scheme.as_str()).and_then(|r| r.strip_prefix("://")) {
+                // Only WebSocket targets speak TLS (the publish URL stays plain).
+                Some(rest) if scheme == "ws" => (rest, true, 443),
+                Some(_) => return Err(format!("`{text}`: TLS is supported for ws(s) URLs only")),
+                None => return Err(format!("`{text}` must start with {scheme}:// or {tls_scheme}://")),
+            },
         };
         let (authority, path) = match rest.find('/') {
             Some(slash) => (&rest[..slash], &rest[slash..]),
@@ -42,7 +48,7 @@ impl Url {
         }
         let (host, port) = split_host_port(authority, default_port).map_err(|e| format!("`{text}`: {e}"))?;
         check_template(path).map_err(|e| format!("`{text}`: {e}"))?;
-        Ok(Url { text: text.to_string(), authority: authority.to_string(), host, port, path: path.to_string() })
+        Ok(Url { text: text.to_string(), authority: authority.to_string(), host, port, path: path.to_string(), tls })
     }
 
     /// The first IPv4 address (or any address) the host resolves to.
@@ -235,7 +241,10 @@ mod tests {
 
     #[test]
     fn bad_urls_are_refused_with_a_reason() {
-        assert!(Url::parse("wss://x/ws", "ws", 80).unwrap_err().contains("TLS"));
+        let secure = Url::parse("wss://x/ws", "ws", 80).unwrap();
+        assert!(secure.tls && secure.port == 443);
+        assert!(!Url::parse("ws://x/ws", "ws", 80).unwrap().tls);
+        assert!(Url::parse("https://x/pub", "http", 80).unwrap_err().contains("TLS"));
         assert!(Url::parse("http://x/ws", "ws", 80).is_err());
         assert!(Url::parse("ws:///ws", "ws", 80).is_err());
         assert!(Url::parse("ws://{n}.example/ws", "ws", 80).is_err());

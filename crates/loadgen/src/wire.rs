@@ -52,6 +52,9 @@ pub struct Target {
     pub authority: String,
     /// Path template (`{channel}`, `{n}`).
     pub path: String,
+    /// `wss://`: the host name the certificate must carry.
+    #[serde(default)]
+    pub tls_server_name: Option<String>,
 }
 
 /// What one worker saw on one target.
@@ -135,6 +138,9 @@ pub struct WorkerConfig {
     /// Group channels besides the broadcast channel (broadcast scenario).
     #[serde(default)]
     pub groups: Groups,
+    /// `wss://` targets: the PEM certificates to trust (`--tls-ca`).
+    #[serde(default)]
+    pub tls_ca_pem: Option<String>,
 }
 
 impl WorkerConfig {
@@ -267,7 +273,12 @@ mod tests {
             scenario: Scenario::Idle,
             worker: 0,
             protocol: Protocol::Kometa,
-            targets: vec![Target { address: "127.0.0.1:1".parse().unwrap(), authority: "x".into(), path: "/".into() }],
+            targets: vec![Target {
+                address: "127.0.0.1:1".parse().unwrap(),
+                authority: "x".into(),
+                path: "/".into(),
+                tls_server_name: None,
+            }],
             first_index: 0,
             connections: 1,
             in_flight_max: 1,
@@ -285,6 +296,7 @@ mod tests {
             message_bytes_max: 1,
             progress_interval_ms: 1,
             groups: Groups::default(),
+            tls_ca_pem: None,
         }
     }
 

@@ -7,6 +7,7 @@ use std::collections::{BTreeMap, VecDeque};
 use std::io::{self, Read, Write};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::os::fd::AsRawFd;
+use std::sync::Arc;
 
 use base64::Engine as _;
 use socket2::{Domain, Socket, Type};
@@ -107,6 +108,9 @@ struct Client {
     reconnect_after_close: bool,
     established: bool,
     key: String,
+    /// `wss://`: the TLS session over the socket (`tx`/`rx` then hold
+    /// ciphertext and plaintext respectively).
+    tls: Option<Box<rustls::ClientConnection>>,
 }
 
 impl Client {
@@ -135,6 +139,7 @@ impl Client {
             reconnect_after_close: false,
             established: false,
             key: String::new(),
+            tls: None,
         }
     }
 }
@@ -231,6 +236,8 @@ struct Ctx {
     /// Clients in `State::Closing` (a sweep is needed while there are any).
     closing: u64,
     rng: u64,
+    /// `wss://` targets: one client config for every connection.
+    tls: Option<Arc<rustls::ClientConfig>>,
 }
 
 impl Ctx {
@@ -399,6 +406,10 @@ impl Worker {
         let now = sys::monotonic_ns();
         let config_is_connect = config.scenario == Scenario::Connect;
         let free_slots = if config.scenario == Scenario::Connect { (0..clients.len()).rev().collect() } else { vec![] };
+        let tls = match &config.tls_ca_pem {
+            Some(pem) => Some(tls_client_config(pem)?),
+            None => None,
+        };
         Ok(Worker {
             clients,
             ctx: Ctx {
@@ -412,6 +423,7 @@ impl Worker {
                 track_last,
                 closing: 0,
                 rng: now | 1,
+                tls,
                 config,
             },
             scratch: vec![0; SCRATCH_BYTES],
@@ -722,6 +734,7 @@ impl Worker {
             *errors.entry(kind).or_default() += 1;
         }
         client.socket = None;
+        client.tls = None;
         client.rx = Vec::new();
         client.tx = Vec::new();
         client.fragments = Vec::new();
@@ -865,8 +878,64 @@ fn bind_no_port(socket: &Socket, source: Ipv4Addr) -> io::Result<()> {
     socket.bind(&SocketAddr::new(IpAddr::V4(source), 0).into())
 }
 
-/// Queues `bytes` for the socket, writing what it takes now.
+/// Sends `bytes` of the protocol: through TLS where the target is `wss://`.
 fn send(client: &mut Client, ctx: &mut Ctx, bytes: &[u8]) -> Result<(), End> {
+    if let Some(tls) = client.tls.as_mut() {
+        // Before the handshake completes rustls keeps the plaintext and
+        // sends it after; bounded like `tx` by TX_BYTES_MAX.
+        if tls.writer().write_all(bytes).is_err() {
+            return Err(End::error("tls_send"));
+        }
+        return flush_tls(client, ctx);
+    }
+    send_raw(client, ctx, bytes)
+}
+
+/// Moves what rustls has to send (records, alerts) into the socket.
+fn flush_tls(client: &mut Client, ctx: &mut Ctx) -> Result<(), End> {
+    let Some(tls) = client.tls.as_mut() else { return Ok(()) };
+    if !tls.wants_write() {
+        return Ok(());
+    }
+    let mut records = Vec::new();
+    while tls.wants_write() {
+        if tls.write_tls(&mut records).is_err() {
+            return Err(End::error("tls_send"));
+        }
+    }
+    send_raw(client, ctx, &records)
+}
+
+/// The client config of `wss://` targets: trusts the PEM certificates of
+/// `--tls-ca` only; no session resumption (every connection is a full
+/// handshake, the figure a server's TLS capacity is judged by); ALPN
+/// http/1.1 as browsers offer it for WebSocket.
+fn tls_client_config(ca_pem: &str) -> Result<Arc<rustls::ClientConfig>, String> {
+    use rustls::pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in rustls::pki_types::CertificateDer::pem_slice_iter(ca_pem.as_bytes()) {
+        let cert = cert.map_err(|e| format!("--tls-ca: {e}"))?;
+        roots.add(cert).map_err(|e| format!("--tls-ca: {e}"))?;
+    }
+    if roots.is_empty() {
+        return Err("--tls-ca: no certificate in the file".into());
+    }
+    // ring, as the server: no C/CMake toolchain to build (its deprecation is
+    // about post-quantum key exchange, which ring lacks).
+    #[allow(deprecated)]
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| format!("tls: {e}"))?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    config.resumption = rustls::client::Resumption::disabled();
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(Arc::new(config))
+}
+
+/// Queues `bytes` for the socket, writing what it takes now.
+fn send_raw(client: &mut Client, ctx: &mut Ctx, bytes: &[u8]) -> Result<(), End> {
     let Some(socket) = client.socket.as_ref() else { return Ok(()) };
     if client.tx.is_empty() && client.state != State::Connecting {
         match (&*socket).write(bytes) {
@@ -919,6 +988,14 @@ fn on_writable(client: &mut Client, ctx: &mut Ctx, now: u64) -> Result<(), End> 
             return Ok(());
         }
         ctx.set_state(client, State::Handshaking, now);
+        if let (Some(config), Some(name)) =
+            (ctx.tls.as_ref(), ctx.config.targets[client.target as usize].tls_server_name.as_ref())
+        {
+            let name = rustls::pki_types::ServerName::try_from(name.clone()).map_err(|_| End::error("tls_name"))?;
+            let connection =
+                rustls::ClientConnection::new(Arc::clone(config), name).map_err(|_| End::error("tls_config"))?;
+            client.tls = Some(Box::new(connection));
+        }
         let request = handshake_request(client, ctx);
         send(client, ctx, request.as_bytes())?;
     } else if !client.tx.is_empty() {
@@ -962,6 +1039,8 @@ fn handshake_request(client: &mut Client, ctx: &mut Ctx) -> String {
 
 fn on_readable(client: &mut Client, ctx: &mut Ctx, scratch: &mut [u8], now: u64) -> Result<(), End> {
     let Some(socket) = client.socket.as_ref() else { return Ok(()) };
+    // TLS: ciphertext lands in the first half, plaintext in the second.
+    let (scratch, plain) = scratch.split_at_mut(if client.tls.is_some() { SCRATCH_BYTES / 2 } else { scratch.len() });
     if client.state == State::Connecting {
         if let Ok(Some(error)) | Err(error) = socket.take_error() {
             return Err(End::error(sys::error_kind(&error)));
@@ -983,16 +1062,59 @@ fn on_readable(client: &mut Client, ctx: &mut Ctx, scratch: &mut [u8], now: u64)
         }
     };
     let now = now.max(sys::monotonic_ns());
+    if client.tls.is_none() {
+        return deliver(client, ctx, &scratch[..count], now);
+    }
+    let mut ciphertext = &scratch[..count];
+    loop {
+        // The client may have ended while handling the last plaintext.
+        let Some(tls) = client.tls.as_mut() else { return Ok(()) };
+        let mut consumed = 0;
+        if !ciphertext.is_empty() {
+            consumed = tls.read_tls(&mut ciphertext).map_err(|_| End::error("tls_receive"))?;
+            if let Err(error) = tls.process_new_packets() {
+                // Say why to the server (an alert), then end.
+                let _ = flush_tls(client, ctx);
+                return Err(End::error(tls_error_kind(&error)));
+            }
+        }
+        let produced = match tls.reader().read(plain) {
+            Ok(produced) => produced,
+            Err(error) if error.kind() == io::ErrorKind::WouldBlock => 0,
+            Err(_) => return Err(End::error("tls_eof")),
+        };
+        if produced > 0 {
+            deliver(client, ctx, &plain[..produced], now)?;
+        } else if ciphertext.is_empty() || consumed == 0 {
+            break;
+        }
+    }
+    // Handshake messages, key updates and alerts rustls has to send.
+    flush_tls(client, ctx)
+}
+
+/// A few kinds of TLS failure, for the error counts.
+fn tls_error_kind(error: &rustls::Error) -> &'static str {
+    match error {
+        rustls::Error::InvalidCertificate(_) => "tls_certificate",
+        rustls::Error::AlertReceived(_) => "tls_alert",
+        rustls::Error::NoApplicationProtocol => "tls_alpn",
+        _ => "tls",
+    }
+}
+
+/// Handles protocol bytes (plaintext) read from a client's connection,
+/// keeping a partial frame or head for the next read.
+fn deliver(client: &mut Client, ctx: &mut Ctx, input: &[u8], now: u64) -> Result<(), End> {
     let mut rx = std::mem::take(&mut client.rx);
     let result = if rx.is_empty() {
-        let input = &scratch[..count];
         process(client, ctx, input, now).map(|used| {
             if used < input.len() {
                 rx.extend_from_slice(&input[used..]);
             }
         })
     } else {
-        rx.extend_from_slice(&scratch[..count]);
+        rx.extend_from_slice(input);
         process(client, ctx, &rx, now).map(|used| {
             rx.drain(..used);
         })
