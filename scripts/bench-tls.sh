@@ -7,7 +7,9 @@
 # Each gets the same `kometa load` scenarios:
 #   idle     N wss:// (ws:// for kometa-plain) connections held: memory per
 #            connection of the server's process tree
-#   connect  full TLS handshakes + WebSocket upgrades per second (the
+#   connect  full TLS handshakes + WebSocket upgrades per second, 2 generator
+#            processes (a client's side of a handshake costs more than the
+#            server's: one process would be the bottleneck; the
 #            generator never resumes a session)
 # and the summary (table + target/bench-tls/RUN/summary.json) says what one
 # idle TLS connection costs over a plain one.
@@ -24,7 +26,7 @@ while [ $# -gt 0 ]; do
     case "$1" in
         -n) connections=$2; shift 2 ;;
         --servers) servers=$2; shift 2 ;;
-        -h|--help) sed -n '2,18p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,20p' "$0"; exit 0 ;;
         *) echo "bench-tls: unknown argument $1" >&2; exit 2 ;;
     esac
 done
@@ -124,7 +126,7 @@ for name in $servers; do
     sleep 2
 
     # Handshakes per second: a full TLS handshake and an upgrade each.
-    "$kometa" load connect -n 20000 "${target[@]}" --server-pid "$server_pid" --source-addresses "$(bench_sources 60)" \
+    "$kometa" load connect -n 20000 --workers 2 "${target[@]}" --server-pid "$server_pid" --source-addresses "$(bench_sources 60)" \
         --in-flight 64 --duration 20s --json "$dir/connect.json" > "$dir/connect.txt" 2> "$dir/connect.err" || true
     grep -E '^connections' "$dir/connect.txt" || true
     bench_stop_server

@@ -923,7 +923,12 @@ fn tls_client_config(ca_pem: &str) -> Result<Arc<rustls::ClientConfig>, String> 
     // ring, as the server: no C/CMake toolchain to build (its deprecation is
     // about post-quantum key exchange, which ring lacks).
     #[allow(deprecated)]
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut provider = rustls::crypto::ring::default_provider();
+    // What browsers offer first (X25519, then P-256), not the provider's
+    // default order, which starts with P-384: its key share would pick
+    // P-384, expensive in ring, on servers that follow the client's order.
+    provider.kx_groups = vec![rustls::crypto::ring::kx_group::X25519, rustls::crypto::ring::kx_group::SECP256R1];
+    let provider = Arc::new(provider);
     let mut config = rustls::ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
         .map_err(|e| format!("tls: {e}"))?
