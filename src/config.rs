@@ -612,6 +612,10 @@ impl Config {
         check("limits.bus_queue_capacity", self.limits.bus_queue_capacity != next.limits.bus_queue_capacity);
         check("limits.bus_overflow_max", self.limits.bus_overflow_max != next.limits.bus_overflow_max);
         check("limits.channels_max", self.limits.channels_max != next.limits.channels_max);
+        check(
+            "limits.socket_unsent_bytes_max",
+            self.limits.socket_unsent_bytes_max != next.limits.socket_unsent_bytes_max,
+        );
         // The process-wide limiter (bus::limiter) is built at start.
         let (l, n) = (&self.limits, &next.limits);
         check("limits.ip_limits_exempt", l.ip_limits_exempt != n.ip_limits_exempt);
@@ -650,6 +654,7 @@ impl Config {
         next.limits.bus_queue_capacity = self.limits.bus_queue_capacity;
         next.limits.bus_overflow_max = self.limits.bus_overflow_max;
         next.limits.channels_max = self.limits.channels_max;
+        next.limits.socket_unsent_bytes_max = self.limits.socket_unsent_bytes_max;
         next.limits.ip_limits_exempt = self.limits.ip_limits_exempt.clone();
         next.limits.connections_per_ip_max = self.limits.connections_per_ip_max;
         next.limits.handshakes_per_ip_per_s = self.limits.handshakes_per_ip_per_s;
@@ -792,6 +797,9 @@ impl Config {
         check_range("timeouts.sse_heartbeat_ms", t.sse_heartbeat_ms, 100, 600_000)?;
         check_range("timeouts.admin_write_timeout_ms", t.admin_write_timeout_ms, 100, 3_600_000)?;
         check_range("limits.fanout_backlog_max", self.limits.fanout_backlog_max, 1024, 1 << 32)?;
+        if self.limits.socket_unsent_bytes_max != 0 {
+            check_range("limits.socket_unsent_bytes_max", self.limits.socket_unsent_bytes_max, 1024, 1 << 30)?;
+        }
         check_range("limits.http_sessions_max", self.limits.http_sessions_max, 1, 100_000_000)?;
         check_range("limits.session_buffer_messages_max", self.limits.session_buffer_messages_max, 1, 1 << 20)?;
         check_range("limits.session_buffer_bytes_max", self.limits.session_buffer_bytes_max, 1024, 1 << 30)?;
@@ -1115,6 +1123,14 @@ mod tests {
         let mut config = Config::default();
         config.namespaces.push(Namespace { prefix: "web_".into(), ..Namespace::catch_all() });
         assert!(config.validate().unwrap_err().0.contains("namespaces[5].prefix"));
+
+        // TCP_NOTSENT_LOWAT: 0 leaves the kernel's default; a tiny value would
+        // wake the shard for every few hundred bytes.
+        let mut config = Config::default();
+        config.limits.socket_unsent_bytes_max = 0;
+        assert!(config.validate().is_ok());
+        config.limits.socket_unsent_bytes_max = 100;
+        assert!(config.validate().unwrap_err().0.contains("limits.socket_unsent_bytes_max"));
     }
 
     #[test]

@@ -61,6 +61,15 @@ pub struct Limits {
     /// new publications to its channels with `overloaded`. Bounds fan-out
     /// latency and memory under overload instead of letting them grow.
     pub fanout_backlog_max: usize,
+    /// Bytes the kernel may hold unsent for one client socket
+    /// (TCP_NOTSENT_LOWAT, set on the listener and inherited). Past it
+    /// writes take nothing more and output waits in the connection's
+    /// outbox, where `fanout_backlog_max` and the slow-consumer limits see
+    /// it; without it the kernel queued up to its autotuned buffer (MiBs a
+    /// socket) where nothing counted it, and a publication waited seconds
+    /// behind a slow reader while new ones were still accepted. 0: the
+    /// kernel's default (unbounded). Restart-only.
+    pub socket_unsent_bytes_max: usize,
     /// HTTP sessions (SSE, long-poll) that may exist at once; more get 503.
     pub http_sessions_max: usize,
     /// Messages an HTTP session keeps for its client (unacknowledged, or
@@ -156,6 +165,7 @@ impl Default for Limits {
             bus_queue_capacity: 8192,
             bus_overflow_max: 65_536,
             fanout_backlog_max: 262_144,
+            socket_unsent_bytes_max: 16 * 1024,
             http_sessions_max: 100_000,
             session_buffer_messages_max: 1024,
             session_buffer_bytes_max: 1024 * 1024,

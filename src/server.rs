@@ -7,7 +7,7 @@ use std::cell::RefCell;
 use std::fmt;
 use std::io::Write;
 use std::net::SocketAddr;
-use std::os::fd::{FromRawFd, IntoRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, OwnedFd};
 use std::os::unix::fs::PermissionsExt;
 use std::path::PathBuf;
 use std::rc::Rc;
@@ -89,7 +89,7 @@ fn allowed_cpus() -> Vec<usize> {
     }
 }
 
-fn public_listener(address: SocketAddr, backlog: u32) -> Result<Socket, ServeError> {
+fn public_listener(address: SocketAddr, backlog: u32, unsent_bytes_max: usize) -> Result<Socket, ServeError> {
     let socket = Socket::new(Domain::for_address(address), Type::STREAM.cloexec(), None)
         .map_err(|e| fail(format!("cannot create a socket for {address}: {e}")))?;
     socket.set_reuse_address(true).map_err(|e| fail(format!("SO_REUSEADDR: {e}")))?;
@@ -98,6 +98,24 @@ fn public_listener(address: SocketAddr, backlog: u32) -> Result<Socket, ServeErr
     // Pushes are small and latency matters more than packet count; accepted
     // sockets inherit this, which saves a setsockopt per connection.
     socket.set_tcp_nodelay(true).map_err(|e| fail(format!("TCP_NODELAY: {e}")))?;
+    // limits.socket_unsent_bytes_max, inherited by accepted sockets too.
+    if unsent_bytes_max > 0 {
+        let lowat = libc::c_int::try_from(unsent_bytes_max).unwrap_or(libc::c_int::MAX);
+        // SAFETY: setsockopt with a pointer to a live c_int and its size.
+        let rc = unsafe {
+            libc::setsockopt(
+                socket.as_raw_fd(),
+                libc::IPPROTO_TCP,
+                libc::TCP_NOTSENT_LOWAT,
+                (&lowat as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        if rc < 0 {
+            let error = std::io::Error::last_os_error();
+            return Err(fail(format!("TCP_NOTSENT_LOWAT (limits.socket_unsent_bytes_max): {error}")));
+        }
+    }
     socket.bind(&address.into()).map_err(|e| fail(format!("cannot listen on {address}: {e}")))?;
     let backlog = i32::try_from(backlog).unwrap_or(i32::MAX);
     socket.listen(backlog).map_err(|e| fail(format!("cannot listen on {address}: {e}")))?;
@@ -318,7 +336,8 @@ pub fn serve(config: Config, source: Option<ConfigSource>) -> Result<(), ServeEr
 
     check_listen_address(&config)?;
     let mut listeners = Vec::with_capacity(shard_count);
-    let first = public_listener(config.listen, config.accept_backlog)?;
+    let unsent_bytes_max = config.limits.socket_unsent_bytes_max;
+    let first = public_listener(config.listen, config.accept_backlog, unsent_bytes_max)?;
     let bound = first
         .local_addr()
         .ok()
@@ -326,7 +345,7 @@ pub fn serve(config: Config, source: Option<ConfigSource>) -> Result<(), ServeEr
         .ok_or_else(|| fail("cannot read the listener's address"))?;
     listeners.push(first);
     for _ in 1..shard_count {
-        listeners.push(public_listener(bound, config.accept_backlog)?);
+        listeners.push(public_listener(bound, config.accept_backlog, unsent_bytes_max)?);
     }
     let (admin_fd, admin_transport) = admin_listener(&config.admin)?;
     let metrics = config.metrics.listen.map(|address| http_listener(address, "metrics.listen")).transpose()?;

@@ -158,7 +158,14 @@ impl Shard {
         let (local, name) = self.index.intern(channel);
         self.index.add_pending(local);
         let Some(conn) = self.conn_mut(key, generation) else { return Ok(()) };
-        conn.state.subscriptions.push(Subscription { channel: local, slot: PENDING_SLOT });
+        let subscriptions = &mut conn.state.subscriptions;
+        if subscriptions.capacity() == 0 {
+            // Most connections hold one subscription: 8 bytes, not the 32
+            // of a first push's default capacity of four (24 B per idle
+            // subscribed connection, measured).
+            subscriptions.reserve_exact(1);
+        }
+        subscriptions.push(Subscription { channel: local, slot: PENDING_SLOT });
         conn.state.marks.insert(Marks::AWAITING_REPLY);
         let owner = owner_of(channel, self.shard_count());
         let request = SubscribeRequest {
