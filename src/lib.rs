@@ -28,6 +28,7 @@
 //! | [`app`]        | what requests and messages mean: routes, client commands, HTTP sessions, SockJS and Jii-comet, channel owners, users, queries |
 //! | [`admin`]      | the admin listener, `/metrics` and the HTTP API, on their own thread; the operations they share |
 //! | [`cluster`]    | cluster mode: the Redis gateway thread, scripts, key layout       |
+//! | [`backend`]    | RPC and proxies (`[rpc]`): the backend thread, webhook workers, timeouts, circuit breakers |
 //! | [`server`]     | process start: limits, listeners, executors, signals              |
 //!
 //! `app` is `impl Shard` blocks: the shard calls into it for each request

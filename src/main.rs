@@ -40,6 +40,12 @@ enum Command {
         #[command(flatten)]
         admin: AdminArgs,
     },
+    /// Make the server re-read its configuration file (as SIGHUP does); prints
+    /// the keys that need a restart, or the key the new file got wrong.
+    Reload {
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
     /// Send DATA (JSON, or any text with --string) to users (comma-separated ids): every live connection gets it; it waits in their inboxes until acknowledged.
     SendUser {
         #[command(flatten)]
@@ -308,7 +314,7 @@ fn run(cli: Cli) -> Result<(), (u8, String)> {
             let config = load_config(&args).map_err(|e| (2, format!("config error: {e}")))?;
             kometa::log::init(&config.log);
             // A reload reads the same file and flags again.
-            let source: kometa::server::ConfigSource = Box::new(move || load_config(&args));
+            let source: kometa::server::ConfigSource = std::sync::Arc::new(move || load_config(&args));
             kometa::server::serve(config, Some(source)).map_err(|e| (1, e.to_string()))
         }
         Command::Publish { admin, channel, event, data, string } => {
@@ -319,6 +325,7 @@ fn run(cli: Cli) -> Result<(), (u8, String)> {
             Ok(())
         }
         Command::Stats { admin } => print_json(connect(&admin)?.stats()),
+        Command::Reload { admin } => print_json(connect(&admin)?.reload()),
         Command::SendUser { admin, users, event, data, string } => {
             let data = data_as_json(&data, string)?;
             let users: Vec<&str> = users.split(',').filter(|u| !u.is_empty()).collect();

@@ -264,52 +264,7 @@ impl Drop for SocketFileGuard {
     }
 }
 
-/// Where a reload reads the configuration from: the file and flags the
-/// server started with, validated.
-pub type ConfigSource = Box<dyn Fn() -> Result<Config, String> + Send + Sync>;
-
-/// What a reload changed.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Reloaded {
-    /// Changed keys that keep their old value until a restart.
-    pub restart_needed: Vec<&'static str>,
-}
-
-/// Re-reads the configuration and makes it live: limits, namespaces,
-/// token secrets, allowed origins, timeouts, TLS certificates. A file
-/// that fails validation, or a certificate that cannot be loaded, is
-/// refused (the error names the key) and the running configuration stays.
-pub fn reload(shared: &Shared, source: &ConfigSource) -> Result<Reloaded, String> {
-    let next = source()?;
-    let current = shared.config.read().map(|config| Arc::clone(&config)).map_err(|_| "config lock poisoned")?;
-    let mut restart_needed = current.restart_only_changes(&next);
-    let mut next = current.keep_restart_only(next);
-    let tls = match (&next.tls.cert_file, &next.tls.key_file) {
-        _ if current.tls.enabled() != next.tls.enabled() => {
-            // Turning TLS on or off changes what the listener speaks.
-            restart_needed.push("tls");
-            next.tls = current.tls.clone();
-            None
-        }
-        (Some(cert_file), Some(key_file)) => Some(crate::tls::server_config(cert_file, key_file)?),
-        _ => None,
-    };
-    if let Some(tls) = tls {
-        // Re-read even when the paths are the same: that is how a renewed
-        // certificate comes in. Existing connections keep their session.
-        if let Ok(mut slot) = shared.tls.write() {
-            *slot = Some(tls);
-        }
-        shared.tls_generation.fetch_add(1, Ordering::AcqRel);
-    }
-    crate::log::set_warnings_per_second_max(next.log.warnings_per_second_max);
-    if let Ok(mut slot) = shared.config.write() {
-        *slot = Arc::new(next);
-    }
-    shared.config_generation.fetch_add(1, Ordering::AcqRel);
-    shared.wakeups.iter().for_each(bus::Wakeup::signal);
-    Ok(Reloaded { restart_needed })
-}
+pub use crate::admin::reload::{reload, ConfigSource, Reloaded};
 
 /// Runs the server until SIGTERM/SIGINT and a graceful shutdown; SIGHUP
 /// reloads the configuration from `source`.
@@ -452,12 +407,14 @@ pub fn serve(config: Config, source: Option<ConfigSource>) -> Result<(), ServeEr
     // The admin gateway: its own (mostly idle) thread, not pinned.
     let gateway_config = Arc::clone(&config);
     let gateway_shared = Arc::clone(&shared);
+    let gateway_source = source.clone();
     let gateway = glommio::LocalExecutorBuilder::new(glommio::Placement::Unbound)
         .name("kometa-admin")
         .io_memory(EXECUTOR_IO_MEMORY_BYTES)
         .spawn(move || async move {
-            let gateway =
-                Rc::new(RefCell::new(Gateway::new(gateway_config, gateway_shared, gateway_endpoint, shard_count)));
+            let mut gateway = Gateway::new(gateway_config, gateway_shared, gateway_endpoint, shard_count);
+            gateway.reload_source = gateway_source;
+            let gateway = Rc::new(RefCell::new(gateway));
             let accept =
                 glommio::spawn_local(crate::admin::server::serve(Rc::clone(&gateway), admin_fd, admin_transport));
             let mut http = Vec::new();

@@ -252,6 +252,11 @@ fn full_scenario(lang: Lang) {
     assert_eq!(out["after_bad_frame"], true, "the client reconnects after bad_frame");
 
     assert_eq!(out["disconnect"], json!({"user": "alice", "disconnected": 1}));
+    let many = &out["publish_many"]["results"];
+    assert_eq!((many[0]["channel"].as_str(), many[0]["offset"].as_u64()), (Some("many_a"), Some(1)), "{many}");
+    assert_eq!((many[1]["channel"].as_str(), many[1]["offset"].as_u64()), (Some("many_b"), Some(1)), "{many}");
+    // The configuration file did not change: nothing needs a restart.
+    assert_eq!(out["reload"], json!({"reloaded": true, "restart_needed": []}));
     assert_eq!(alice.close_code(), Some(4000));
     // Nothing else reached the subscriber: the failed publications were not sent.
     assert_eq!(subscriber.request(json!({"op": "ping", "id": 9})), json!({"id": 9, "ok": true}));

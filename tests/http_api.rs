@@ -295,3 +295,22 @@ fn a_reload_changes_the_key_live_and_the_listener_only_on_a_restart() {
     });
     assert!(warning.contains("api.listen"), "{warning}");
 }
+
+/// POST /api/reload: the same reload as SIGHUP, answered; a bad file is a
+/// 400 naming the key.
+#[test]
+fn reload_over_the_http_api() {
+    let server = Server::start(1, &config(""));
+    let changed = format!("accept_backlog = 10\n{}", config(""));
+    std::fs::write(server.dir.join("kometa.toml"), &changed).unwrap();
+    assert_eq!(api(&server, "reload", json!({})), json!({"reloaded": true, "restart_needed": ["accept_backlog"]}));
+    std::fs::write(
+        server.dir.join("kometa.toml"),
+        format!("accept_backlog = 10\n{}", config("channels_max = \"lots\"\n")),
+    )
+    .unwrap();
+    let (status, body) = api_error(&server, "reload", "{}");
+    assert_eq!(status, 400, "{body}");
+    assert!(body.to_string().contains("channels_max"), "{body}");
+    assert_eq!(api(&server, "ping", json!({})), json!({}), "still serving");
+}

@@ -89,3 +89,44 @@ fn restart_only_changes_are_reported_and_not_applied() {
     let stats = server.stats();
     assert_eq!(stats["shards"].as_array().map(Vec::len), Some(1));
 }
+
+/// The admin RELOAD operation (and `kometa reload`): the same reload,
+/// answered to the backend with what needs a restart or what is wrong.
+#[test]
+fn admin_reload_answers_with_the_outcome() {
+    let server = Server::start(2, "[limits]\nchannels_per_connection_max = 8\n");
+    let mut old = server.client();
+    assert_eq!(refused_subscriptions(&mut old, "a", 4), 0);
+
+    // A new limit, and a restart-only key: applied and reported.
+    rewrite_config(&server, "accept_backlog = 10\n[limits]\nchannels_per_connection_max = 2\n");
+    let answer = server.admin().reload().expect("reload");
+    assert_eq!(answer, json!({"reloaded": true, "restart_needed": ["accept_backlog"]}));
+    // The reply comes after the new configuration is live: no waiting.
+    let mut fresh = server.client();
+    assert_eq!(refused_subscriptions(&mut fresh, "b", 3), 1);
+
+    // A bad file: an error naming the key; the running configuration stays.
+    rewrite_config(&server, "[limits]\nchannels_per_connection_max = \"many\"\n");
+    let error = server.admin().reload().expect_err("refused").to_string();
+    assert!(error.contains("channels_per_connection_max"), "{error}");
+    let mut after = server.client();
+    assert_eq!(refused_subscriptions(&mut after, "c", 3), 1, "the reloaded limit (2) stays");
+
+    // The CLI: the same document on stdout.
+    rewrite_config(&server, "[limits]\nchannels_per_connection_max = 3\n");
+    let admin = match &server.admin {
+        kometa_admin_client::AdminAddress::Unix(path) => format!("unix:{}", path.display()),
+        kometa_admin_client::AdminAddress::Tcp(address) => format!("tcp:{address}"),
+    };
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_kometa"))
+        .args(["reload", "--admin", &admin])
+        .output()
+        .expect("run kometa reload");
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let printed: serde_json::Value = serde_json::from_slice(&output.stdout).expect("JSON");
+    assert_eq!(printed["reloaded"], true);
+    // The old connection kept everything: it still receives.
+    server.publish("a0", "e", "1");
+    assert_eq!(old.recv()["data"], 1);
+}

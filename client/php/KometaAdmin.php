@@ -95,9 +95,30 @@ trait KometaOperations
     }
 
     /** Server totals and per-shard counters. */
+    /**
+     * Publishes the same data to each channel (one offset in each):
+     * ['results' => [['channel', 'offset', 'subscribers', 'epoch'] or ['channel', 'error'], ...]].
+     * @param string[] $channels
+     */
+    public function publishMany(array $channels, string $event, $data)
+    {
+        $payload = KometaWire::users($channels) . KometaWire::str16($event, 'event') . KometaWire::data($data);
+        return $this->submit(KometaWire::OP_PUBLISH_MANY, $payload, [KometaWire::class, 'document']);
+    }
+
     public function stats()
     {
         return $this->submit(KometaWire::OP_STATS, '', [KometaWire::class, 'document']);
+    }
+
+    /**
+     * Makes the server re-read its configuration (as SIGHUP does):
+     * ['reloaded' => true, 'restart_needed' => [keys]]; a refused file
+     * throws KometaError bad_argument naming the key.
+     */
+    public function reload()
+    {
+        return $this->submit(KometaWire::OP_RELOAD, '', [KometaWire::class, 'document']);
     }
 
     /**
@@ -180,6 +201,8 @@ final class KometaWire
     public const OP_HISTORY = 0x0A;
     public const OP_DISCONNECT = 0x0B;
     public const OP_PING = 0x0C;
+    public const OP_PUBLISH_MANY = 0x0D;
+    public const OP_RELOAD = 0x0E;
 
     public const STATUS_OK = 0;
     public const STATUS_ERROR = 1;

@@ -43,6 +43,8 @@ OP_CHANNELS = 0x09
 OP_HISTORY = 0x0A
 OP_DISCONNECT = 0x0B
 OP_PING = 0x0C
+OP_PUBLISH_MANY = 0x0D
+OP_RELOAD = 0x0E
 
 STATUS_OK = 0
 STATUS_ERROR = 1
@@ -238,9 +240,22 @@ class _Operations:
         payload = _str16(channel, "channel") + _str16(event, "event") + _json_data(data, raw_json)
         return self._submit(OP_PUBLISH, payload, _decode_published)
 
+    def publish_many(self, channels, event, data=_MISSING, raw_json=None):
+        """Publishes the same data to each of `channels` (one offset in each).
+        Returns {"results": [{"channel", "offset", "subscribers", "epoch"} or
+        {"channel", "error": {"code", "message"}}, ...]} in request order."""
+        payload = _users(channels, "channels") + _str16(event, "event") + _json_data(data, raw_json)
+        return self._submit(OP_PUBLISH_MANY, payload, _decode_document)
+
     def stats(self):
         """Server totals and per-shard counters (dict)."""
         return self._submit(OP_STATS, b"", _decode_document)
+
+    def reload(self):
+        """Makes the server re-read its configuration (as SIGHUP does).
+        Returns {"reloaded": True, "restart_needed": [keys]}; a file that
+        fails validation raises KometaError bad_argument naming the key."""
+        return self._submit(OP_RELOAD, b"", _decode_document)
 
     def send_user(self, users, event, data=_MISSING, raw_json=None):
         """Sends to every connection of each user (a str or a list of str)

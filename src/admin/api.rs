@@ -217,6 +217,10 @@ fn decode(gateway: &Rc<RefCell<Gateway>>, name: &str, bytes: &[u8]) -> Result<Op
             body::<Empty>(bytes)?;
             Operation::Stats
         }
+        "reload" => {
+            body::<Empty>(bytes)?;
+            Operation::Reload
+        }
         "publish" => {
             let b: PublishBody = body(bytes)?;
             let channel = ops::channel(g, &b.channel)?;

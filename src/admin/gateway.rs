@@ -50,6 +50,9 @@ pub struct Gateway {
     next_token: u64,
     /// Publications refused to the backend (admin socket, HTTP API), by reason.
     pub refusals: RefusalCounts,
+    /// Where RELOAD re-reads the configuration (the server's file and
+    /// flags); None when the server was started without one (tests).
+    pub reload_source: Option<crate::admin::reload::ConfigSource>,
 }
 
 impl Gateway {
@@ -76,6 +79,7 @@ impl Gateway {
             admin_waits: HashMap::new(),
             next_token: 1,
             refusals: RefusalCounts::default(),
+            reload_source: None,
         }
     }
 

@@ -6,6 +6,7 @@ pub mod gateway;
 pub mod http;
 pub mod metrics;
 pub mod ops;
+pub mod reload;
 pub mod server;
 pub mod sys;
 

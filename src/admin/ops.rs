@@ -72,6 +72,8 @@ pub enum Operation {
         reason: Arc<str>,
         revoke_before_s: u64,
     },
+    /// Re-read the configuration, as SIGHUP does.
+    Reload,
 }
 
 /// What an operation produced.
@@ -361,6 +363,35 @@ pub fn disconnect_reason(reason: &str) -> Arc<str> {
     }
 }
 
+/// RELOAD: what SIGHUP does, answered to the backend. The file is read
+/// on the admin thread (a rare operation; shards are not involved).
+fn reload(gateway: &Rc<RefCell<Gateway>>) -> Result<Outcome, AdminError> {
+    let (shared, source) = {
+        let gateway = gateway.borrow();
+        (Arc::clone(&gateway.shared), gateway.reload_source.clone())
+    };
+    let Some(source) = source else {
+        return Err(AdminError::new(ErrorCode::NotFound, "the server has no configuration source to reload from"));
+    };
+    match crate::admin::reload::reload(&shared, &source) {
+        Ok(reloaded) => {
+            tracing::info!(restart_needed = %reloaded.restart_needed.join(", "), "RELOAD: configuration reloaded");
+            Ok(Outcome::Document(serde_json::json!({
+                "reloaded": true,
+                "restart_needed": reloaded.restart_needed,
+            })))
+        }
+        Err(error) => {
+            let error = error.replace('\n', " | ");
+            tracing::error!(%error, "RELOAD: refused; the running configuration stays");
+            Err(AdminError::new(
+                ErrorCode::BadArgument,
+                format!("reload refused, the running configuration stays: {error}"),
+            ))
+        }
+    }
+}
+
 // ---- dispatch ---------------------------------------------------------------
 
 /// Sends `operation` to the shards that own what it names.
@@ -371,6 +402,7 @@ pub fn start(gateway: &Rc<RefCell<Gateway>>, operation: Operation) -> Pending {
     let count = gateway.borrow().shard_count();
     match operation {
         Operation::Ping => Pending::Ready(Ok(Outcome::Empty)),
+        Operation::Reload => Pending::Ready(reload(gateway)),
         Operation::Publish { channel, event, data } => match publish(gateway, channel, &event, &data) {
             Ok(receiver) => Pending::Publish(receiver),
             Err(error) => Pending::Ready(Err(error)),

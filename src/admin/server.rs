@@ -387,6 +387,10 @@ fn decode(gateway: &Rc<RefCell<Gateway>>, op: u8, mut reader: Reader<'_>) -> Res
             reader.finish()?;
             Operation::Ping
         }
+        opcode::RELOAD => {
+            reader.finish()?;
+            Operation::Reload
+        }
         opcode::PUBLISH => {
             let channel = reader.str16("channel")?;
             let event = reader.str16("event")?;

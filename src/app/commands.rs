@@ -159,10 +159,11 @@ impl Shard {
         self.index.add_pending(local);
         let Some(conn) = self.conn_mut(key, generation) else { return Ok(()) };
         let subscriptions = &mut conn.state.subscriptions;
-        if subscriptions.capacity() == 0 {
-            // Most connections hold one subscription: 8 bytes, not the 32
-            // of a first push's default capacity of four (24 B per idle
-            // subscribed connection, measured).
+        if subscriptions.len() == subscriptions.capacity() && subscriptions.capacity() < 4 {
+            // Most connections hold one to three subscriptions: grow one
+            // slot (8 bytes) at a time up to four, not straight to Vec's
+            // first capacity of four (32 B): 24 B less per idle connection
+            // with one subscription, measured.
             subscriptions.reserve_exact(1);
         }
         subscriptions.push(Subscription { channel: local, slot: PENDING_SLOT });

@@ -79,6 +79,8 @@ function scenario(string $address): array
     }
     $out['after_bad_frame'] = $admin->ping();
     $out['disconnect'] = $admin->disconnect('alice', 4000, 'bye');
+    $out['publish_many'] = $admin->publishMany(['many_a', 'many_b'], 'many', ['n' => 1]);
+    $out['reload'] = $admin->reload();
     $admin->close();
     return $out;
 }

@@ -72,6 +72,8 @@ def scenario(address):
         out["bad_frame"] = error_doc(error)
     out["after_bad_frame"] = admin.ping()
     out["disconnect"] = admin.disconnect("alice", code=4000, reason="bye")
+    out["publish_many"] = admin.publish_many(["many_a", "many_b"], "many", {"n": 1})
+    out["reload"] = admin.reload()
     admin.close()
     return out
 

@@ -273,6 +273,13 @@ impl AdminClient {
         self.call_json(opcode::STATS, |_| {})
     }
 
+    /// Re-reads the server's configuration, as SIGHUP does:
+    /// `{"reloaded":true,"restart_needed":[keys]}`, or `BadArgument` naming
+    /// the key when the file is refused (the running one stays).
+    pub fn reload(&mut self) -> Result<serde_json::Value, ClientError> {
+        self.call_json(opcode::RELOAD, |_| {})
+    }
+
     /// Sends a request whose OK payload is a JSON document.
     pub fn call_json(
         &mut self,

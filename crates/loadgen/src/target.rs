@@ -267,7 +267,9 @@ mod tests {
         assert!(parse_urls(&values(&["ws://a/ws,,ws://b/ws"])).unwrap_err().contains("empty"));
         assert!(parse_urls(&values(&["ws://a/ws,"])).is_err());
         assert!(parse_urls(&[]).is_err());
-        assert!(parse_urls(&values(&["ws://a/ws,wss://b/ws"])).unwrap_err().contains("TLS"));
+        // Plain and TLS targets may be mixed (each target has its own).
+        let mixed = parse_urls(&values(&["ws://a/ws,wss://b/ws"])).unwrap();
+        assert_eq!(mixed.iter().map(|u| (u.tls, u.port)).collect::<Vec<_>>(), [(false, 80), (true, 443)]);
         let many = vec!["ws://a/ws".to_string(); URLS_MAX + 1].join(",");
         assert!(parse_urls(&[many]).unwrap_err().contains("at most"));
     }

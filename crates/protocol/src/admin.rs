@@ -29,6 +29,7 @@ pub mod opcode {
     pub const DISCONNECT: u8 = 0x0B;
     pub const PING: u8 = 0x0C;
     pub const PUBLISH_MANY: u8 = 0x0D;
+    pub const RELOAD: u8 = 0x0E;
 }
 
 pub const STATUS_OK: u8 = 0;
