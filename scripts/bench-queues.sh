@@ -14,7 +14,9 @@
 # plus the CPU of the server and of the generator's processes. Writes
 # queues.tsv, a summary and queues.svg to target/bench-queues/TIMESTAMP/.
 #
-# Usage: scripts/bench-queues.sh [-n CONNECTIONS] [--server kometa|floor] [--shards N]
+# Usage: scripts/bench-queues.sh [-n CONNECTIONS] [--server kometa|floor] [--shards N] [--kometa PATH]
+#   --kometa PATH  the server binary to profile (default: the release build;
+#               e.g. an older build, to compare; the load generator stays ours)
 #   --shards N  Kometa's shards (default: one per core); with 1, the server
 #               has half the CPU it could use and the generator keeps up
 # Bounded: about 1 minute for 15,000 connections.
@@ -24,12 +26,14 @@ cd "$(dirname "$0")/.."
 connections=15000
 server=kometa
 shards=()
+server_binary=""
 while [ $# -gt 0 ]; do
     case "$1" in
         -n) connections=$2; shift 2 ;;
         --server) server=$2; shift 2 ;;
         --shards) shards=(--shards "$2"); shift 2 ;;
-        -h|--help) sed -n '2,21p' "$0"; exit 0 ;;
+        --kometa) server_binary=$2; shift 2 ;;
+        -h|--help) sed -n '2,23p' "$0"; exit 0 ;;
         *) echo "bench-queues: unknown argument $1" >&2; exit 2 ;;
     esac
 done
@@ -41,7 +45,7 @@ bench_setup bench-queues
 
 case "$server" in
     kometa)
-        "$kometa" serve --listen 127.0.0.1:0 --admin "unix:$out/admin.sock" "${shards[@]}" > "$out/server.out" 2> "$out/server.err" &
+        "${server_binary:-$kometa}" serve --listen 127.0.0.1:0 --admin "unix:$out/admin.sock" "${shards[@]}" > "$out/server.out" 2> "$out/server.err" &
         server_pid=$!
         target=(--url "ws://127.0.0.1:PORT/ws")
         publish=(--admin "unix:$out/admin.sock")
