@@ -283,6 +283,14 @@ pub struct RpcConfig {
     pub data_bytes_max: usize,
     /// Largest answer body a backend may send.
     pub response_bytes_max: usize,
+    /// Backends may register on the admin socket as handlers of `rpc`
+    /// methods (HANDLE): calls then go to them rather than to a webhook.
+    pub admin_handlers: bool,
+    /// Method prefixes one handler connection may register.
+    pub handler_prefixes_max: usize,
+    /// Unanswered calls one handler connection may have; past it, calls
+    /// routed to it fail at once with `unavailable`.
+    pub handler_calls_max: usize,
 }
 
 impl Default for RpcConfig {
@@ -305,6 +313,9 @@ impl Default for RpcConfig {
             breaker_open_ms: 5_000,
             data_bytes_max: 65_536,
             response_bytes_max: 1 << 20,
+            admin_handlers: false,
+            handler_prefixes_max: 64,
+            handler_calls_max: 1_024,
         }
     }
 }
@@ -316,6 +327,7 @@ impl RpcConfig {
             || self.connect_url.is_some()
             || self.subscribe_url.is_some()
             || self.publish_url.is_some()
+            || self.admin_handlers
     }
 
     /// The webhook URL for an RPC method: the longest matching prefix.
@@ -634,6 +646,8 @@ impl Config {
         check("metrics.listen", self.metrics.listen != next.metrics.listen);
         check("api.listen", self.api.listen != next.api.listen);
         check("log.format", self.log.format != next.log.format);
+        // The backend thread is started (or not) with the server.
+        check("rpc.admin_handlers", self.rpc.admin_handlers != next.rpc.admin_handlers);
         changed
     }
 
@@ -665,6 +679,7 @@ impl Config {
         next.metrics.listen = self.metrics.listen;
         next.api.listen = self.api.listen;
         next.log.format = self.log.format;
+        next.rpc.admin_handlers = self.rpc.admin_handlers;
         next
     }
 }
@@ -853,6 +868,8 @@ impl Config {
         check_range("rpc.breaker_open_ms", rpc.breaker_open_ms, 10, 3_600_000)?;
         check_range("rpc.data_bytes_max", rpc.data_bytes_max, 16, 16 << 20)?;
         check_range("rpc.response_bytes_max", rpc.response_bytes_max, 16, 64 << 20)?;
+        check_range("rpc.handler_prefixes_max", rpc.handler_prefixes_max, 1, 4_096)?;
+        check_range("rpc.handler_calls_max", rpc.handler_calls_max, 1, 1 << 20)?;
         let check_url = |key: &str, url: &str| {
             if url.starts_with("http://") || url.starts_with("https://") {
                 Ok(())

@@ -348,6 +348,7 @@ pub fn serve(config: Config, source: Option<ConfigSource>) -> Result<(), ServeEr
         config_generation: std::sync::atomic::AtomicU64::new(0),
         limiter: crate::bus::limiter::Limiter::new(&config.limits),
         admin_refusals: Default::default(),
+        rpc_handler_prefixes: Default::default(),
     });
 
     let signals = block_shutdown_signals();
@@ -355,7 +356,7 @@ pub fn serve(config: Config, source: Option<ConfigSource>) -> Result<(), ServeEr
     // taken by a thread that does not block it would kill the process.
     let _backend = match backend_endpoint {
         Some(endpoint) => {
-            Some(crate::backend::start(Arc::clone(&config), Arc::clone(&shared), endpoint).map_err(fail)?)
+            Some(crate::backend::start(Arc::clone(&config), Arc::clone(&shared), endpoint, shard_count).map_err(fail)?)
         }
         None => None,
     };

@@ -318,3 +318,285 @@ fn the_connect_proxy_works_for_sse_sessions_too() {
     server.publish("news", "e", "1");
     assert_eq!(stream.next_data().1["data"], 1);
 }
+
+/// A backend that answers `rpc` calls on its admin connection (HANDLE /
+/// CALL / ANSWER), speaking the binary protocol by hand as a backend in
+/// another language would (docs/admin-protocol.md).
+struct AdminHandler {
+    stream: std::os::unix::net::UnixStream,
+    next_request_id: u32,
+    /// Replies read while waiting for calls (and the reverse).
+    replies: std::collections::VecDeque<(u8, u8, u32, Vec<u8>)>,
+    calls: std::collections::VecDeque<(u32, Value)>,
+}
+
+impl AdminHandler {
+    fn connect(server: &Server) -> AdminHandler {
+        let kometa_admin_client::AdminAddress::Unix(path) = &server.admin else { panic!("a unix admin socket") };
+        let stream = std::os::unix::net::UnixStream::connect(path).expect("admin connect");
+        stream.set_read_timeout(Some(TIMEOUT)).unwrap();
+        AdminHandler { stream, next_request_id: 1, replies: Default::default(), calls: Default::default() }
+    }
+
+    fn send(&mut self, opcode: u8, payload: &[u8]) -> u32 {
+        let request_id = self.next_request_id;
+        self.next_request_id += 1;
+        let mut frame = ((payload.len() + 6) as u32).to_be_bytes().to_vec();
+        frame.extend_from_slice(&[opcode, 0]);
+        frame.extend_from_slice(&request_id.to_be_bytes());
+        frame.extend_from_slice(payload);
+        self.stream.write_all(&frame).expect("admin write");
+        request_id
+    }
+
+    /// Reads one frame into `replies` or `calls`.
+    fn read_frame(&mut self) {
+        let mut length = [0u8; 4];
+        self.stream.read_exact(&mut length).expect("admin read");
+        let mut frame = vec![0u8; u32::from_be_bytes(length) as usize];
+        self.stream.read_exact(&mut frame).expect("admin read");
+        let (status, opcode) = (frame[0], frame[1]);
+        let id = u32::from_be_bytes(frame[2..6].try_into().unwrap());
+        let payload = frame[6..].to_vec();
+        if status == 2 {
+            assert_eq!(opcode, 0x0F, "a CALL frame carries opcode HANDLE");
+            let document_bytes = u32::from_be_bytes(payload[..4].try_into().unwrap()) as usize;
+            assert_eq!(payload.len(), 4 + document_bytes);
+            self.calls.push_back((id, serde_json::from_slice(&payload[4..]).expect("CALL JSON")));
+        } else {
+            self.replies.push_back((status, opcode, id, payload));
+        }
+    }
+
+    /// The reply to `request_id`: Ok(payload) or Err(error message).
+    fn reply(&mut self, request_id: u32) -> Result<Vec<u8>, String> {
+        loop {
+            if let Some(index) = self.replies.iter().position(|r| r.2 == request_id) {
+                let (status, _, _, payload) = self.replies.remove(index).unwrap();
+                return match status {
+                    0 => Ok(payload),
+                    _ => Err(String::from_utf8_lossy(&payload[4..]).into_owned()),
+                };
+            }
+            self.read_frame();
+        }
+    }
+
+    fn handle(&mut self, prefixes: &[&str]) -> Result<Vec<u8>, String> {
+        let mut payload = (prefixes.len() as u16).to_be_bytes().to_vec();
+        for prefix in prefixes {
+            payload.extend_from_slice(&(prefix.len() as u16).to_be_bytes());
+            payload.extend_from_slice(prefix.as_bytes());
+        }
+        let id = self.send(0x0F, &payload);
+        self.reply(id)
+    }
+
+    fn next_call(&mut self) -> (u32, Value) {
+        loop {
+            if let Some(call) = self.calls.pop_front() {
+                return call;
+            }
+            self.read_frame();
+        }
+    }
+
+    /// Sends ANSWER without waiting for its reply (pipelined).
+    fn answer(&mut self, call_id: u32, answer: &Value) -> u32 {
+        let body = serde_json::to_vec(answer).unwrap();
+        let mut payload = call_id.to_be_bytes().to_vec();
+        payload.extend_from_slice(&(body.len() as u32).to_be_bytes());
+        payload.extend_from_slice(&body);
+        self.send(0x10, &payload)
+    }
+}
+
+#[test]
+fn a_handler_on_the_admin_connection_answers_calls_from_every_shard_in_any_order() {
+    let server = Server::start(4, "[rpc]\nadmin_handlers = true\ntimeout_ms = 5000\n");
+    let mut handler = AdminHandler::connect(&server);
+    handler.handle(&["math."]).expect("HANDLE accepted");
+    let mut clients: Vec<Client> = (0..12).map(|_| server.client()).collect();
+    for (n, client) in clients.iter_mut().enumerate() {
+        client.send(json!({"op": "rpc", "method": "math.square", "data": {"n": n}, "id": n}));
+    }
+    // Every call arrives before any is answered (pipelined), then the
+    // answers go back in reverse order.
+    let calls: Vec<(u32, Value)> = (0..12).map(|_| handler.next_call()).collect();
+    for (_, call) in &calls {
+        assert_eq!(call["kind"], "rpc", "{call}");
+        assert_eq!(call["method"], "math.square");
+        assert_eq!(call["transport"], "websocket");
+        assert!(call["client"].as_str().is_some_and(|c| c.starts_with('s')), "{call}");
+    }
+    let answer_ids: Vec<u32> = calls
+        .iter()
+        .rev()
+        .map(|(call_id, call)| {
+            let n = call["data"]["n"].as_u64().unwrap();
+            handler.answer(*call_id, &json!({"result": {"square": n * n}}))
+        })
+        .collect();
+    for id in answer_ids {
+        handler.reply(id).expect("ANSWER accepted");
+    }
+    for (n, client) in clients.iter_mut().enumerate() {
+        let reply = client.recv();
+        assert_eq!(reply["id"], n, "{reply}");
+        assert_eq!(reply["result"]["square"], n * n, "{reply}");
+    }
+    // A method no handler registered: unavailable, not a hang.
+    let reply = rpc(&mut clients[0], 100, "chat.send", json!({}));
+    assert_eq!(reply["error"]["code"], "unavailable", "{reply}");
+    // An answer to a call nobody is waiting for is an error reply.
+    let id = handler.answer(999_999, &json!({"result": 1}));
+    let error = handler.reply(id).expect_err("unknown call");
+    assert!(error.contains("no call 999999"), "{error}");
+}
+
+#[test]
+fn handler_errors_timeouts_and_disconnects_reach_the_client_plainly() {
+    let server = Server::start(2, "[rpc]\nadmin_handlers = true\ntimeout_ms = 400\n");
+    let mut handler = AdminHandler::connect(&server);
+    handler.handle(&[""]).expect("HANDLE accepted");
+    let mut client = server.client();
+
+    client.send(json!({"op": "rpc", "method": "app.refuse", "id": 1}));
+    let (call_id, _) = handler.next_call();
+    handler.answer(call_id, &json!({"error": {"code": 42, "message": "nope"}}));
+    let reply = client.recv();
+    assert_eq!(reply["error"]["code"], "backend_error", "{reply}");
+    assert_eq!(reply["error"]["backend_code"], 42);
+    assert_eq!(reply["error"]["message"], "nope");
+
+    // Not answered in rpc.timeout_ms: timeout; the late answer is refused.
+    let started = Instant::now();
+    client.send(json!({"op": "rpc", "method": "app.slow", "id": 2}));
+    let (late_call, _) = handler.next_call();
+    let reply = client.recv();
+    assert_eq!(reply["error"]["code"], "timeout", "{reply}");
+    assert!(started.elapsed() < Duration::from_millis(2000), "bounded by rpc.timeout_ms");
+    let id = handler.answer(late_call, &json!({"result": 1}));
+    assert!(handler.reply(id).is_err(), "an answer after the timeout is refused");
+
+    // The handler goes away with a call unanswered: unavailable at once.
+    client.send(json!({"op": "rpc", "method": "app.pending", "id": 3}));
+    handler.next_call();
+    let started = Instant::now();
+    drop(handler);
+    let reply = client.recv();
+    assert_eq!(reply["error"]["code"], "unavailable", "{reply}");
+    assert!(started.elapsed() < Duration::from_millis(300), "not left to time out");
+    // And with no handler left, calls are unavailable, not lost.
+    let reply = rpc(&mut client, 4, "app.after", json!({}));
+    assert_eq!(reply["error"]["code"], "unavailable", "{reply}");
+
+    // A second handler takes over.
+    let mut handler = AdminHandler::connect(&server);
+    handler.handle(&["app."]).expect("HANDLE accepted");
+    client.send(json!({"op": "rpc", "method": "app.again", "id": 5}));
+    let (call_id, call) = handler.next_call();
+    assert_eq!(call["method"], "app.again");
+    handler.answer(call_id, &json!({"result": "back"}));
+    assert_eq!(client.recv()["result"], "back");
+}
+
+#[test]
+fn handlers_share_calls_and_a_longer_webhook_route_wins() {
+    let backend = Backend::start(|_| ok(json!("from the webhook")));
+    let config = format!(
+        "[rpc]\nadmin_handlers = true\ntimeout_ms = 2000\n[[rpc.routes]]\nprefix = \"chat.history.\"\nurl = \"{}\"\n",
+        backend.url()
+    );
+    let server = Server::start(2, &config);
+    let mut first = AdminHandler::connect(&server);
+    let mut second = AdminHandler::connect(&server);
+    first.handle(&["chat."]).expect("HANDLE");
+    second.handle(&["chat."]).expect("HANDLE");
+    let mut client = server.client();
+    // Round robin: of 6 calls, each handler gets 3.
+    for id in 0..6 {
+        client.send(json!({"op": "rpc", "method": "chat.send", "id": id}));
+    }
+    // Each must get 3: a handler that got fewer waits for a call here and
+    // the read fails after TIMEOUT.
+    let mut per_handler = [0, 0];
+    for (index, handler) in [&mut first, &mut second].into_iter().enumerate() {
+        for _ in 0..3 {
+            let (call_id, _) = handler.next_call();
+            handler.answer(call_id, &json!({"result": index}));
+            per_handler[index] += 1;
+        }
+    }
+    assert_eq!(per_handler, [3, 3], "calls spread over both handlers");
+    let mut replies: Vec<u64> = (0..6).map(|_| client.recv()["id"].as_u64().unwrap()).collect();
+    replies.sort_unstable();
+    assert_eq!(replies, (0..6).collect::<Vec<_>>());
+    // The webhook's prefix is longer: it wins for its methods.
+    let reply = rpc(&mut client, 10, "chat.history.get", json!({}));
+    assert_eq!(reply["result"], "from the webhook", "{reply}");
+    assert_eq!(backend.seen().len(), 1);
+}
+
+#[test]
+fn handle_is_refused_unless_admin_handlers_is_on() {
+    let server = Server::start(1, "");
+    let mut handler = AdminHandler::connect(&server);
+    let error = handler.handle(&["app."]).expect_err("refused");
+    assert!(error.contains("rpc.admin_handlers"), "{error}");
+    let too_many: Vec<String> = (0..65).map(|n| format!("p{n}.")).collect();
+    let server = Server::start(1, "[rpc]\nadmin_handlers = true\n");
+    let mut handler = AdminHandler::connect(&server);
+    let error = handler.handle(&too_many.iter().map(String::as_str).collect::<Vec<_>>()).expect_err("too many");
+    assert!(error.contains("rpc.handler_prefixes_max"), "{error}");
+    let error = handler.handle(&["bad prefix"]).expect_err("bad name");
+    assert!(error.contains("method prefix"), "{error}");
+}
+
+/// The Python admin client's handler loop (client/python, serve_rpc), run
+/// as its own process the way a Python backend would.
+#[test]
+fn the_python_client_serves_rpc_calls_on_its_admin_connection() {
+    let server = Server::start(2, "[rpc]\nadmin_handlers = true\ntimeout_ms = 5000\n");
+    let kometa_admin_client::AdminAddress::Unix(admin_path) = &server.admin else { panic!("a unix admin socket") };
+    let repo = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let venv = repo.join(".venv/bin/python");
+    let python = if venv.is_file() { venv } else { std::path::PathBuf::from("python3") };
+    let script = r#"
+import sys
+sys.path.insert(0, sys.argv[1])
+from kometa_admin import KometaAdmin, RpcError
+
+def handle(call):
+    if call["method"] == "math.fail":
+        raise RpcError(7, "cannot")
+    return {"sum": sum(call["data"]), "user": call["user"]}
+
+admin = KometaAdmin("unix:" + sys.argv[2])
+answered = admin.serve_rpc(["math."], handle, max_calls=2, ready=lambda: print("ready", flush=True))
+print("answered", answered, flush=True)
+"#;
+    let mut child = std::process::Command::new(&python)
+        .arg("-c")
+        .arg(script)
+        .arg(repo.join("client/python"))
+        .arg(admin_path)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot run {}: {e}", python.display()));
+    let mut lines = BufReader::new(child.stdout.take().expect("stdout")).lines();
+    let first = lines.next().and_then(Result::ok);
+    assert_eq!(first.as_deref(), Some("ready"), "the handler registered");
+    let mut client = server.client();
+    let reply = rpc(&mut client, 1, "math.add", json!([1, 2, 3]));
+    assert_eq!(reply["result"], json!({"sum": 6, "user": null}), "{reply}");
+    let reply = rpc(&mut client, 2, "math.fail", json!([]));
+    assert_eq!(reply["error"]["code"], "backend_error", "{reply}");
+    assert_eq!(reply["error"]["backend_code"], 7);
+    assert_eq!(reply["error"]["message"], "cannot");
+    assert_eq!(lines.next().and_then(Result::ok).as_deref(), Some("answered 2"));
+    assert!(child.wait().expect("python exits").success());
+    // Its connection closed: the method has no handler any more.
+    let reply = rpc(&mut client, 3, "math.add", json!([1]));
+    assert_eq!(reply["error"]["code"], "unavailable", "{reply}");
+}

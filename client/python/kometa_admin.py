@@ -27,7 +27,7 @@ import struct
 import tempfile
 import time
 
-__all__ = ["KometaAdmin", "KometaError", "KometaProtocolError", "Pipeline", "ERROR_NAMES"]
+__all__ = ["KometaAdmin", "KometaError", "KometaProtocolError", "Pipeline", "RpcError", "ERROR_NAMES"]
 
 PROTOCOL_VERSION = 1
 
@@ -45,9 +45,12 @@ OP_DISCONNECT = 0x0B
 OP_PING = 0x0C
 OP_PUBLISH_MANY = 0x0D
 OP_RELOAD = 0x0E
+OP_HANDLE = 0x0F
+OP_ANSWER = 0x10
 
 STATUS_OK = 0
 STATUS_ERROR = 1
+STATUS_CALL = 2  # not a reply: a client's rpc call to a handler connection
 
 ERROR_NAMES = {
     1: "bad_frame",
@@ -87,6 +90,16 @@ class KometaError(Exception):
 
     def __repr__(self):
         return "KometaError(%r, %r, %r)" % (self.code, self.name, self.message)
+
+
+class RpcError(Exception):
+    """Raised by an rpc handler (KometaAdmin.serve_rpc): the client gets
+    `backend_error` with this `code` (int) and `message`."""
+
+    def __init__(self, code, message):
+        super().__init__(code, message)
+        self.code = code
+        self.message = message
 
 
 class KometaProtocolError(Exception):
@@ -393,6 +406,76 @@ class KometaAdmin(_Operations):
             self.close()
         except Exception:
             pass
+
+    # -- answering clients' rpc calls ----------------------------------
+
+    def serve_rpc(self, prefixes, handler, max_calls=None, ready=None):
+        """Makes this connection the handler of clients' `rpc` calls whose
+        method starts with one of `prefixes` ("" for all; the server needs
+        rpc.admin_handlers = true), then answers calls until the server
+        closes the connection, or after `max_calls` answers.
+
+        `handler(call)` gets the call as a dict (kind, client, user,
+        transport, method, data) and returns the result (any JSON value) or
+        raises RpcError(code, message); any other exception answers code 500
+        with its text. `ready()`, if given, is called once registered.
+        Calls are answered one at a time, in arrival order; run several
+        connections (processes, threads) to answer in parallel: the server
+        spreads calls over handlers of the same prefix. Dedicate the
+        connection to this: it serves no other request meanwhile.
+        """
+        payload = _u16(len(prefixes), "prefixes") + b"".join(_str16(p, "prefix") for p in prefixes)
+        self._submit(OP_HANDLE, payload, _decode_empty)
+        if ready is not None:
+            ready()
+        answered = 0
+        try:
+            # Calls come when clients make them: no timeout while waiting.
+            self._sock.settimeout(None)
+            while max_calls is None or answered < max_calls:
+                status, opcode, frame_id, payload = self._read_frame()
+                if status == STATUS_CALL:
+                    call = _decode_document(payload)
+                    try:
+                        answer = {"result": handler(call)}
+                    except RpcError as error:
+                        answer = {"error": {"code": error.code, "message": error.message}}
+                    except Exception as error:  # the handler's bug is the client's backend_error
+                        answer = {"error": {"code": 500, "message": "%s: %s" % (type(error).__name__, error)}}
+                    body = json.dumps(answer).encode("utf-8")
+                    frame = _u32(frame_id, "call") + _bytes32(body, "answer")
+                    request_id = self._next_id
+                    self._next_id = (self._next_id % 0xFFFFFFFF) + 1
+                    self._sock.sendall(_HEAD.pack(_HEAD_BYTES + len(frame), OP_ANSWER, 0, request_id) + frame)
+                    answered += 1
+                elif status == STATUS_ERROR and opcode == OP_ANSWER:
+                    error = _decode_error(payload)
+                    if error.name != "not_found":  # not_found: the call timed out first
+                        raise error
+                elif status != STATUS_OK:
+                    raise KometaProtocolError("unexpected frame (status %d, opcode %d)" % (status, opcode))
+        except BaseException:
+            self.close()
+            raise
+        self._sock.settimeout(self.timeout)
+        return answered
+
+    def _read_frame(self):
+        """The next frame (status, opcode, id, payload), blocking."""
+        while True:
+            if len(self._input) >= 4:
+                length = struct.unpack_from(">I", self._input, 0)[0]
+                if length < _HEAD_BYTES or length > self.max_reply_bytes:
+                    raise KometaProtocolError("frame length %d out of range" % length)
+                if len(self._input) >= 4 + length:
+                    status, opcode, frame_id = struct.unpack_from(">BBI", self._input, 4)
+                    payload = bytes(self._input[4 + _HEAD_BYTES:4 + length])
+                    del self._input[:4 + length]
+                    return status, opcode, frame_id, payload
+            chunk = self._sock.recv(_CHUNK)
+            if not chunk:
+                raise ConnectionError("server closed the admin connection")
+            self._input += chunk
 
     # -- requests -------------------------------------------------------
 

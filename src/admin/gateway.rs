@@ -53,6 +53,8 @@ pub struct Gateway {
     /// Where RELOAD re-reads the configuration (the server's file and
     /// flags); None when the server was started without one (tests).
     pub reload_source: Option<crate::admin::reload::ConfigSource>,
+    /// Admin connections answering client `rpc` calls (admin/handlers.rs).
+    pub handlers: crate::admin::handlers::Handlers,
 }
 
 impl Gateway {
@@ -80,6 +82,7 @@ impl Gateway {
             next_token: 1,
             refusals: RefusalCounts::default(),
             reload_source: None,
+            handlers: Default::default(),
         }
     }
 
@@ -125,6 +128,7 @@ impl Gateway {
                     }
                 }
             }
+            Message::Backend(request) => self.call_handler(*request),
             other => debug_assert!(false, "the admin gateway got {other:?}"),
         }
     }

@@ -3,6 +3,7 @@
 
 pub mod api;
 pub mod gateway;
+pub mod handlers;
 pub mod http;
 pub mod metrics;
 pub mod ops;

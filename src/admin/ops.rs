@@ -308,6 +308,14 @@ pub fn prefix(prefix: &str) -> Result<Arc<str>, AdminError> {
     Ok(prefix.into())
 }
 
+/// HANDLE: a prefix of client `rpc` method names ("" matches every method).
+pub fn method_prefix(prefix: &str) -> Result<Box<str>, AdminError> {
+    if prefix.len() > 128 || !prefix.bytes().all(client::name_byte_allowed) {
+        return Err(bad_argument("a method prefix is at most 128 letters, digits and _ - . : @ / = #"));
+    }
+    Ok(prefix.into())
+}
+
 /// "" starts at the beginning.
 pub fn cursor(cursor: &str) -> Option<Box<str>> {
     (!cursor.is_empty()).then(|| cursor.into())

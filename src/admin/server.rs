@@ -15,6 +15,7 @@ use futures_channel::oneshot;
 use futures_lite::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use crate::admin::gateway::Gateway;
+use crate::admin::handlers::{self, HandlerLink};
 use crate::admin::ops::{self, bad_argument, Operation, Outcome};
 use crate::admin::sys;
 use crate::limits::LimitKind;
@@ -58,11 +59,13 @@ impl AuthGate {
     }
 }
 
-/// Where a connection's AUTH stands.
+/// Where a connection's AUTH stands, and whether it handles `rpc` calls.
 struct AuthState {
     authorized: bool,
     /// Wrong keys so far (closed at `limits.admin_auth_failures_max`).
     failures: u32,
+    /// Set by HANDLE: CALL frames for this connection arrive through it.
+    handler: Option<HandlerLink>,
 }
 
 /// Accepts admin connections until the shard's executor ends.
@@ -208,7 +211,7 @@ async fn serve_frames<S: AsyncRead + AsyncWrite + Unpin>(
             shared,
         )
     };
-    let mut auth = AuthState { authorized: gate.is_none(), failures: 0 };
+    let mut auth = AuthState { authorized: gate.is_none(), failures: 0, handler: None };
     let mut input: Vec<u8> = Vec::new();
     let mut chunk = vec![0u8; READ_CHUNK_BYTES];
     loop {
@@ -274,9 +277,19 @@ async fn serve_frames<S: AsyncRead + AsyncWrite + Unpin>(
         if more_buffered {
             continue;
         }
-        let read = match gate {
-            None => stream.read(&mut chunk).await,
-            Some(gate) => match read_before_auth(stream, &mut chunk, gate).await {
+        let read = match (gate.as_mut(), auth.handler.as_mut()) {
+            (None, None) => stream.read(&mut chunk).await,
+            (None, Some(link)) => match read_or_calls(stream, &mut chunk, link).await {
+                Ok(read) => read,
+                Err(calls) => {
+                    // CALL frames for this handler: written, then back to reading.
+                    if !write_within(stream, &calls, write_timeout).await {
+                        return;
+                    }
+                    continue;
+                }
+            },
+            (Some(gate), _) => match read_before_auth(stream, &mut chunk, gate).await {
                 Ok(read) => read,
                 Err(ended) => {
                     let message = match ended {
@@ -301,6 +314,33 @@ async fn serve_frames<S: AsyncRead + AsyncWrite + Unpin>(
             Ok(count) => input.extend_from_slice(&chunk[..count]),
         }
     }
+}
+
+/// A handler connection's read, or the CALL frames waiting for it
+/// (`Err`, gathered up to OUTPUT_FLUSH_BYTES), whichever comes first. A
+/// read that loses the race has taken no bytes (glommio reads on readiness).
+async fn read_or_calls<S: AsyncRead + Unpin>(
+    stream: &mut S,
+    chunk: &mut [u8],
+    link: &mut HandlerLink,
+) -> Result<std::io::Result<usize>, Vec<u8>> {
+    use futures_lite::StreamExt;
+    let frames = &mut link.frames;
+    let read = async { Ok(stream.read(chunk).await) };
+    let calls = async {
+        let Some(mut calls) = frames.next().await else {
+            // The gateway dropped this handler: only reads remain.
+            return futures_lite::future::pending().await;
+        };
+        while calls.len() < OUTPUT_FLUSH_BYTES {
+            match frames.try_recv() {
+                Ok(frame) => calls.extend_from_slice(&frame),
+                Err(_) => break,
+            }
+        }
+        Err(calls)
+    };
+    futures_lite::future::or(read, calls).await
 }
 
 /// Why an unauthenticated connection stops being served.
@@ -371,8 +411,30 @@ fn dispatch(shard: &Rc<RefCell<Gateway>>, frame: RawFrame<'_>, auth: &mut AuthSt
         if !auth.authorized {
             return Err(AdminError::new(ErrorCode::Unauthorized, "send AUTH with the admin key first"));
         }
+        if op == opcode::ANSWER {
+            let mut reader = Reader::new(frame.payload);
+            let call_id = reader.u32("call")?;
+            let answer = reader.bytes32("answer")?;
+            reader.finish()?;
+            let Some(link) = &auth.handler else {
+                return Err(bad_argument("ANSWER from a connection that sent no HANDLE"));
+            };
+            shard.borrow_mut().answer_call(link.id, call_id, answer)?;
+            return Ok(ok_empty(op, request_id));
+        }
         if shard.borrow().is_draining() {
             return Err(ops::shutting_down());
+        }
+        if op == opcode::HANDLE {
+            let mut reader = Reader::new(frame.payload);
+            let count = usize::from(reader.u16("prefix count")?);
+            let mut prefixes = Vec::with_capacity(count.min(64));
+            for _ in 0..count {
+                prefixes.push(ops::method_prefix(reader.str16("prefix")?)?);
+            }
+            reader.finish()?;
+            handlers::handle(shard, &mut auth.handler, prefixes)?;
+            return Ok(ok_empty(op, request_id));
         }
         let operation = decode(shard, op, Reader::new(frame.payload))?;
         Ok(PendingReply::Operation { op, request_id, pending: ops::start(shard, operation) })

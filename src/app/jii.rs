@@ -13,7 +13,7 @@
 //!
 //! `action` goes out as the client protocol's `rpc` command (docs/rpc.md):
 //! the backend's `result` object comes back with the `requestUid` added.
-//! Without `rpc.routes` the answer is
+//! Without `rpc.routes` or `rpc.admin_handlers` the answer is
 //! `action {"requestUid":…,"error":"rpc_unavailable",…}`.
 
 use std::borrow::Cow;
@@ -119,7 +119,7 @@ fn reply(reply: Map<String, Value>) -> Option<Vec<u8>> {
     });
     if let Some(uid) = id.and_then(|id| id.strip_prefix(ACTION_ID_PREFIX)) {
         return Some(match error {
-            // RPC is not configured here (`rpc.routes`): no backend can answer.
+            // RPC is not configured here (`rpc.routes`, `rpc.admin_handlers`): no backend can answer.
             Some((code, _)) if code == "unknown_op" || code == "not_available" => {
                 action_line(uid, "rpc_unavailable", "this server does not forward actions to a backend")
             }

@@ -57,8 +57,12 @@ impl Shard {
         method: &str,
         data: Option<&RawValue>,
     ) -> Result<(), Refusal> {
-        if self.backend.is_none() || self.config.rpc.routes.is_empty() {
-            return Err(refuse(ErrorCode::NotAvailable, "RPC is not configured on this server (rpc.routes)"));
+        let rpc = &self.config.rpc;
+        if self.backend.is_none() || (rpc.routes.is_empty() && !rpc.admin_handlers) {
+            return Err(refuse(
+                ErrorCode::NotAvailable,
+                "RPC is not configured on this server (rpc.routes, rpc.admin_handlers)",
+            ));
         }
         if method.is_empty() || method.len() > METHOD_BYTES_MAX || !method.bytes().all(client::name_byte_allowed) {
             return Err(refuse(ErrorCode::BadRequest, "method must be 1-128 letters, digits and _ - . : @ / = #"));

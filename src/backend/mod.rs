@@ -2,6 +2,10 @@
 //! proxies (connect, subscribe, publish) go out as webhook calls, and the
 //! answers come back to the connection's shard.
 //!
+//! An `rpc` call whose method a backend handles on its admin connection
+//! (HANDLE, `rpc.admin_handlers`) goes to the admin gateway instead, which
+//! sends it to that connection and routes the ANSWER back (admin/handlers.rs).
+//!
 //! One thread owns a bus endpoint, routes each call to its URL, keeps a
 //! circuit breaker per URL and a bounded queue in front of a fixed pool of
 //! worker threads (`rpc.concurrency_max`) that make the blocking HTTP
@@ -11,7 +15,7 @@
 //! connection's own command order is kept by the shard (input pauses for a
 //! proxy call), and `rpc` answers are matched by the client's id.
 
-mod webhook;
+pub(crate) mod webhook;
 
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
@@ -25,7 +29,14 @@ use crate::bus::{Endpoint, Message, Shared, Wakeup};
 use crate::config::Config;
 
 /// Starts the backend thread on its bus endpoint.
-pub fn start(config: Arc<Config>, shared: Arc<Shared>, bus: Endpoint) -> Result<std::thread::JoinHandle<()>, String> {
+/// `admin_gateway` is the admin gateway's bus index (where calls for
+/// admin-connection handlers go).
+pub fn start(
+    config: Arc<Config>,
+    shared: Arc<Shared>,
+    bus: Endpoint,
+    admin_gateway: usize,
+) -> Result<std::thread::JoinHandle<()>, String> {
     let rpc = &config.rpc;
     let (jobs_tx, jobs_rx) = crossbeam_channel::bounded::<Job>(rpc.queue_max);
     let (done_tx, done_rx) = crossbeam_channel::unbounded::<Done>();
@@ -54,6 +65,7 @@ pub fn start(config: Arc<Config>, shared: Arc<Shared>, bus: Endpoint) -> Result<
         config,
         shared,
         bus,
+        admin_gateway,
         jobs: Some(jobs_tx),
         done: done_rx,
         done_wakeup,
@@ -122,6 +134,8 @@ struct BackendGateway {
     config: Arc<Config>,
     shared: Arc<Shared>,
     bus: Endpoint,
+    /// The admin gateway's bus index.
+    admin_gateway: usize,
     /// None once stopping: the workers see the queue close and exit.
     jobs: Option<Sender<Job>>,
     done: Receiver<Done>,
@@ -181,6 +195,12 @@ impl BackendGateway {
 
     /// Routes a call to its URL and queues it, or answers it at once.
     fn dispatch(&mut self, request: BackendRequest) {
+        if let BackendCall::Rpc { method, .. } = &request.call {
+            if self.handled_on_admin_connection(method) {
+                self.bus.send(self.admin_gateway, Message::Backend(Box::new(request)));
+                return;
+            }
+        }
         let rpc = &self.config.rpc;
         let url = match &request.call {
             BackendCall::Rpc { method, .. } => rpc.route(method),
@@ -190,7 +210,7 @@ impl BackendGateway {
         };
         let Some(url) = url else {
             let why = match &request.call {
-                BackendCall::Rpc { method, .. } => format!("no backend route for method `{method}`"),
+                BackendCall::Rpc { method, .. } => format!("no backend route or handler for method `{method}`"),
                 call => format!("no backend URL for {} calls", call.kind()),
             };
             return self.answer(request, Err(BackendFailure::Unavailable(why)));
@@ -216,6 +236,22 @@ impl BackendGateway {
                 self.answer(job.request, Err(BackendFailure::Unavailable(why)));
             }
         }
+    }
+
+    /// Whether a connected handler's prefix matches `method` at least as
+    /// long as the longest webhook route's does (the handler then wins).
+    fn handled_on_admin_connection(&self, method: &str) -> bool {
+        if !self.config.rpc.admin_handlers {
+            return false;
+        }
+        let Ok(prefixes) = self.shared.rpc_handler_prefixes.read() else { return false };
+        let Some(handled) = prefixes.keys().filter(|prefix| method.starts_with(&***prefix)).map(|p| p.len()).max()
+        else {
+            return false;
+        };
+        let routed =
+            self.config.rpc.routes.iter().filter(|r| method.starts_with(&r.prefix)).map(|r| r.prefix.len()).max();
+        routed.is_none_or(|routed| handled >= routed)
     }
 
     fn finish(&mut self, done: Done) {

@@ -136,8 +136,14 @@ fn interpret(status: u16, body: &[u8]) -> Outcome {
     }
 }
 
+/// An answer that came without HTTP (a handler on the admin connection):
+/// read like a 200 response's body.
+pub(crate) fn parse_answer(body: &[u8]) -> Result<Box<RawValue>, BackendFailure> {
+    interpret(200, body).result
+}
+
 /// The JSON the backend receives.
-fn request_body(request: &BackendRequest) -> Vec<u8> {
+pub(crate) fn request_body(request: &BackendRequest) -> Vec<u8> {
     let conn = request.conn;
     let mut body = serde_json::json!({
         "kind": request.call.kind(),

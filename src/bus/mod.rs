@@ -67,6 +67,10 @@ pub struct Shared {
     pub limiter: limiter::Limiter,
     /// Refusals by the admin gateway's limits (AUTH), for STATS.
     pub admin_refusals: crate::limits::SharedRefusals,
+    /// `rpc` method prefixes that admin connections handle (HANDLE), each
+    /// with the number of connections handling it. Written by the admin
+    /// gateway, read by the backend thread to route a call.
+    pub rpc_handler_prefixes: std::sync::RwLock<std::collections::HashMap<Box<str>, usize>>,
 }
 
 /// Wakes one shard's event loop through an eventfd in its epoll set.

@@ -30,10 +30,18 @@ pub mod opcode {
     pub const PING: u8 = 0x0C;
     pub const PUBLISH_MANY: u8 = 0x0D;
     pub const RELOAD: u8 = 0x0E;
+    /// Registers the connection as the handler of client `rpc` methods by
+    /// prefix; the server then sends it CALL frames.
+    pub const HANDLE: u8 = 0x0F;
+    /// The handler's answer to one CALL.
+    pub const ANSWER: u8 = 0x10;
 }
 
 pub const STATUS_OK: u8 = 0;
 pub const STATUS_ERROR: u8 = 1;
+/// Not a reply: a call from the server to a handler connection (opcode
+/// HANDLE; the request id is the call's id, answered with ANSWER).
+pub const STATUS_CALL: u8 = 2;
 
 /// Admin error codes, stable across versions.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -263,6 +271,11 @@ impl FrameWriter {
 
     pub fn ok(opcode: u8, request_id: u32) -> Self {
         FrameWriter::new(STATUS_OK, opcode, request_id)
+    }
+
+    /// A CALL frame to a handler connection; its payload follows.
+    pub fn call(call_id: u32) -> Self {
+        FrameWriter::new(STATUS_CALL, opcode::HANDLE, call_id)
     }
 
     pub fn error(opcode: u8, request_id: u32, error: &AdminError) -> Vec<u8> {
