@@ -735,9 +735,9 @@ impl Config {
         check_range("shards", self.shards, 0, SHARDS_MAX)?;
         check_range("accept_backlog", self.accept_backlog, 1, 1 << 20)?;
         check_range("connections_max", self.connections_max, 1, 100_000_000)?;
-        if let AdminAddress::Tcp(_) = self.admin {
+        if let AdminAddress::Tcp(_) | AdminAddress::Tls { .. } = self.admin {
             match &self.admin_key {
-                None => return Err(error("admin_key", "required when `admin` is a tcp: address")),
+                None => return Err(error("admin_key", "required when `admin` is a tcp: or tls: address")),
                 Some(key) if key.len() < 16 => return Err(error("admin_key", "must be at least 16 bytes")),
                 Some(_) => {}
             }
@@ -755,6 +755,9 @@ impl Config {
             (Some(_), None) => return Err(error("tls.key_file", "required with tls.cert_file")),
             (None, Some(_)) => return Err(error("tls.cert_file", "required with tls.key_file")),
             _ => {}
+        }
+        if matches!(self.admin, AdminAddress::Tls { .. }) && self.tls.cert_file.is_none() {
+            return Err(error("admin", "a tls: admin address needs tls.cert_file and tls.key_file"));
         }
         if let Some(path) = &self.echo_path {
             if !path.starts_with('/') {

@@ -153,7 +153,7 @@ struct ServeArgs {
     /// Public listener, ADDR:PORT.
     #[arg(long, env = "KOMETA_LISTEN")]
     listen: Option<String>,
-    /// Admin listener: unix:PATH or tcp:ADDR:PORT.
+    /// Admin listener: unix:PATH, tcp:ADDR:PORT, or tls:HOST:PORT (TCP with the [tls] certificate).
     #[arg(long, env = "KOMETA_ADMIN")]
     admin: Option<String>,
     /// Key for a TCP admin listener.
@@ -197,7 +197,7 @@ struct ServeArgs {
 
 #[derive(Args)]
 struct AdminArgs {
-    /// Admin socket of the server: unix:PATH or tcp:ADDR:PORT (default: the server's default, or the config file's).
+    /// Admin socket of the server: unix:PATH, tcp:ADDR:PORT or tls:HOST:PORT (default: the server's default, or the config file's). tls: checks the certificate against the PEM file in KOMETA_ADMIN_CA, else the public web roots.
     #[arg(long, env = "KOMETA_ADMIN")]
     admin: Option<String>,
     /// Key for a TCP admin listener.

@@ -204,6 +204,15 @@ fn admin_listener(address: &AdminAddress) -> Result<(OwnedFd, Transport), ServeE
             // SAFETY: we take ownership of the listener's descriptor.
             Ok((unsafe { OwnedFd::from_raw_fd(listener.into_raw_fd()) }, Transport::Unix))
         }
+        AdminAddress::Tls { host, port } => {
+            let resolved = AdminAddress::resolve_tls(host, *port)
+                .map_err(|e| fail(format!("admin: cannot resolve {host}: {e}")))?;
+            let Some(socket_address) = resolved.first() else {
+                return Err(fail(format!("admin: {host} resolves to no address")));
+            };
+            let (fd, _) = admin_listener(&AdminAddress::Tcp(*socket_address))?;
+            Ok((fd, Transport::Tls))
+        }
         AdminAddress::Tcp(socket_address) => {
             let socket = Socket::new(Domain::for_address(*socket_address), Type::STREAM.cloexec(), None)
                 .map_err(|e| fail(format!("admin socket: {e}")))?;
@@ -313,7 +322,7 @@ pub fn serve(config: Config, source: Option<ConfigSource>) -> Result<(), ServeEr
     }
     let _socket_file = SocketFileGuard(match &config.admin {
         AdminAddress::Unix(path) => Some(path.clone()),
-        AdminAddress::Tcp(_) => None,
+        AdminAddress::Tcp(_) | AdminAddress::Tls { .. } => None,
     });
 
     // One endpoint per shard, then the admin gateway's, then (cluster mode)

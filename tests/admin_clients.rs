@@ -83,10 +83,15 @@ impl Lang {
 
     /// Runs the scenario script with `args`; returns the JSON it printed.
     fn run(self, args: &[&str]) -> Value {
+        self.run_with_env(args, &[])
+    }
+
+    fn run_with_env(self, args: &[&str], env: &[(&str, &Path)]) -> Value {
         self.require();
         let child = Command::new(self.interpreter())
             .arg(self.script())
             .args(args)
+            .envs(env.iter().copied())
             .env("PYTHONDONTWRITEBYTECODE", "1")
             .env_remove("KOMETA_ADMIN")
             .stdin(Stdio::null())
@@ -282,6 +287,55 @@ fn tcp_with_key(lang: Lang) {
         json!({"channel": "news", "event": "tcp", "offset": 1, "data": {"via": "tcp", "from": lang.name()}})
     );
     assert_eq!(offsets(&out["batch"]), (1..=10).collect::<Vec<u64>>());
+}
+
+/// The TCP scenario over TLS (`admin = "tls:127.0.0.1:PORT"`), the test
+/// CA given in KOMETA_ADMIN_CA.
+fn tls_with_key(lang: Lang) {
+    lang.require();
+    let dir = common::temp_dir("admin-pki");
+    let ca_key = rcgen::KeyPair::generate().expect("CA key");
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("CA params");
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    // Its own name: a leaf whose issuer reads like its subject looks self-signed to OpenSSL.
+    ca_params.distinguished_name.push(rcgen::DnType::CommonName, "Kometa admin test CA");
+    let ca = ca_params.self_signed(&ca_key).expect("CA");
+    let leaf_key = rcgen::KeyPair::generate().expect("leaf key");
+    let leaf = rcgen::CertificateParams::new(vec!["127.0.0.1".to_owned()])
+        .expect("leaf params")
+        .signed_by(&leaf_key, &ca, &ca_key)
+        .expect("leaf");
+    let (cert_file, key_file, ca_file) = (dir.join("cert.pem"), dir.join("key.pem"), dir.join("ca.pem"));
+    std::fs::write(&cert_file, leaf.pem()).unwrap();
+    std::fs::write(&key_file, leaf_key.serialize_pem()).unwrap();
+    std::fs::write(&ca_file, ca.pem()).unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let admin = format!("tls:127.0.0.1:{port}");
+    let tls_args = ["--tls-cert-file", cert_file.to_str().unwrap(), "--tls-key-file", key_file.to_str().unwrap()];
+    let _server = Server::start_with(2, "", &[&["--admin", &admin, "--admin-key", ADMIN_KEY][..], &tls_args].concat());
+
+    let out = lang.run_with_env(&["tcp", &admin, ADMIN_KEY], &[("KOMETA_ADMIN_CA", &ca_file)]);
+    assert_error(&out["wrong_key"], 4, "unauthorized");
+    assert_error(&out["no_key"], 4, "unauthorized");
+    assert_eq!(out["publish"]["offset"], 1, "{out}");
+    assert_eq!(offsets(&out["batch"]), (1..=10).collect::<Vec<u64>>());
+    // The publication reached the channel: its history has it.
+    let address = kometa_admin_client::AdminAddress::parse(&admin).expect("tls: address");
+    let mut rust_client =
+        kometa_admin_client::AdminClient::connect_with_ca(&address, Some(ADMIN_KEY), common::TIMEOUT, Some(&ca_file))
+            .expect("the Rust client over TLS");
+    let history = rust_client.history("news", 0, 10).expect("history");
+    assert_eq!(history["publications"][0]["data"], json!({"via": "tcp", "from": lang.name()}), "{history}");
+}
+
+#[test]
+fn python_client_over_tls_checks_the_certificate_and_needs_the_key() {
+    tls_with_key(Lang::Python);
+}
+
+#[test]
+fn php_client_over_tls_checks_the_certificate_and_needs_the_key() {
+    tls_with_key(Lang::Php);
 }
 
 /// Reads one request frame: (opcode, request id).

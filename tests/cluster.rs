@@ -441,10 +441,7 @@ fn a_node_that_stops_says_goodbye_at_once() {
 fn load_generator_checks_exactly_once_across_nodes() {
     let redis = RedisServer::start();
     let nodes: Vec<Server> = ["a", "b", "c"].iter().map(|id| node(&redis, id)).collect();
-    let admin = match &nodes[2].admin {
-        kometa_admin_client::AdminAddress::Unix(path) => format!("unix:{}", path.display()),
-        kometa_admin_client::AdminAddress::Tcp(address) => format!("tcp:{address}"),
-    };
+    let admin = nodes[2].admin.to_string();
     let json = nodes[2].dir.join("churn.json");
     let output = std::process::Command::new(env!("CARGO_BIN_EXE_kometa"))
         .args(["load", "churn", "--connections", "200", "--rate", "40", "--churn-rate", "80"])

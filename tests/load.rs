@@ -7,14 +7,10 @@ mod common;
 use std::process::Command;
 
 use common::Server;
-use kometa_admin_client::AdminAddress;
 use serde_json::Value;
 
 fn admin_arg(server: &Server) -> String {
-    match &server.admin {
-        AdminAddress::Unix(path) => format!("unix:{}", path.display()),
-        AdminAddress::Tcp(address) => format!("tcp:{address}"),
-    }
+    server.admin.to_string()
 }
 
 /// Runs `kometa load ARGS --json FILE` and returns the report.

@@ -115,10 +115,7 @@ fn admin_reload_answers_with_the_outcome() {
 
     // The CLI: the same document on stdout.
     rewrite_config(&server, "[limits]\nchannels_per_connection_max = 3\n");
-    let admin = match &server.admin {
-        kometa_admin_client::AdminAddress::Unix(path) => format!("unix:{}", path.display()),
-        kometa_admin_client::AdminAddress::Tcp(address) => format!("tcp:{address}"),
-    };
+    let admin = server.admin.to_string();
     let output = std::process::Command::new(env!("CARGO_BIN_EXE_kometa"))
         .args(["reload", "--admin", &admin])
         .output()

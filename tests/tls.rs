@@ -30,7 +30,9 @@ fn pki(dir: &Path) -> Pki {
     ca_params.distinguished_name.push(rcgen::DnType::CommonName, "Kometa test CA");
     let ca = ca_params.self_signed(&ca_key).expect("CA");
     let leaf_key = rcgen::KeyPair::generate().expect("leaf key");
-    let leaf_params = rcgen::CertificateParams::new(vec!["localhost".to_owned()]).expect("leaf params");
+    // A name and an address: the admin listener's tests connect by address.
+    let names = vec!["localhost".to_owned(), "127.0.0.1".to_owned()];
+    let leaf_params = rcgen::CertificateParams::new(names).expect("leaf params");
     let leaf = leaf_params.signed_by(&leaf_key, &ca, &ca_key).expect("leaf");
     std::fs::create_dir_all(dir).expect("pki dir");
     let cert_file = dir.join("cert.pem");
@@ -279,10 +281,7 @@ fn the_load_generator_speaks_wss() {
     let (server, server_pki) = tls_server(2);
     let ca_file = server.dir.join("ca.pem");
     std::fs::write(&ca_file, &server_pki.ca_pem).expect("write CA");
-    let admin = match &server.admin {
-        kometa_admin_client::AdminAddress::Unix(path) => format!("unix:{}", path.display()),
-        kometa_admin_client::AdminAddress::Tcp(address) => format!("tcp:{address}"),
-    };
+    let admin = server.admin.to_string();
     let url = format!("wss://localhost:{}/ws", server.port);
     let run = |ca: &Path, extra: &[&str]| -> Value {
         let json_file = server.dir.join("load.json");
@@ -322,4 +321,102 @@ fn the_load_generator_speaks_wss() {
     let refused = run(&other_ca, &["--connect-timeout", "2s"]);
     assert_eq!(at(&refused, "/connections/established"), Some(0), "{refused:#}");
     assert_eq!(at(&refused, "/connections/connect_errors/tls_certificate"), Some(100), "{refused:#}");
+}
+
+const ADMIN_KEY: &str = "0123456789abcdef-admin-key";
+
+/// A server whose admin listener speaks TLS (`--admin tls:127.0.0.1:PORT`)
+/// with the public listener's certificate.
+fn tls_admin_server() -> (Server, Pki, kometa_admin_client::AdminAddress, PathBuf) {
+    let dir = common::temp_dir("pki");
+    let pki = pki(&dir);
+    let ca_file = dir.join("ca.pem");
+    std::fs::write(&ca_file, &pki.ca_pem).expect("write CA");
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let admin = format!("tls:127.0.0.1:{port}");
+    let server = Server::start_with(
+        1,
+        "",
+        &[
+            "--tls-cert-file",
+            pki.cert_file.to_str().unwrap(),
+            "--tls-key-file",
+            pki.key_file.to_str().unwrap(),
+            "--admin",
+            &admin,
+            "--admin-key",
+            ADMIN_KEY,
+        ],
+    );
+    let address = kometa_admin_client::AdminAddress::parse(&admin).expect("tls: address");
+    (server, pki, address, ca_file)
+}
+
+#[test]
+fn the_admin_listener_speaks_tls_and_still_wants_the_key() {
+    use kometa_admin_client::{AdminClient, ClientError};
+    let (server, server_pki, address, ca_file) = tls_admin_server();
+    let mut subscriber = wss(&server, &server_pki);
+    subscriber.send(Message::text(r#"{"op":"subscribe","channel":"news","id":1}"#)).unwrap();
+    assert_eq!(recv_json(&mut subscriber)["ok"], true);
+
+    let mut admin = AdminClient::connect_with_ca(&address, Some(ADMIN_KEY), TIMEOUT, Some(&ca_file))
+        .expect("admin over TLS with the key");
+    // Large enough for several TLS records each way.
+    let big = format!("\"{}\"", "x".repeat(100_000));
+    let published = admin.publish("news", "e", big.as_bytes()).expect("publish over TLS");
+    assert_eq!(published.subscribers, 1);
+    let push = recv_json(&mut subscriber);
+    assert_eq!(push["data"].as_str().map(str::len), Some(100_000));
+    let stats = admin.stats().expect("stats over TLS");
+    assert_eq!(stats["connections"], 1, "{stats}");
+
+    // TLS does not replace the key.
+    let mut keyless = AdminClient::connect_with_ca(&address, None, TIMEOUT, Some(&ca_file)).expect("connect");
+    match keyless.ping() {
+        Err(ClientError::Server(error)) => assert!(error.message.contains("AUTH"), "{error}"),
+        other => panic!("a request without AUTH: {other:?}"),
+    }
+
+    // A client that trusts another CA refuses the server, and says so.
+    let other_dir = common::temp_dir("other-pki");
+    let other = pki(&other_dir);
+    let other_ca = other_dir.join("ca.pem");
+    std::fs::write(&other_ca, &other.ca_pem).unwrap();
+    let refused = AdminClient::connect_with_ca(&address, Some(ADMIN_KEY), TIMEOUT, Some(&other_ca))
+        .err()
+        .expect("an unknown issuer is refused");
+    assert!(refused.to_string().contains("TLS handshake"), "{refused}");
+
+    // Plain TCP to the TLS port gets no service (and does not hang).
+    let tcp = match &address {
+        kometa_admin_client::AdminAddress::Tls { port, .. } => {
+            kometa_admin_client::AdminAddress::Tcp(format!("127.0.0.1:{port}").parse().unwrap())
+        }
+        other => panic!("{other}"),
+    };
+    assert!(AdminClient::connect(&tcp, Some(ADMIN_KEY), TIMEOUT).is_err(), "plain TCP served on the TLS port");
+
+    // The CLI with the CA in KOMETA_ADMIN_CA.
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_kometa"))
+        .args(["stats", "--admin", &address.to_string(), "--admin-key", ADMIN_KEY])
+        .env("KOMETA_ADMIN_CA", &ca_file)
+        .output()
+        .expect("kometa stats");
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let stats: Value = serde_json::from_slice(&output.stdout).expect("STATS JSON");
+    assert_eq!(stats["connections"], 1, "{stats}");
+    // The server kept serving through all of it.
+    assert!(admin.ping().is_ok());
+}
+
+#[test]
+fn a_tls_admin_address_needs_a_certificate() {
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_kometa"))
+        .args(["serve", "--listen", "127.0.0.1:0", "--admin", "tls:127.0.0.1:1", "--admin-key", ADMIN_KEY])
+        .output()
+        .expect("kometa serve");
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("`admin`") && stderr.contains("tls.cert_file"), "{stderr}");
 }

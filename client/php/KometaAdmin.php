@@ -351,15 +351,26 @@ class KometaAdmin
     private $input = '';
     /** @var int */
     private $nextId = 1;
+    /** @var string|null */
+    private $caFile = null;
 
     /**
-     * @param string|null $address "unix:/path/admin.sock" or "tcp:host:port"; default: the
-     *                             KOMETA_ADMIN environment variable, else the server's default socket
-     * @param string|null $key     the admin key, required on a TCP listener
+     * @param string|null $address "unix:/path/admin.sock", "tcp:host:port" or "tls:host:port";
+     *                             default: the KOMETA_ADMIN environment variable, else the
+     *                             server's default socket
+     * @param string|null $key     the admin key, required on a TCP or TLS listener
      * @param float       $timeout seconds for connecting and for every wait on the socket
+     * @param string|null $caFile  tls: the CA certificates (PEM) the server's certificate is
+     *                             checked against for `host`; default: the KOMETA_ADMIN_CA
+     *                             environment variable, else the system's CAs
      */
-    public function __construct(?string $address = null, ?string $key = null, float $timeout = 10.0, int $maxReplyBytes = self::REPLY_BYTES_MAX)
+    public function __construct(?string $address = null, ?string $key = null, float $timeout = 10.0, int $maxReplyBytes = self::REPLY_BYTES_MAX, ?string $caFile = null)
     {
+        if ($caFile === null || $caFile === '') {
+            $env = getenv('KOMETA_ADMIN_CA');
+            $caFile = ($env !== false && $env !== '') ? $env : null;
+        }
+        $this->caFile = $caFile;
         if ($address === null || $address === '') {
             $env = getenv('KOMETA_ADMIN');
             $address = ($env !== false && $env !== '') ? $env : self::defaultAddress();
@@ -450,24 +461,37 @@ class KometaAdmin
                 throw new InvalidArgumentException('unix: needs a path, for example unix:/run/kometa/admin.sock');
             }
             $remote = 'unix://' . $path;
-        } elseif (strncmp($this->address, 'tcp:', 4) === 0) {
+        } elseif (strncmp($this->address, 'tcp:', 4) === 0 || strncmp($this->address, 'tls:', 4) === 0) {
+            $scheme = substr($this->address, 0, 3);
             $hostPort = substr($this->address, 4);
             $colon = strrpos($hostPort, ':');
             if ($colon === false || $colon === 0 || !ctype_digit(substr($hostPort, $colon + 1))) {
-                throw new InvalidArgumentException("`{$this->address}`: expected tcp:HOST:PORT");
+                throw new InvalidArgumentException("`{$this->address}`: expected $scheme:HOST:PORT");
             }
             $host = substr($hostPort, 0, $colon);
             if (strpos($host, ':') !== false && $host[0] !== '[') {
                 $host = "[$host]";
             }
-            $remote = 'tcp://' . $host . substr($hostPort, $colon);
+            $remote = $scheme . '://' . $host . substr($hostPort, $colon);
+            if ($scheme === 'tls') {
+                $ssl = ['verify_peer' => true, 'verify_peer_name' => true, 'peer_name' => trim($host, '[]')];
+                if ($this->caFile !== null) {
+                    $ssl['cafile'] = $this->caFile;
+                }
+                $context = stream_context_create(['ssl' => $ssl]);
+            }
         } else {
-            throw new InvalidArgumentException("`{$this->address}` must start with unix: or tcp:");
+            throw new InvalidArgumentException("`{$this->address}` must start with unix:, tcp: or tls:");
         }
         $errno = 0;
         $errstr = '';
-        $stream = @stream_socket_client($remote, $errno, $errstr, $this->timeout);
+        $stream = isset($context)
+            ? @stream_socket_client($remote, $errno, $errstr, $this->timeout, STREAM_CLIENT_CONNECT, $context)
+            : @stream_socket_client($remote, $errno, $errstr, $this->timeout);
         if ($stream === false) {
+            if ($errstr === '' && ($error = error_get_last()) !== null) {
+                $errstr = $error['message']; // TLS failures leave errstr empty
+            }
             throw new KometaConnectionException("cannot connect to {$this->address}: $errstr ($errno)");
         }
         stream_set_blocking($stream, false);

@@ -23,6 +23,7 @@ import json
 import os
 import selectors
 import socket
+import ssl
 import struct
 import tempfile
 import time
@@ -332,14 +333,18 @@ def _default_address():
 class KometaAdmin(_Operations):
     """A connection to the admin socket.
 
-    `address` is "unix:/path/admin.sock" or "tcp:host:port" (default: the
-    KOMETA_ADMIN environment variable, else the server's default socket).
-    `key` is required on a TCP listener. `timeout` (seconds) bounds connecting
-    and every wait for the socket. Not thread-safe: use one per thread.
+    `address` is "unix:/path/admin.sock", "tcp:host:port" or "tls:host:port"
+    (default: the KOMETA_ADMIN environment variable, else the server's default
+    socket). `key` is required on a TCP or TLS listener. A tls: server's
+    certificate is checked for `host` against `ca_file` (PEM; default: the
+    KOMETA_ADMIN_CA environment variable, else the system's CAs). `timeout`
+    (seconds) bounds connecting and every wait for the socket. Not
+    thread-safe: use one per thread.
     """
 
-    def __init__(self, address=None, key=None, timeout=10, max_reply_bytes=REPLY_BYTES_MAX):
+    def __init__(self, address=None, key=None, timeout=10, max_reply_bytes=REPLY_BYTES_MAX, ca_file=None):
         self.address = address or os.environ.get("KOMETA_ADMIN") or _default_address()
+        self.ca_file = ca_file or os.environ.get("KOMETA_ADMIN_CA") or None
         self.key = key
         self.timeout = timeout
         self.max_reply_bytes = max_reply_bytes
@@ -363,10 +368,11 @@ class KometaAdmin(_Operations):
             except OSError as error:
                 sock.close()
                 raise _connect_error(error, address) from None
-        elif address.startswith("tcp:"):
+        elif address.startswith("tcp:") or address.startswith("tls:"):
+            scheme = address[:3]
             host, sep, port = address[len("tcp:"):].rpartition(":")
             if not sep or not host or not port.isdigit():
-                raise ValueError("`%s`: expected tcp:HOST:PORT" % address)
+                raise ValueError("`%s`: expected %s:HOST:PORT" % (address, scheme))
             if host.startswith("[") and host.endswith("]"):
                 host = host[1:-1]
             try:
@@ -374,8 +380,15 @@ class KometaAdmin(_Operations):
             except OSError as error:
                 raise _connect_error(error, address) from None
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if scheme == "tls":
+                try:
+                    context = ssl.create_default_context(cafile=self.ca_file)
+                    sock = context.wrap_socket(sock, server_hostname=host)
+                except (OSError, ssl.SSLError) as error:
+                    sock.close()
+                    raise _connect_error(error, address) from None
         else:
-            raise ValueError("`%s` must start with unix: or tcp:" % address)
+            raise ValueError("`%s` must start with unix:, tcp: or tls:" % address)
         self._sock = sock
         self._input = bytearray()
         if self.key is not None:
@@ -532,7 +545,7 @@ class KometaAdmin(_Operations):
                         if mask & selectors.EVENT_WRITE and output:
                             try:
                                 sent = sock.send(output)
-                            except (BlockingIOError, InterruptedError):
+                            except (BlockingIOError, InterruptedError, ssl.SSLWantReadError, ssl.SSLWantWriteError):
                                 sent = 0
                             except OSError as error:
                                 # The server may have closed after an error reply
@@ -545,7 +558,11 @@ class KometaAdmin(_Operations):
                         if mask & selectors.EVENT_READ:
                             try:
                                 chunk = sock.recv(_CHUNK)
-                            except (BlockingIOError, InterruptedError):
+                                # TLS: records already decrypted are not
+                                # visible to select(): take them now.
+                                while chunk and isinstance(sock, ssl.SSLSocket) and sock.pending():
+                                    chunk += sock.recv(sock.pending())
+                            except (BlockingIOError, InterruptedError, ssl.SSLWantReadError, ssl.SSLWantWriteError):
                                 continue
                             except OSError:
                                 if write_error is not None:

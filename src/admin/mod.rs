@@ -10,6 +10,7 @@ pub mod ops;
 pub mod reload;
 pub mod server;
 pub mod sys;
+pub mod tls_stream;
 
 /// The blocking admin client lives in its own crate (the CLI, the load
 /// generator and backends in Rust use it); re-exported for the CLI.

@@ -24,11 +24,13 @@ use kometa_protocol::admin::{opcode, split_frame, AdminError, ErrorCode, FrameWr
 /// Bytes read from an admin socket at a time.
 const READ_CHUNK_BYTES: usize = 64 * 1024;
 
-/// Which kind of socket the admin listener is; TCP requires AUTH first.
+/// Which kind of socket the admin listener is; TCP and TLS require AUTH first.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Transport {
     Unix,
     Tcp,
+    /// TCP with TLS (`admin = "tls:ADDR:PORT"`, the certificate of `[tls]`).
+    Tls,
 }
 
 /// TCP admin connections that have not authenticated yet, oldest first:
@@ -87,7 +89,7 @@ pub async fn serve(shard: Rc<RefCell<Gateway>>, listener: OwnedFd, transport: Tr
             return;
         }
         open.set(open.get() + 1);
-        let gate = (transport == Transport::Tcp).then(|| admit_unauthenticated(&shard, &unauthenticated));
+        let gate = (transport != Transport::Unix).then(|| admit_unauthenticated(&shard, &unauthenticated));
         let shard = Rc::clone(&shard);
         let open = Rc::clone(&open);
         let raw = fd.into_raw_fd();
@@ -103,6 +105,25 @@ pub async fn serve(shard: Rc<RefCell<Gateway>>, listener: OwnedFd, transport: Tr
                     let stream = unsafe { glommio::net::TcpStream::from_raw_fd(raw) };
                     let _ = stream.set_nodelay(true);
                     connection(shard, stream, gate).await;
+                }
+                Transport::Tls => {
+                    // SAFETY: as above.
+                    let stream = unsafe { glommio::net::TcpStream::from_raw_fd(raw) };
+                    let _ = stream.set_nodelay(true);
+                    // The certificate in use now (a reload replaces it for new connections).
+                    let config = shard.borrow().shared.tls.read().ok().and_then(|tls| tls.clone());
+                    let tls = config.map(rustls::ServerConnection::new);
+                    match tls {
+                        Some(Ok(tls)) => {
+                            connection(shard, crate::admin::tls_stream::TlsStream::new(stream, tls), gate).await
+                        }
+                        _ => {
+                            crate::limited!(WARN, "admin TLS connection dropped: no usable TLS configuration");
+                            if let Some(gate) = gate {
+                                gate.leave();
+                            }
+                        }
+                    }
                 }
             }
             open.set(open.get() - 1);
@@ -165,7 +186,11 @@ impl PendingReply {
 /// Writes `bytes`; false if the write failed or the backend did not take
 /// them within `timeout` (the connection is then dropped).
 pub(crate) async fn write_within<S: AsyncWrite + Unpin>(stream: &mut S, bytes: &[u8], timeout: Duration) -> bool {
-    let write = async { stream.write_all(bytes).await.map_err(glommio::GlommioError::from) };
+    // The flush matters for TLS: the last record may still be in rustls.
+    let write = async {
+        stream.write_all(bytes).await?;
+        stream.flush().await.map_err(glommio::GlommioError::from)
+    };
     match glommio::timer::timeout(timeout, write).await {
         Ok(()) => true,
         Err(error) => {

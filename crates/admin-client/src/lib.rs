@@ -25,10 +25,14 @@ pub enum AdminAddress {
     Unix(PathBuf),
     /// TCP; requires `admin_key`.
     Tcp(SocketAddr),
+    /// TCP with TLS; requires `admin_key`. `host` is a name or an address
+    /// (IPv6 in brackets): the client checks the server's certificate
+    /// against it; the server binds what it resolves to.
+    Tls { host: String, port: u16 },
 }
 
 impl AdminAddress {
-    /// Parses `unix:PATH` or `tcp:ADDR:PORT`.
+    /// Parses `unix:PATH`, `tcp:ADDR:PORT` or `tls:HOST:PORT`.
     pub fn parse(text: &str) -> Result<AdminAddress, String> {
         if let Some(path) = text.strip_prefix("unix:") {
             if path.is_empty() {
@@ -40,9 +44,22 @@ impl AdminAddress {
                 .parse()
                 .map(AdminAddress::Tcp)
                 .map_err(|_| format!("`{address}` is not an ADDR:PORT socket address"))
+        } else if let Some(address) = text.strip_prefix("tls:") {
+            let parsed = address.rsplit_once(':').and_then(|(host, port)| Some((host, port.parse::<u16>().ok()?)));
+            match parsed {
+                Some((host, port)) if !host.is_empty() => Ok(AdminAddress::Tls { host: host.to_owned(), port }),
+                _ => Err(format!("`{address}` is not HOST:PORT (IPv6 in brackets)")),
+            }
         } else {
-            Err(format!("`{text}` must start with unix: or tcp:"))
+            Err(format!("`{text}` must start with unix:, tcp: or tls:"))
         }
+    }
+
+    /// `tls:`: the socket addresses the host resolves to.
+    pub fn resolve_tls(host: &str, port: u16) -> io::Result<Vec<SocketAddr>> {
+        use std::net::ToSocketAddrs;
+        let bare = host.strip_prefix('[').and_then(|h| h.strip_suffix(']')).unwrap_or(host);
+        Ok((bare, port).to_socket_addrs()?.collect())
     }
 }
 
@@ -51,6 +68,7 @@ impl fmt::Display for AdminAddress {
         match self {
             AdminAddress::Unix(path) => write!(f, "unix:{}", path.display()),
             AdminAddress::Tcp(address) => write!(f, "tcp:{address}"),
+            AdminAddress::Tls { host, port } => write!(f, "tls:{host}:{port}"),
         }
     }
 }
@@ -112,6 +130,7 @@ impl From<AdminError> for ClientError {
 enum Stream {
     Unix(UnixStream),
     Tcp(TcpStream),
+    Tls(Box<rustls::StreamOwned<rustls::ClientConnection, TcpStream>>),
 }
 
 impl Read for Stream {
@@ -119,6 +138,7 @@ impl Read for Stream {
         match self {
             Stream::Unix(stream) => stream.read(buffer),
             Stream::Tcp(stream) => stream.read(buffer),
+            Stream::Tls(stream) => stream.read(buffer),
         }
     }
 }
@@ -128,6 +148,7 @@ impl Write for Stream {
         match self {
             Stream::Unix(stream) => stream.write(buffer),
             Stream::Tcp(stream) => stream.write(buffer),
+            Stream::Tls(stream) => stream.write(buffer),
         }
     }
 
@@ -135,7 +156,85 @@ impl Write for Stream {
         match self {
             Stream::Unix(stream) => stream.flush(),
             Stream::Tcp(stream) => stream.flush(),
+            Stream::Tls(stream) => stream.flush(),
         }
+    }
+}
+
+mod tls {
+    use std::io;
+    use std::net::TcpStream;
+    use std::path::Path;
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, ServerName};
+
+    use super::AdminAddress;
+
+    fn invalid(message: String) -> io::Error {
+        io::Error::new(io::ErrorKind::InvalidInput, message)
+    }
+
+    /// A TLS connection to `host:port`, the certificate checked for `host`.
+    pub fn connect(
+        host: &str,
+        port: u16,
+        timeout: Duration,
+        ca_file: Option<&Path>,
+    ) -> io::Result<rustls::StreamOwned<rustls::ClientConnection, TcpStream>> {
+        let mut roots = rustls::RootCertStore::empty();
+        match ca_file {
+            Some(path) => {
+                let certificates = CertificateDer::pem_file_iter(path)
+                    .map_err(|e| invalid(format!("KOMETA_ADMIN_CA: cannot read {}: {e}", path.display())))?;
+                for certificate in certificates {
+                    let certificate =
+                        certificate.map_err(|e| invalid(format!("KOMETA_ADMIN_CA: {}: {e}", path.display())))?;
+                    roots.add(certificate).map_err(|e| invalid(format!("KOMETA_ADMIN_CA: {}: {e}", path.display())))?;
+                }
+                if roots.is_empty() {
+                    return Err(invalid(format!("KOMETA_ADMIN_CA: {} holds no certificate", path.display())));
+                }
+            }
+            None => roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned()),
+        }
+        #[allow(deprecated)] // ring, as the server: see src/tls/mod.rs
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let config = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .map_err(|e| invalid(format!("tls: {e}")))?
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        let bare = host.strip_prefix('[').and_then(|h| h.strip_suffix(']')).unwrap_or(host);
+        let name = ServerName::try_from(bare.to_owned())
+            .map_err(|_| invalid(format!("`{host}` is not a host name or address")))?;
+        let connection =
+            rustls::ClientConnection::new(Arc::new(config), name).map_err(|e| invalid(format!("tls: {e}")))?;
+        let mut last_error = None;
+        for address in AdminAddress::resolve_tls(host, port)? {
+            match TcpStream::connect_timeout(&address, timeout) {
+                Ok(socket) => {
+                    socket.set_read_timeout(Some(timeout))?;
+                    socket.set_write_timeout(Some(timeout))?;
+                    socket.set_nodelay(true)?;
+                    let mut stream = rustls::StreamOwned::new(connection, socket);
+                    // The handshake now, so a wrong certificate fails here, clearly.
+                    while stream.conn.is_handshaking() {
+                        stream
+                            .conn
+                            .complete_io(&mut stream.sock)
+                            .map_err(|e| io::Error::new(e.kind(), format!("TLS handshake with {host}:{port}: {e}")))?;
+                    }
+                    return Ok(stream);
+                }
+                Err(error) => {
+                    last_error = Some(io::Error::new(error.kind(), format!("cannot connect to {address}: {error}")))
+                }
+            }
+        }
+        Err(last_error.unwrap_or_else(|| invalid(format!("{host} resolves to no address"))))
     }
 }
 
@@ -155,8 +254,22 @@ pub struct AdminClient {
 }
 
 impl AdminClient {
-    /// Connects, and authenticates when `key` is given.
+    /// Connects, and authenticates when `key` is given. A `tls:` address
+    /// is checked against the CA certificates in the PEM file named by
+    /// `KOMETA_ADMIN_CA` when set, else against the public web roots.
     pub fn connect(address: &AdminAddress, key: Option<&str>, timeout: Duration) -> Result<AdminClient, ClientError> {
+        let ca_file = std::env::var_os("KOMETA_ADMIN_CA").map(PathBuf::from);
+        AdminClient::connect_with_ca(address, key, timeout, ca_file.as_deref())
+    }
+
+    /// `connect`, with the CA file for a `tls:` address given (None: the
+    /// public web roots).
+    pub fn connect_with_ca(
+        address: &AdminAddress,
+        key: Option<&str>,
+        timeout: Duration,
+        ca_file: Option<&std::path::Path>,
+    ) -> Result<AdminClient, ClientError> {
         let stream = match address {
             AdminAddress::Unix(path) => {
                 let stream = UnixStream::connect(path)
@@ -173,6 +286,7 @@ impl AdminClient {
                 stream.set_nodelay(true)?;
                 Stream::Tcp(stream)
             }
+            AdminAddress::Tls { host, port } => Stream::Tls(Box::new(tls::connect(host, *port, timeout, ca_file)?)),
         };
         let mut client = AdminClient { stream, next_request_id: 1, input: Vec::new() };
         if let Some(key) = key {
