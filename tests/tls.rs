@@ -16,32 +16,7 @@ use tungstenite::Message;
 
 type TlsStream = rustls::StreamOwned<rustls::ClientConnection, TcpStream>;
 
-/// A test CA and a certificate for `localhost` it signed, as PEM files.
-struct Pki {
-    ca_pem: String,
-    cert_file: PathBuf,
-    key_file: PathBuf,
-}
-
-fn pki(dir: &Path) -> Pki {
-    let ca_key = rcgen::KeyPair::generate().expect("CA key");
-    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("CA params");
-    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-    ca_params.distinguished_name.push(rcgen::DnType::CommonName, "Kometa test CA");
-    let ca = ca_params.self_signed(&ca_key).expect("CA");
-    let leaf_key = rcgen::KeyPair::generate().expect("leaf key");
-    // A name and an address: the admin listener's tests connect by address.
-    let names = vec!["localhost".to_owned(), "127.0.0.1".to_owned()];
-    let leaf_params = rcgen::CertificateParams::new(names).expect("leaf params");
-    let leaf = leaf_params.signed_by(&leaf_key, &ca, &ca_key).expect("leaf");
-    std::fs::create_dir_all(dir).expect("pki dir");
-    let cert_file = dir.join("cert.pem");
-    let key_file = dir.join("key.pem");
-    // The chain as servers ship it: leaf, then the CA.
-    std::fs::write(&cert_file, format!("{}{}", leaf.pem(), ca.pem())).expect("write cert");
-    std::fs::write(&key_file, leaf_key.serialize_pem()).expect("write key");
-    Pki { ca_pem: ca.pem(), cert_file, key_file }
-}
+use common::{pki, Pki};
 
 fn tls_server(shards: usize) -> (Server, Pki) {
     let dir = common::temp_dir("pki");

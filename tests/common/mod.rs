@@ -662,3 +662,32 @@ pub fn metric_value(metrics: &Value, sample: &str, labels: &[(&str, &str)]) -> f
     assert!(found, "no sample {sample} with {labels:?}");
     sum
 }
+
+/// A test CA and a certificate it signed for `localhost` and `127.0.0.1`,
+/// as PEM files in `dir`.
+pub struct Pki {
+    pub ca_pem: String,
+    pub cert_file: PathBuf,
+    pub key_file: PathBuf,
+}
+
+pub fn pki(dir: &std::path::Path) -> Pki {
+    let ca_key = rcgen::KeyPair::generate().expect("CA key");
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("CA params");
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    // Its own name: a leaf whose issuer reads like its subject looks self-signed to OpenSSL.
+    ca_params.distinguished_name.push(rcgen::DnType::CommonName, "Kometa test CA");
+    let ca = ca_params.self_signed(&ca_key).expect("CA");
+    let leaf_key = rcgen::KeyPair::generate().expect("leaf key");
+    // A name and an address: admin listeners are reached by address.
+    let names = vec!["localhost".to_owned(), "127.0.0.1".to_owned()];
+    let leaf_params = rcgen::CertificateParams::new(names).expect("leaf params");
+    let leaf = leaf_params.signed_by(&leaf_key, &ca, &ca_key).expect("leaf");
+    std::fs::create_dir_all(dir).expect("pki dir");
+    let cert_file = dir.join("cert.pem");
+    let key_file = dir.join("key.pem");
+    // The chain as servers ship it: leaf, then the CA.
+    std::fs::write(&cert_file, format!("{}{}", leaf.pem(), ca.pem())).expect("write cert");
+    std::fs::write(&key_file, leaf_key.serialize_pem()).expect("write key");
+    Pki { ca_pem: ca.pem(), cert_file, key_file }
+}
