@@ -570,10 +570,12 @@ from kometa_admin import KometaAdmin, RpcError
 def handle(call):
     if call["method"] == "math.fail":
         raise RpcError(7, "cannot")
+    if call["method"] == "math.set":
+        return {1, 2}  # not JSON: the client gets error 500, the loop goes on
     return {"sum": sum(call["data"]), "user": call["user"]}
 
 admin = KometaAdmin("unix:" + sys.argv[2])
-answered = admin.serve_rpc(["math."], handle, max_calls=2, ready=lambda: print("ready", flush=True))
+answered = admin.serve_rpc(["math."], handle, max_calls=3, ready=lambda: print("ready", flush=True))
 print("answered", answered, flush=True)
 "#;
     let mut child = std::process::Command::new(&python)
@@ -594,9 +596,13 @@ print("answered", answered, flush=True)
     assert_eq!(reply["error"]["code"], "backend_error", "{reply}");
     assert_eq!(reply["error"]["backend_code"], 7);
     assert_eq!(reply["error"]["message"], "cannot");
-    assert_eq!(lines.next().and_then(Result::ok).as_deref(), Some("answered 2"));
+    let reply = rpc(&mut client, 3, "math.set", json!([]));
+    assert_eq!(reply["error"]["code"], "backend_error", "{reply}");
+    assert_eq!(reply["error"]["backend_code"], 500);
+    assert!(reply["error"]["message"].as_str().is_some_and(|m| m.starts_with("TypeError")), "{reply}");
+    assert_eq!(lines.next().and_then(Result::ok).as_deref(), Some("answered 3"));
     assert!(child.wait().expect("python exits").success());
     // Its connection closed: the method has no handler any more.
-    let reply = rpc(&mut client, 3, "math.add", json!([1]));
+    let reply = rpc(&mut client, 4, "math.add", json!([1]));
     assert_eq!(reply["error"]["code"], "unavailable", "{reply}");
 }

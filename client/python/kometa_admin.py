@@ -426,16 +426,19 @@ class KometaAdmin(_Operations):
         """Makes this connection the handler of clients' `rpc` calls whose
         method starts with one of `prefixes` ("" for all; the server needs
         rpc.admin_handlers = true), then answers calls until the server
-        closes the connection, or after `max_calls` answers.
+        closes the connection, or until `max_calls` answers: then the
+        connection is closed (calls the server had already routed to it
+        fail with `unavailable`; the next request on this object reconnects).
 
         `handler(call)` gets the call as a dict (kind, client, user,
         transport, method, data) and returns the result (any JSON value) or
-        raises RpcError(code, message); any other exception answers code 500
-        with its text. `ready()`, if given, is called once registered.
-        Calls are answered one at a time, in arrival order; run several
-        connections (processes, threads) to answer in parallel: the server
-        spreads calls over handlers of the same prefix. Dedicate the
-        connection to this: it serves no other request meanwhile.
+        raises RpcError(code, message); any other exception, or a result
+        that is not JSON, answers code 500 with its text. `ready()`, if
+        given, is called once registered. Calls are answered one at a time,
+        in arrival order; run several connections (processes, threads) to
+        answer in parallel: the server spreads calls over handlers of the
+        same prefix. Dedicate the connection to this: it serves no other
+        request meanwhile. Returns the number of calls answered.
         """
         payload = _u16(len(prefixes), "prefixes") + b"".join(_str16(p, "prefix") for p in prefixes)
         self._submit(OP_HANDLE, payload, _decode_empty)
@@ -443,23 +446,24 @@ class KometaAdmin(_Operations):
             ready()
         answered = 0
         try:
-            # Calls come when clients make them: no timeout while waiting.
-            self._sock.settimeout(None)
             while max_calls is None or answered < max_calls:
-                status, opcode, frame_id, payload = self._read_frame()
+                # Calls come when clients make them: no timeout while waiting.
+                status, opcode, frame_id, payload = self._read_frame(timeout=None)
                 if status == STATUS_CALL:
                     call = _decode_document(payload)
                     try:
-                        answer = {"result": handler(call)}
-                    except RpcError as error:
-                        answer = {"error": {"code": error.code, "message": error.message}}
+                        try:
+                            answer = {"result": handler(call)}
+                        except RpcError as error:
+                            answer = {"error": {"code": int(error.code), "message": str(error.message)}}
+                        body = json.dumps(answer, allow_nan=False).encode("utf-8")
                     except Exception as error:  # the handler's bug is the client's backend_error
-                        answer = {"error": {"code": 500, "message": "%s: %s" % (type(error).__name__, error)}}
-                    body = json.dumps(answer).encode("utf-8")
+                        message = "%s: %s" % (type(error).__name__, error)
+                        body = json.dumps({"error": {"code": 500, "message": message}}).encode("utf-8")
                     frame = _u32(frame_id, "call") + _bytes32(body, "answer")
                     request_id = self._next_id
                     self._next_id = (self._next_id % 0xFFFFFFFF) + 1
-                    self._sock.sendall(_HEAD.pack(_HEAD_BYTES + len(frame), OP_ANSWER, 0, request_id) + frame)
+                    self._send_reading(_HEAD.pack(_HEAD_BYTES + len(frame), OP_ANSWER, 0, request_id) + frame)
                     answered += 1
                 elif status == STATUS_ERROR and opcode == OP_ANSWER:
                     error = _decode_error(payload)
@@ -467,14 +471,48 @@ class KometaAdmin(_Operations):
                         raise error
                 elif status != STATUS_OK:
                     raise KometaProtocolError("unexpected frame (status %d, opcode %d)" % (status, opcode))
-        except BaseException:
+        finally:
+            # Still registered, with calls possibly on their way: not
+            # usable for other requests. The server fails what it routed here.
             self.close()
-            raise
-        self._sock.settimeout(self.timeout)
         return answered
 
-    def _read_frame(self):
-        """The next frame (status, opcode, id, payload), blocking."""
+    def _send_reading(self, data):
+        """Sends `data` while reading what the server sends meanwhile (into
+        the input buffer), so neither side blocks on full socket buffers."""
+        output = memoryview(data)
+        sock = self._sock
+        sock.setblocking(False)
+        try:
+            with selectors.DefaultSelector() as selector:
+                selector.register(sock, selectors.EVENT_READ | selectors.EVENT_WRITE)
+                while output:
+                    events = selector.select(self.timeout)
+                    if not events:
+                        raise socket.timeout("admin socket: no progress for %s s" % self.timeout)
+                    for _, mask in events:
+                        if mask & selectors.EVENT_WRITE:
+                            try:
+                                output = output[sock.send(output):]
+                            except (BlockingIOError, InterruptedError, ssl.SSLWantReadError, ssl.SSLWantWriteError):
+                                pass
+                        if mask & selectors.EVENT_READ:
+                            try:
+                                chunk = sock.recv(_CHUNK)
+                                while chunk and isinstance(sock, ssl.SSLSocket) and sock.pending():
+                                    chunk += sock.recv(sock.pending())
+                            except (BlockingIOError, InterruptedError, ssl.SSLWantReadError, ssl.SSLWantWriteError):
+                                continue
+                            if not chunk:
+                                raise ConnectionError("server closed the admin connection")
+                            self._input += chunk
+        finally:
+            sock.setblocking(True)
+
+    def _read_frame(self, timeout=None):
+        """The next frame (status, opcode, id, payload), blocking (at most
+        `timeout` seconds without progress; None: no limit)."""
+        self._sock.settimeout(timeout)
         while True:
             if len(self._input) >= 4:
                 length = struct.unpack_from(">I", self._input, 0)[0]

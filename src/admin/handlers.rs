@@ -14,7 +14,8 @@
 //! handler may have acted on one it did not answer.
 
 use std::cell::RefCell;
-use std::collections::{HashMap, VecDeque};
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap};
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
@@ -40,40 +41,75 @@ pub struct Handlers {
     rotation: usize,
     connections: HashMap<u64, HandlerConnection>,
     calls: HashMap<u32, PendingCall>,
-    /// Calls in the order they were sent; one timeout for all, so this is
-    /// also deadline order. Answered calls are skipped when met here.
-    deadlines: VecDeque<(Instant, u32)>,
+    /// Deadlines, earliest first (a reload may change `rpc.timeout_ms`, so
+    /// sending order is not deadline order). An entry whose call was
+    /// answered, or whose id was reused, no longer matches the call's own
+    /// deadline and is skipped.
+    deadlines: BinaryHeap<Reverse<(Instant, u32)>>,
     /// Whether the timeout task runs (only while handlers or calls exist).
     sweeping: bool,
 }
 
 struct HandlerConnection {
     prefixes: Vec<Box<str>>,
-    /// CALL frames to write; the connection's task reads them.
-    frames: mpsc::UnboundedSender<Vec<u8>>,
-    /// Calls sent and not answered (bounded by `rpc.handler_calls_max`).
+    /// Ids of calls to write; the connection's task takes them and writes
+    /// the CALL frames of those still waiting (a call that timed out in
+    /// the queue is not sent).
+    queued: mpsc::UnboundedSender<u32>,
+    /// Calls routed here and not answered, expired or failed (bounded by
+    /// `rpc.handler_calls_max`).
     unanswered: usize,
+    /// Ids in `queued` not yet taken by the connection (bounded the same
+    /// way: a connection stuck in a write gets no more).
+    unwritten: usize,
 }
 
 struct PendingCall {
     request: BackendRequest,
     handler: u64,
+    deadline: Instant,
 }
 
 /// A connection's registration as a handler; dropping it (the connection
 /// ends) unregisters it and fails its unanswered calls.
 pub struct HandlerLink {
     pub id: u64,
-    /// CALL frames for this connection to write.
-    pub frames: mpsc::UnboundedReceiver<Vec<u8>>,
+    /// Ids of the calls for this connection to write.
+    pub queued: mpsc::UnboundedReceiver<u32>,
     gateway: Rc<RefCell<Gateway>>,
+}
+
+impl HandlerLink {
+    /// The CALL frames of `call_ids` that still wait for this connection.
+    pub fn frames(&self, call_ids: &[u32]) -> Vec<u8> {
+        let mut gateway = self.gateway.borrow_mut();
+        if let Some(connection) = gateway.handlers.connections.get_mut(&self.id) {
+            connection.unwritten = connection.unwritten.saturating_sub(call_ids.len());
+        }
+        let mut frames = Vec::new();
+        for call_id in call_ids {
+            let Some(call) = gateway.handlers.calls.get(call_id) else { continue };
+            if call.handler != self.id {
+                continue;
+            }
+            let mut frame = FrameWriter::call(*call_id);
+            frame.bytes32(&webhook::request_body(&call.request));
+            frames.extend_from_slice(&frame.finish());
+        }
+        frames
+    }
 }
 
 impl Drop for HandlerLink {
     fn drop(&mut self) {
         match self.gateway.try_borrow_mut() {
             Ok(mut gateway) => gateway.remove_handler(self.id),
-            Err(_) => debug_assert!(false, "the gateway is borrowed while a handler connection ends"),
+            Err(_) => {
+                // Not expected (no borrow lives across an await); never
+                // leave the handler routed: remove it on the next turn.
+                let (gateway, id) = (Rc::clone(&self.gateway), self.id);
+                glommio::spawn_local(async move { gateway.borrow_mut().remove_handler(id) }).detach();
+            }
         }
     }
 }
@@ -103,9 +139,9 @@ pub fn handle(
     match link {
         Some(link) => state.set_prefixes(link.id, prefixes),
         None => {
-            let (sender, frames) = mpsc::unbounded();
+            let (sender, queued) = mpsc::unbounded();
             let id = state.add_handler(prefixes, sender);
-            *link = Some(HandlerLink { id, frames, gateway: Rc::clone(gateway) });
+            *link = Some(HandlerLink { id, queued, gateway: Rc::clone(gateway) });
         }
     }
     if !state.handlers.sweeping {
@@ -130,11 +166,11 @@ async fn sweep(gateway: Rc<RefCell<Gateway>>) {
 }
 
 impl Gateway {
-    fn add_handler(&mut self, prefixes: Vec<Box<str>>, frames: mpsc::UnboundedSender<Vec<u8>>) -> u64 {
+    fn add_handler(&mut self, prefixes: Vec<Box<str>>, queued: mpsc::UnboundedSender<u32>) -> u64 {
         let id = self.handlers.next_handler_id;
         self.handlers.next_handler_id += 1;
         self.share_prefixes(&prefixes, true);
-        self.handlers.connections.insert(id, HandlerConnection { prefixes, frames, unanswered: 0 });
+        self.handlers.connections.insert(id, HandlerConnection { prefixes, queued, unanswered: 0, unwritten: 0 });
         tracing::info!(handler = id, "an admin connection handles rpc calls");
         id
     }
@@ -208,31 +244,28 @@ impl Gateway {
         handlers.rotation = handlers.rotation.wrapping_add(1);
         let start = handlers.rotation % best.len();
         // The first in turn that has room.
-        let Some(handler_id) = (0..best.len())
-            .map(|i| best[(start + i) % best.len()].1)
-            .find(|id| handlers.connections.get(id).is_some_and(|c| c.unanswered < calls_max))
-        else {
+        let Some(handler_id) = (0..best.len()).map(|i| best[(start + i) % best.len()].1).find(|id| {
+            handlers.connections.get(id).is_some_and(|c| c.unanswered < calls_max && c.unwritten < calls_max)
+        }) else {
             let why = format!("backend handlers busy ({calls_max} unanswered calls each, rpc.handler_calls_max)");
             return self.reply_to_shard(request, Err(BackendFailure::Unavailable(why)));
         };
-        // Ids wrap after 2^32 calls: far more than can be sent within one
-        // timeout, so a stale deadline never meets a reused id.
+        // Ids wrap after 2^32 calls; one still waiting is skipped.
         let mut call_id = handlers.next_call_id;
         while handlers.calls.contains_key(&call_id) {
             call_id = call_id.wrapping_add(1);
         }
         handlers.next_call_id = call_id.wrapping_add(1);
-        let mut frame = FrameWriter::call(call_id);
-        frame.bytes32(&webhook::request_body(&request));
         let Some(connection) = handlers.connections.get_mut(&handler_id) else { return };
-        if connection.frames.unbounded_send(frame.finish()).is_err() {
+        if connection.queued.unbounded_send(call_id).is_err() {
             let why = "the backend handler disconnected before the call";
             return self.reply_to_shard(request, Err(BackendFailure::Unavailable(why.into())));
         }
         connection.unanswered += 1;
+        connection.unwritten += 1;
         let deadline = Instant::now() + Duration::from_millis(self.config.rpc.timeout_ms);
-        handlers.calls.insert(call_id, PendingCall { request, handler: handler_id });
-        handlers.deadlines.push_back((deadline, call_id));
+        handlers.calls.insert(call_id, PendingCall { request, handler: handler_id, deadline });
+        handlers.deadlines.push(Reverse((deadline, call_id)));
     }
 
     /// ANSWER from handler `handler_id` to call `call_id`.
@@ -265,11 +298,15 @@ impl Gateway {
     /// Fails the calls whose deadline has passed with `timeout`.
     fn expire_calls(&mut self, now: Instant) {
         let mut expired = false;
-        while let Some(&(deadline, call_id)) = self.handlers.deadlines.front() {
+        while let Some(&Reverse((deadline, call_id))) = self.handlers.deadlines.peek() {
             if deadline > now {
                 break;
             }
-            self.handlers.deadlines.pop_front();
+            self.handlers.deadlines.pop();
+            // Answered already, or the id now belongs to a later call.
+            if self.handlers.calls.get(&call_id).is_none_or(|call| call.deadline != deadline) {
+                continue;
+            }
             let Some(call) = self.handlers.calls.remove(&call_id) else { continue };
             if let Some(connection) = self.handlers.connections.get_mut(&call.handler) {
                 connection.unanswered = connection.unanswered.saturating_sub(1);

@@ -84,8 +84,11 @@ pub async fn serve(shard: Rc<RefCell<Gateway>>, listener: OwnedFd, transport: Tr
                 shard.borrow().shared.admin_refusals.add(LimitKind::AdminConnectionsMax);
             }
             crate::limited!(WARN, max, "admin connection refused: admin_connections_max reached or shutting down");
-            let error = AdminError::new(ErrorCode::LimitReached, "too many admin connections");
-            let _ = sys::send(fd.as_raw_fd(), &FrameWriter::error(0, 0, &error));
+            // A TLS client could not read a plain frame: it just sees the close.
+            if transport != Transport::Tls {
+                let error = AdminError::new(ErrorCode::LimitReached, "too many admin connections");
+                let _ = sys::send(fd.as_raw_fd(), &FrameWriter::error(0, 0, &error));
+            }
             return;
         }
         open.set(open.get() + 1);
@@ -200,6 +203,14 @@ pub(crate) async fn write_within<S: AsyncWrite + Unpin>(stream: &mut S, bytes: &
     }
 }
 
+/// Closes the stream, giving up after `timeout`: over TLS a close writes
+/// close_notify after any queued records, and a peer that stopped reading
+/// would otherwise hold the task (and its connection slot) for good.
+async fn close_within<S: AsyncWrite + Unpin>(stream: &mut S, timeout: Duration) {
+    let close = async { stream.close().await.map_err(glommio::GlommioError::from) };
+    let _ = glommio::timer::timeout(timeout, close).await;
+}
+
 /// Replies gathered before a write: many small replies share one write,
 /// and a connection holds at most this plus one reply.
 const OUTPUT_FLUSH_BYTES: usize = 64 * 1024;
@@ -296,7 +307,7 @@ async fn serve_frames<S: AsyncRead + AsyncWrite + Unpin>(
             return;
         }
         if broken {
-            let _ = stream.close().await;
+            close_within(stream, write_timeout).await;
             return;
         }
         if more_buffered {
@@ -306,9 +317,11 @@ async fn serve_frames<S: AsyncRead + AsyncWrite + Unpin>(
             (None, None) => stream.read(&mut chunk).await,
             (None, Some(link)) => match read_or_calls(stream, &mut chunk, link).await {
                 Ok(read) => read,
-                Err(calls) => {
-                    // CALL frames for this handler: written, then back to reading.
-                    if !write_within(stream, &calls, write_timeout).await {
+                Err(call_ids) => {
+                    // Calls for this handler (those still waiting: one that
+                    // timed out meanwhile is not sent), then back to reading.
+                    let calls = link.frames(&call_ids);
+                    if !calls.is_empty() && !write_within(stream, &calls, write_timeout).await {
                         return;
                     }
                     continue;
@@ -329,7 +342,7 @@ async fn serve_frames<S: AsyncRead + AsyncWrite + Unpin>(
                     };
                     let error = AdminError::new(ErrorCode::Unauthorized, message);
                     let _ = write_within(stream, &FrameWriter::error(0, 0, &error), write_timeout).await;
-                    let _ = stream.close().await;
+                    close_within(stream, write_timeout).await;
                     return;
                 }
             },
@@ -341,31 +354,36 @@ async fn serve_frames<S: AsyncRead + AsyncWrite + Unpin>(
     }
 }
 
-/// A handler connection's read, or the CALL frames waiting for it
-/// (`Err`, gathered up to OUTPUT_FLUSH_BYTES), whichever comes first. A
-/// read that loses the race has taken no bytes (glommio reads on readiness).
+/// Calls gathered for one write to a handler connection.
+const CALLS_PER_WRITE_MAX: usize = 256;
+
+/// A handler connection's read, or the ids of the calls waiting for it
+/// (`Err`, up to CALLS_PER_WRITE_MAX), whichever comes first; calls first,
+/// so a handler that keeps sending requests still gets them. A read that
+/// loses the race has taken no bytes (glommio reads on readiness).
 async fn read_or_calls<S: AsyncRead + Unpin>(
     stream: &mut S,
     chunk: &mut [u8],
     link: &mut HandlerLink,
-) -> Result<std::io::Result<usize>, Vec<u8>> {
+) -> Result<std::io::Result<usize>, Vec<u32>> {
     use futures_lite::StreamExt;
-    let frames = &mut link.frames;
+    let queued = &mut link.queued;
     let read = async { Ok(stream.read(chunk).await) };
     let calls = async {
-        let Some(mut calls) = frames.next().await else {
+        let Some(first) = queued.next().await else {
             // The gateway dropped this handler: only reads remain.
             return futures_lite::future::pending().await;
         };
-        while calls.len() < OUTPUT_FLUSH_BYTES {
-            match frames.try_recv() {
-                Ok(frame) => calls.extend_from_slice(&frame),
+        let mut call_ids = vec![first];
+        while call_ids.len() < CALLS_PER_WRITE_MAX {
+            match queued.try_recv() {
+                Ok(call_id) => call_ids.push(call_id),
                 Err(_) => break,
             }
         }
-        Err(calls)
+        Err(call_ids)
     };
-    futures_lite::future::or(read, calls).await
+    futures_lite::future::or(calls, read).await
 }
 
 /// Why an unauthenticated connection stops being served.

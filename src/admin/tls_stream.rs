@@ -60,10 +60,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> TlsStream<S> {
         let mut unread = &self.incoming[..];
         let taken = self.tls.read_tls(&mut unread)?;
         self.incoming.drain(..taken);
-        self.tls.process_new_packets().map_err(|error| {
-            // The alert rustls queued for the peer goes out on the next write.
-            io::Error::new(io::ErrorKind::InvalidData, error)
-        })?;
+        // A TLS error ends the connection: the caller drops it on a read
+        // error, so the peer sees the close, not rustls' alert.
+        self.tls.process_new_packets().map_err(|error| io::Error::new(io::ErrorKind::InvalidData, error))?;
         Ok(taken > 0)
     }
 }
