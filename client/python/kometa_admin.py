@@ -314,6 +314,19 @@ class _Operations:
         return self._submit(OP_PING, b"", _decode_empty)
 
 
+# A non-blocking socket (or its TLS layer) that is not ready: retry later.
+_NOT_READY = (BlockingIOError, InterruptedError, ssl.SSLWantReadError, ssl.SSLWantWriteError)
+
+
+def _recv_ready(sock):
+    """What a readable non-blocking socket has. Over TLS, records already
+    decrypted are not visible to select(), so they are taken now too."""
+    chunk = sock.recv(_CHUNK)
+    while chunk and isinstance(sock, ssl.SSLSocket) and sock.pending():
+        chunk += sock.recv(sock.pending())
+    return chunk
+
+
 def _connect_error(error, address):
     """The same OSError subclass, with the address in the message."""
     message = "cannot connect to %s: %s" % (address, error.strerror or error)
@@ -494,14 +507,12 @@ class KometaAdmin(_Operations):
                         if mask & selectors.EVENT_WRITE:
                             try:
                                 output = output[sock.send(output):]
-                            except (BlockingIOError, InterruptedError, ssl.SSLWantReadError, ssl.SSLWantWriteError):
+                            except _NOT_READY:
                                 pass
                         if mask & selectors.EVENT_READ:
                             try:
-                                chunk = sock.recv(_CHUNK)
-                                while chunk and isinstance(sock, ssl.SSLSocket) and sock.pending():
-                                    chunk += sock.recv(sock.pending())
-                            except (BlockingIOError, InterruptedError, ssl.SSLWantReadError, ssl.SSLWantWriteError):
+                                chunk = _recv_ready(sock)
+                            except _NOT_READY:
                                 continue
                             if not chunk:
                                 raise ConnectionError("server closed the admin connection")
@@ -583,7 +594,7 @@ class KometaAdmin(_Operations):
                         if mask & selectors.EVENT_WRITE and output:
                             try:
                                 sent = sock.send(output)
-                            except (BlockingIOError, InterruptedError, ssl.SSLWantReadError, ssl.SSLWantWriteError):
+                            except _NOT_READY:
                                 sent = 0
                             except OSError as error:
                                 # The server may have closed after an error reply
@@ -595,12 +606,8 @@ class KometaAdmin(_Operations):
                                 selector.modify(sock, selectors.EVENT_READ)
                         if mask & selectors.EVENT_READ:
                             try:
-                                chunk = sock.recv(_CHUNK)
-                                # TLS: records already decrypted are not
-                                # visible to select(): take them now.
-                                while chunk and isinstance(sock, ssl.SSLSocket) and sock.pending():
-                                    chunk += sock.recv(sock.pending())
-                            except (BlockingIOError, InterruptedError, ssl.SSLWantReadError, ssl.SSLWantWriteError):
+                                chunk = _recv_ready(sock)
+                            except _NOT_READY:
                                 continue
                             except OSError:
                                 if write_error is not None:
