@@ -9,6 +9,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::{Client, Server, TIMEOUT};
+use kometa_protocol::token::sign;
 use serde_json::{json, Value};
 use tungstenite::client::IntoClientRequest;
 
@@ -237,17 +238,28 @@ fn client_with_cookie(server: &Server, cookie: &str) -> Client {
 #[test]
 fn the_connect_proxy_logs_users_in_from_their_cookie() {
     let backend = Backend::start(|request| {
+        if request["kind"] == "rpc" {
+            return ok(request["claims"].clone());
+        }
         let cookie = request["headers"]["cookie"].as_str().unwrap_or("");
         if cookie.contains("sess=good") {
-            ok(json!({"user": "alice", "channels": ["private_alice_room"]}))
+            ok(json!({"user": "alice", "channels": ["private_alice_room"], "info": {"plan": "pro"}}))
         } else {
             (200, json!({"error": {"code": 401, "message": "not logged in"}}), Duration::ZERO)
         }
     });
-    let config = format!("[rpc]\nconnect_url = \"{}\"\n", backend.url());
+    let config = format!(
+        "[rpc]\nconnect_url = \"{url}\"\n[[rpc.routes]]\nprefix = \"\"\nurl = \"{url}\"\n",
+        url = backend.url()
+    );
     let server = Server::start(2, &config);
     let mut alice = client_with_cookie(&server, "theme=dark; sess=good");
     assert_eq!(alice.recv()["connect"]["user"], "alice");
+    // What the backend said at connect comes back with later calls.
+    let claims = rpc(&mut alice, 9, "whoami", json!(null))["result"].clone();
+    assert_eq!(claims["sub"], "alice", "{claims}");
+    assert_eq!(claims["info"], json!({"plan": "pro"}), "{claims}");
+    assert_eq!(claims["channels"], json!(["private_alice_room"]), "{claims}");
     // The grant from the backend opens a private channel.
     alice.subscribe("private_alice_room");
     server.publish("private_alice_room", "e", "\"hi\"");
@@ -605,4 +617,28 @@ print("answered", answered, flush=True)
     // Its connection closed: the method has no handler any more.
     let reply = rpc(&mut client, 4, "math.add", json!([1]));
     assert_eq!(reply["error"]["code"], "unavailable", "{reply}");
+}
+
+#[test]
+fn calls_carry_the_connections_token_claims() {
+    const SECRET: &str = "rpc-test-secret-0123456789";
+    // The backend answers with the claims it was given.
+    let backend = Backend::start(|request| ok(request["claims"].clone()));
+    let config = format!("token_secret = \"{SECRET}\"\n{}", rpc_config(&backend.url(), ""));
+    let server = Server::start(2, &config);
+    let now = kometa::util::unix_time_ms() / 1000;
+    let info = json!({"name": "Alice", "roles": ["admin"]});
+    let token = sign(
+        SECRET,
+        &json!({"sub": "alice", "iat": now, "exp": now + 3600, "channels": ["private_a", "team_*"], "info": info}),
+    );
+    let mut alice = server.client_at(&format!("/ws?token={token}"));
+    let claims = rpc(&mut alice, 1, "whoami", json!(null))["result"].clone();
+    assert_eq!(
+        claims,
+        json!({"sub": "alice", "exp": now + 3600, "iat": now, "channels": ["private_a", "team_*"], "info": info})
+    );
+    let mut anonymous = server.client();
+    assert_eq!(rpc(&mut anonymous, 1, "whoami", json!(null))["result"], Value::Null);
+    assert_eq!(backend.seen()[0]["user"], "alice");
 }

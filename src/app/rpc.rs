@@ -37,6 +37,8 @@ struct ConnectAnswer {
     expires_at: Option<u64>,
     #[serde(default)]
     channels: Vec<String>,
+    #[serde(default)]
+    info: Option<Box<RawValue>>,
 }
 
 /// A user id as a string or a number (like a token's `sub`).
@@ -134,13 +136,14 @@ impl Shard {
         let Some(backend) = self.backend else { return };
         let Some(conn) = self.conn_mut(key, generation) else { return };
         let user = conn.state.user().cloned();
+        let claims = conn.state.identity.as_deref().and_then(claims_json);
         let transport = match (conn.state.phase(), conn.state.http.as_deref()) {
             (Phase::Session, Some(HttpRole::Session(session))) if session.kind == SessionKind::LongPoll => "long_poll",
             (Phase::Session, _) => "sse",
             _ => "websocket",
         };
         let conn = ConnRef { shard: self.id as u16, key, generation };
-        let request = BackendRequest { conn, request_id, user, transport, call };
+        let request = BackendRequest { conn, request_id, user, claims, transport, call };
         self.bus.send(backend, Message::Backend(Box::new(request)));
     }
 
@@ -210,7 +213,9 @@ impl Shard {
                         UserId::Number(user) => user.to_string(),
                     };
                     let expired = answer.expires_at.is_some_and(|at| at <= unix_time_ms() / 1000);
-                    match Identity::from_parts(user, answer.expires_at, unix_time_ms() / 1000, answer.channels) {
+                    let info = answer.info.map(|info| info.get().into());
+                    let now_s = unix_time_ms() / 1000;
+                    match Identity::from_parts(user, answer.expires_at, now_s, answer.channels, info) {
                         Ok(_) if expired => Err((ErrorCode::TokenExpired, "the backend's login has expired".into())),
                         Ok(identity) => Ok(identity),
                         Err(error) => {
@@ -287,4 +292,31 @@ fn rewritten_data(answer: &RawValue) -> Option<Box<RawValue>> {
         data: Option<Box<RawValue>>,
     }
     serde_json::from_str::<Rewrite>(answer.get()).ok().and_then(|rewrite| rewrite.data)
+}
+
+/// A connection's claims as its backend calls carry them.
+fn claims_json(identity: &Identity) -> Option<Box<RawValue>> {
+    #[derive(serde::Serialize)]
+    struct Claims<'a> {
+        sub: &'a str,
+        exp: Option<u64>,
+        iat: Option<u64>,
+        channels: Vec<String>,
+        info: Option<&'a RawValue>,
+    }
+    let channels = identity
+        .grants
+        .iter()
+        .map(|name| name.to_string())
+        .chain(identity.grant_prefixes.iter().map(|prefix| format!("{prefix}*")))
+        .collect();
+    let info = identity.info.as_deref().and_then(|info| serde_json::from_str::<&RawValue>(info).ok());
+    let claims = Claims {
+        sub: &identity.user,
+        exp: identity.expires_at_s,
+        iat: (identity.issued_at_s > 0).then_some(identity.issued_at_s),
+        channels,
+        info,
+    };
+    serde_json::value::to_raw_value(&claims).ok()
 }

@@ -149,6 +149,7 @@ pub(crate) fn request_body(request: &BackendRequest) -> Vec<u8> {
         "kind": request.call.kind(),
         "client": format!("s{}.{}.{}", conn.shard, conn.key, conn.generation),
         "user": request.user.as_deref(),
+        "claims": request.claims.as_deref().map(raw_json),
         "transport": request.transport,
     });
     let fields = match &request.call {

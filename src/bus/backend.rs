@@ -49,6 +49,10 @@ pub struct BackendRequest {
     pub request_id: Option<RequestId>,
     /// The caller's user, if it has one.
     pub user: Option<Arc<str>>,
+    /// What the connection's token (or connect proxy answer) said, as the
+    /// backend sees it: `{"sub","exp","iat","channels","info"}`; None
+    /// without one.
+    pub claims: Option<Box<RawValue>>,
     /// `websocket`, `sse` or `long_poll`.
     pub transport: &'static str,
     pub call: BackendCall,

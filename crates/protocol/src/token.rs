@@ -11,6 +11,7 @@
 //! | `nbf` | not before, Unix seconds (optional) |
 //! | `iat` | issued at, Unix seconds (optional; compared with admin `DISCONNECT … revoke_before`) |
 //! | `channels` | grants for private channels: names, or prefixes ending in `*` (optional) |
+//! | `info` | any JSON value the backend attaches to the connection, passed back in its calls to the backend (optional; at most `INFO_BYTES_MAX` bytes) |
 //!
 //! Only `alg: HS256` is accepted (never `none`). During a secret rotation
 //! the previous secret (`token_secret_previous`) is accepted too.
@@ -30,6 +31,8 @@ pub const TOKEN_BYTES_MAX: usize = 4096;
 pub const USER_ID_BYTES_MAX: usize = 128;
 /// Most channel grants in one token.
 pub const GRANTS_MAX: usize = 256;
+/// Largest `info` claim, as JSON text.
+pub const INFO_BYTES_MAX: usize = 2048;
 
 /// Who a connection is, once its token checked out.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -43,6 +46,8 @@ pub struct Identity {
     /// (stored without the trailing `*`) in `grant_prefixes`.
     pub grants: Box<[Box<str>]>,
     pub grant_prefixes: Box<[Box<str>]>,
+    /// The `info` claim, as JSON text (passed to the backend with calls).
+    pub info: Option<Box<str>>,
 }
 
 impl Identity {
@@ -100,6 +105,8 @@ struct Claims {
     iat: Option<f64>,
     #[serde(default)]
     channels: Vec<String>,
+    #[serde(default)]
+    info: Option<Box<serde_json::value::RawValue>>,
 }
 
 /// Verifies tokens against the current and previous secrets.
@@ -178,25 +185,30 @@ impl Verifier {
         if claims.nbf.map(seconds).is_some_and(|nbf| now_s < nbf) {
             return Err(TokenError::NotYetValid);
         }
-        Identity::from_parts(user, expires_at_s, claims.iat.map(seconds).unwrap_or(0), claims.channels)
+        let info = claims.info.map(|info| info.get().into());
+        Identity::from_parts(user, expires_at_s, claims.iat.map(seconds).unwrap_or(0), claims.channels, info)
     }
 }
 
 impl Identity {
     /// An identity from its parts (a token's claims, or a backend's answer
     /// to a connect proxy): the user id is checked like a token's `sub`,
-    /// channel grants ending in `*` are prefixes.
+    /// channel grants ending in `*` are prefixes; `info` is JSON text.
     pub fn from_parts(
         user: String,
         expires_at_s: Option<u64>,
         issued_at_s: u64,
         channels: Vec<String>,
+        info: Option<Box<str>>,
     ) -> Result<Identity, TokenError> {
         if user.is_empty() || user.len() > USER_ID_BYTES_MAX || !user.bytes().all(name_byte_allowed) {
             return Err(TokenError::BadSubject);
         }
         if channels.len() > GRANTS_MAX {
             return Err(TokenError::Malformed("too many channel grants"));
+        }
+        if info.as_ref().is_some_and(|info| info.len() > INFO_BYTES_MAX) {
+            return Err(TokenError::Malformed("info claim over 2048 bytes"));
         }
         let (prefixes, names): (Vec<String>, Vec<String>) = channels.into_iter().partition(|g| g.ends_with('*'));
         Ok(Identity {
@@ -208,6 +220,8 @@ impl Identity {
                 .into_iter()
                 .map(|p| p.trim_end_matches('*').to_string().into_boxed_str())
                 .collect(),
+            // JSON null is no info.
+            info: info.filter(|info| &**info != "null"),
         })
     }
 }
@@ -249,6 +263,18 @@ mod tests {
         assert!(identity.grants("private_a"));
         assert!(identity.grants("private_team_7"));
         assert!(!identity.grants("private_b"));
+    }
+
+    #[test]
+    fn the_info_claim_is_kept_as_json_and_bounded() {
+        let verifier = Verifier::new(Some(SECRET), None);
+        let token = sign(SECRET, &json!({"sub": "a", "info": {"name": "Ann", "n": [1, 2]}}));
+        let info = verifier.verify(&token, 0).unwrap().info.expect("info kept");
+        let info: serde_json::Value = serde_json::from_str(&info).expect("JSON text");
+        assert_eq!(info, json!({"name": "Ann", "n": [1, 2]}));
+        assert_eq!(verifier.verify(&sign(SECRET, &json!({"sub": "a", "info": null})), 0).unwrap().info, None);
+        let big = sign(SECRET, &json!({"sub": "a", "info": "x".repeat(INFO_BYTES_MAX)}));
+        assert!(matches!(verifier.verify(&big, 0), Err(TokenError::Malformed(_))));
     }
 
     #[test]
