@@ -43,5 +43,7 @@ fn bench_million_script_runs_end_to_end_at_small_scale() {
     assert!(held.iter().all(|&n| n > 0) && held.iter().sum::<u64>() == 3000, "{held:?}");
     assert!(summary["stuck_nodes"].as_array().is_some_and(Vec::is_empty), "{summary:#}");
     assert!(out.join("memory.svg").exists() && out.join("report.json").exists());
+    // Memory as PSS too (the executable's pages counted once over the nodes).
+    assert!(summary["server_pss_growth_per_connection_bytes"].as_f64().is_some(), "{summary:#}");
     let _ = std::fs::remove_dir_all(&out);
 }

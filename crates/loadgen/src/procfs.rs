@@ -26,6 +26,16 @@ pub fn sample_process(pid: u32) -> Result<ProcessSample, String> {
     Ok(ProcessSample { rss_bytes, anon_bytes, cpu_ns: ticks.saturating_mul(1_000_000_000) / clock_ticks_per_s() })
 }
 
+/// The process's proportional set size (`Pss:` of `/proc/PID/smaps_rollup`):
+/// its private pages plus its share of pages it shares, such as the
+/// executable's with other processes of the same binary. Summed over
+/// several nodes it counts each shared page once, where summed RSS counts
+/// it in every process. None where the kernel does not show it.
+pub fn pss_bytes(pid: u32) -> Option<u64> {
+    let rollup = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).ok()?;
+    kb_field(&rollup, "Pss:").map(|kb| kb.saturating_mul(1024))
+}
+
 /// `Slab:` from `/proc/meminfo`, in bytes: kernel objects, socket structures among them.
 pub fn slab_bytes() -> Result<u64, String> {
     let meminfo = std::fs::read_to_string("/proc/meminfo").map_err(|e| format!("/proc/meminfo: {e}"))?;

@@ -21,6 +21,9 @@ pub struct ProcessReadings {
     pub rss_after_ramp_bytes: u64,
     pub rss_peak_bytes: u64,
     pub rss_end_bytes: u64,
+    /// Proportional set size before and after the ramp (0: not shown).
+    pub pss_before_bytes: u64,
+    pub pss_after_ramp_bytes: u64,
     pub cpu_before_ns: u64,
     /// When every worker was ready (the settle starts); 0 if never read.
     pub cpu_ramp_done_ns: u64,
@@ -55,6 +58,7 @@ impl ServerReadings {
             processes.push(ProcessReadings {
                 pid,
                 rss_before_bytes: sample.rss_bytes,
+                pss_before_bytes: procfs::pss_bytes(pid).unwrap_or(0),
                 cpu_before_ns: sample.cpu_ns,
                 ..Default::default()
             });
@@ -80,6 +84,7 @@ impl ServerReadings {
         for process in &mut self.processes {
             let sample = procfs::sample_process(process.pid)?;
             process.rss_after_ramp_bytes = sample.rss_bytes;
+            process.pss_after_ramp_bytes = procfs::pss_bytes(process.pid).unwrap_or(0);
             process.rss_peak_bytes = sample.rss_bytes;
             process.cpu_mark_ns = sample.cpu_ns;
         }
@@ -309,6 +314,11 @@ pub struct Server {
     pub rss_end_bytes: u64,
     /// (RSS after the ramp − before) / established connections.
     pub rss_growth_per_connection_bytes: f64,
+    /// Proportional set size, summed over the processes: the executable's
+    /// pages, which every node maps, counted once instead of per node.
+    pub pss_before_bytes: u64,
+    pub pss_after_ramp_bytes: u64,
+    pub pss_growth_per_connection_bytes: f64,
     pub slab_before_bytes: u64,
     pub slab_after_ramp_bytes: u64,
     pub slab_growth_per_connection_bytes: f64,
@@ -332,6 +342,8 @@ pub struct ServerProcess {
     pub pid: u32,
     pub rss_before_bytes: u64,
     pub rss_after_ramp_bytes: u64,
+    pub pss_before_bytes: u64,
+    pub pss_after_ramp_bytes: u64,
     pub rss_peak_bytes: u64,
     pub rss_end_bytes: u64,
     pub cpu_s: f64,
@@ -353,6 +365,8 @@ impl ServerProcess {
             pid: p.pid,
             rss_before_bytes: p.rss_before_bytes,
             rss_after_ramp_bytes: p.rss_after_ramp_bytes,
+            pss_before_bytes: p.pss_before_bytes,
+            pss_after_ramp_bytes: p.pss_after_ramp_bytes,
             rss_peak_bytes: p.rss_peak_bytes.max(p.rss_after_ramp_bytes).max(p.rss_end_bytes),
             rss_end_bytes: p.rss_end_bytes,
             cpu_s: seconds(p.cpu_end_ns.saturating_sub(p.cpu_before_ns)),
@@ -547,6 +561,11 @@ pub fn build(inputs: &Inputs<'_>) -> Report {
             rss_peak_bytes: s.rss_peak_bytes.max(rss_after_ramp).max(rss_end),
             rss_end_bytes: rss_end,
             rss_growth_per_connection_bytes: per_connection(rss_after_ramp as f64 - rss_before as f64),
+            pss_before_bytes: total(|p| p.pss_before_bytes),
+            pss_after_ramp_bytes: total(|p| p.pss_after_ramp_bytes),
+            pss_growth_per_connection_bytes: per_connection(
+                total(|p| p.pss_after_ramp_bytes) as f64 - total(|p| p.pss_before_bytes) as f64,
+            ),
             slab_before_bytes: s.slab_before_bytes,
             slab_after_ramp_bytes: s.slab_after_ramp_bytes,
             slab_growth_per_connection_bytes: slab_growth,
@@ -743,6 +762,15 @@ impl Report {
                 s.rss_growth_per_connection_bytes,
                 summed(s)
             );
+            if s.processes.len() > 1 && s.pss_before_bytes > 0 {
+                let _ = writeln!(
+                    out,
+                    "server PSS     {} before, {} after the ramp: {:.0} B per connection (shared pages counted once)",
+                    bytes(s.pss_before_bytes),
+                    bytes(s.pss_after_ramp_bytes),
+                    s.pss_growth_per_connection_bytes
+                );
+            }
             let _ = writeln!(
                 out,
                 "kernel slab    +{:.0} B per connection ({} sockets each): {:.0} B per socket",
