@@ -358,6 +358,7 @@ pub fn serve(config: Config, source: Option<ConfigSource>) -> Result<(), ServeEr
         limiter: crate::bus::limiter::Limiter::new(&config.limits),
         admin_refusals: Default::default(),
         rpc_handler_prefixes: Default::default(),
+        backend_calls: Default::default(),
     });
 
     let signals = block_shutdown_signals();

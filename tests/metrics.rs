@@ -207,7 +207,8 @@ fn metric_names(text: &str) -> std::collections::BTreeSet<String> {
 
 #[test]
 fn the_docs_and_the_dashboard_name_exactly_the_metrics_served() {
-    let server = Server::start(1, "[metrics]\nlisten = \"127.0.0.1:0\"\n");
+    // With the backend thread on, so its families are served too.
+    let server = Server::start(1, "[metrics]\nlisten = \"127.0.0.1:0\"\n[rpc]\nadmin_handlers = true\n");
     let metrics = scrape(&server, true);
     let families: Vec<String> = metrics.as_object().unwrap().keys().cloned().collect();
     let mut served: std::collections::BTreeSet<String> = families.iter().cloned().collect();

@@ -164,7 +164,8 @@ fn backend_errors_timeouts_and_missing_routes() {
 #[test]
 fn a_failing_backend_opens_the_breaker_and_a_healed_one_closes_it() {
     let backend = Backend::start(|_| (503, json!("down"), Duration::ZERO));
-    let server = Server::start(1, &rpc_config(&backend.url(), ""));
+    let metrics = "[metrics]\nlisten = \"127.0.0.1:0\"\n";
+    let server = Server::start(1, &format!("{metrics}{}", rpc_config(&backend.url(), "")));
     let mut client = server.client();
     for id in 0..2 {
         assert_eq!(rpc(&mut client, id, "m", json!(null))["error"]["code"], "backend_error");
@@ -174,10 +175,23 @@ fn a_failing_backend_opens_the_breaker_and_a_healed_one_closes_it() {
     assert_eq!(reply["error"]["code"], "unavailable", "{reply}");
     assert!(reply["error"]["message"].as_str().unwrap().contains("circuit breaker"));
     assert_eq!(backend.seen().len(), 2);
+    let calls = |metrics: &Value, outcome: &str| {
+        common::metric_value(
+            metrics,
+            "kometa_backend_calls_total",
+            &[("kind", "rpc"), ("via", "webhook"), ("outcome", outcome)],
+        )
+    };
+    let scraped = common::scrape_metrics(&server, false);
+    assert_eq!(common::metric_value(&scraped, "kometa_backend_breakers_open", &[]), 1.0);
+    assert_eq!((calls(&scraped, "backend_error"), calls(&scraped, "unavailable")), (2.0, 1.0));
     backend.behave(|_| ok(json!("fine")));
     std::thread::sleep(Duration::from_millis(400));
     assert_eq!(rpc(&mut client, 11, "m", json!(null))["result"], "fine", "the trial call closes it");
     assert_eq!(rpc(&mut client, 12, "m", json!(null))["result"], "fine");
+    let scraped = common::scrape_metrics(&server, true);
+    assert_eq!(common::metric_value(&scraped, "kometa_backend_breakers_open", &[]), 0.0);
+    assert_eq!(calls(&scraped, "ok"), 2.0);
 }
 
 #[test]
@@ -481,7 +495,8 @@ fn a_handler_on_the_admin_connection_answers_calls_from_every_shard_in_any_order
 
 #[test]
 fn handler_errors_timeouts_and_disconnects_reach_the_client_plainly() {
-    let server = Server::start(2, "[rpc]\nadmin_handlers = true\ntimeout_ms = 400\n");
+    let server =
+        Server::start(2, "[metrics]\nlisten = \"127.0.0.1:0\"\n[rpc]\nadmin_handlers = true\ntimeout_ms = 400\n");
     let mut handler = AdminHandler::connect(&server);
     handler.handle(&[""]).expect("HANDLE accepted");
     let mut client = server.client();
@@ -524,6 +539,16 @@ fn handler_errors_timeouts_and_disconnects_reach_the_client_plainly() {
     assert_eq!(call["method"], "app.again");
     handler.answer(call_id, &json!({"result": "back"}));
     assert_eq!(client.recv()["result"], "back");
+    let scraped = common::scrape_metrics(&server, false);
+    let calls = |outcome: &str| {
+        common::metric_value(
+            &scraped,
+            "kometa_backend_calls_total",
+            &[("kind", "rpc"), ("via", "handler"), ("outcome", outcome)],
+        )
+    };
+    assert_eq!((calls("ok"), calls("backend_error"), calls("timeout")), (1.0, 1.0, 1.0));
+    assert!(calls("unavailable") >= 1.0, "the call the disconnected handler owed");
 }
 
 #[test]

@@ -24,7 +24,7 @@ use serde_json::value::RawValue;
 
 use crate::admin::gateway::Gateway;
 use crate::backend::webhook;
-use crate::bus::backend::{BackendFailure, BackendReply, BackendRequest};
+use crate::bus::backend::{BackendFailure, BackendReply, BackendRequest, CallOutcome, CallRoute};
 use crate::bus::Message;
 use kometa_protocol::admin::{AdminError, ErrorCode, FrameWriter};
 
@@ -320,6 +320,7 @@ impl Gateway {
     }
 
     fn reply_to_shard(&mut self, request: BackendRequest, outcome: Result<Box<RawValue>, BackendFailure>) {
+        self.shared.backend_calls.count(&request.call, CallRoute::Handler, CallOutcome::of(&outcome));
         let shard = usize::from(request.conn.shard);
         self.bus.send(shard, Message::BackendReply(Box::new(BackendReply { request, outcome })));
     }

@@ -78,6 +78,9 @@ async fn gather(gateway: &Rc<RefCell<Gateway>>) -> Option<Snapshot> {
         limits,
         connections_open: gateway.shared.connections.load(Ordering::Relaxed) as u64,
         connections_max: gateway.shared.connections_max as u64,
+        backend_calls: gateway.shared.backend_calls.samples(),
+        breakers_open: gateway.shared.backend_calls.breakers_open.load(Ordering::Relaxed),
+        backend_enabled: gateway.config.rpc.enabled(),
     })
 }
 
@@ -90,6 +93,11 @@ struct Snapshot {
     limits: LimitRefusals,
     connections_open: u64,
     connections_max: u64,
+    /// (kind, via, outcome, count) of backend calls.
+    backend_calls: Vec<(&'static str, &'static str, &'static str, u64)>,
+    breakers_open: u64,
+    /// Whether the backend thread runs (`[rpc]`): its families are shown only then.
+    backend_enabled: bool,
 }
 
 /// Encodes one family: `values` gives each sample's labels and value.
@@ -334,6 +342,26 @@ impl Collector for Snapshot {
                 histogram.count,
                 &buckets,
                 None,
+            )?;
+        }
+        if self.backend_enabled {
+            family(
+                e,
+                "kometa_backend_calls",
+                "Calls to the backend answered (rpc and the connect, subscribe and publish proxies), by kind, \
+                 route (webhook, handler on an admin connection, or none) and outcome (ok, backend_error, \
+                 timeout, unavailable).",
+                Counter,
+                self.backend_calls.iter().map(|&(kind, via, outcome, count)| {
+                    (vec![("kind", kind.to_owned()), ("via", via.to_owned()), ("outcome", outcome.to_owned())], count)
+                }),
+            )?;
+            family(
+                e,
+                "kometa_backend_breakers_open",
+                "Webhook URLs whose circuit breaker is open or waiting for its trial call (calls fail at once).",
+                Gauge,
+                [(Vec::new(), self.breakers_open)],
             )?;
         }
         Ok(())

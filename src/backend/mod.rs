@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender, TrySendError};
 
-use crate::bus::backend::{BackendCall, BackendFailure, BackendReply, BackendRequest};
+use crate::bus::backend::{BackendCall, BackendFailure, BackendReply, BackendRequest, CallOutcome, CallRoute};
 use crate::bus::{Endpoint, Message, Shared, Wakeup};
 use crate::config::Config;
 
@@ -213,7 +213,8 @@ impl BackendGateway {
                 BackendCall::Rpc { method, .. } => format!("no backend route or handler for method `{method}`"),
                 call => format!("no backend URL for {} calls", call.kind()),
             };
-            return self.answer(request, Err(BackendFailure::Unavailable(why)));
+            self.shared.backend_calls.count(&request.call, CallRoute::Unrouted, CallOutcome::Unavailable);
+            return self.reply(request, Err(BackendFailure::Unavailable(why)));
         };
         let url: Arc<str> = match self.breakers.get_key_value(url) {
             Some((known, _)) => Arc::clone(known),
@@ -265,10 +266,18 @@ impl BackendGateway {
                 Duration::from_millis(rpc.breaker_open_ms),
             );
         }
+        let open = self.breakers.values().filter(|breaker| breaker.open_until.is_some()).count();
+        self.shared.backend_calls.breakers_open.store(open as u64, Ordering::Relaxed);
         self.answer(job.request, outcome.result);
     }
 
+    /// A webhook call's outcome (or its refusal by the queue or the breaker).
     fn answer(&mut self, request: BackendRequest, outcome: Result<Box<serde_json::value::RawValue>, BackendFailure>) {
+        self.shared.backend_calls.count(&request.call, CallRoute::Webhook, CallOutcome::of(&outcome));
+        self.reply(request, outcome);
+    }
+
+    fn reply(&mut self, request: BackendRequest, outcome: Result<Box<serde_json::value::RawValue>, BackendFailure>) {
         let shard = usize::from(request.conn.shard);
         self.bus.send(shard, Message::BackendReply(Box::new(BackendReply { request, outcome })));
     }

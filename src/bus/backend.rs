@@ -78,3 +78,80 @@ pub struct BackendReply {
     /// The answer's `result` (JSON; `null` when absent).
     pub outcome: Result<Box<RawValue>, BackendFailure>,
 }
+
+/// Backend calls answered, by kind, route and outcome, for `/metrics`
+/// (`kometa_backend_calls_total`); written by the backend thread and the
+/// admin gateway (handlers), read per scrape.
+#[derive(Debug, Default)]
+pub struct BackendCallCounts {
+    counts: [[[std::sync::atomic::AtomicU64; CallOutcome::ALL.len()]; 3]; 4],
+    /// Webhook URLs whose circuit breaker is open now.
+    pub breakers_open: std::sync::atomic::AtomicU64,
+}
+
+/// How a call reached the backend (label `via`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CallRoute {
+    Webhook = 0,
+    /// A handler on an admin connection (HANDLE).
+    Handler = 1,
+    /// No route or handler takes it (failed `unavailable` at once).
+    Unrouted = 2,
+}
+
+/// How a call ended (label `outcome`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CallOutcome {
+    Ok = 0,
+    BackendError = 1,
+    Timeout = 2,
+    Unavailable = 3,
+}
+
+impl CallOutcome {
+    pub const ALL: [CallOutcome; 4] =
+        [CallOutcome::Ok, CallOutcome::BackendError, CallOutcome::Timeout, CallOutcome::Unavailable];
+
+    pub fn of<T>(outcome: &Result<T, BackendFailure>) -> CallOutcome {
+        match outcome {
+            Ok(_) => CallOutcome::Ok,
+            Err(BackendFailure::Error { .. }) => CallOutcome::BackendError,
+            Err(BackendFailure::Timeout) => CallOutcome::Timeout,
+            Err(BackendFailure::Unavailable(_)) => CallOutcome::Unavailable,
+        }
+    }
+
+    pub fn label(self) -> &'static str {
+        match self {
+            CallOutcome::Ok => "ok",
+            CallOutcome::BackendError => "backend_error",
+            CallOutcome::Timeout => "timeout",
+            CallOutcome::Unavailable => "unavailable",
+        }
+    }
+}
+
+/// Kinds in the order of the counters (label `kind`).
+pub const CALL_KINDS: [&str; 4] = ["rpc", "connect", "subscribe", "publish"];
+
+impl BackendCallCounts {
+    pub fn count(&self, call: &BackendCall, route: CallRoute, outcome: CallOutcome) {
+        let kind = CALL_KINDS.iter().position(|k| *k == call.kind()).unwrap_or(0);
+        self.counts[kind][route as usize][outcome as usize].fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// (kind, via, outcome, count) for every combination.
+    pub fn samples(&self) -> Vec<(&'static str, &'static str, &'static str, u64)> {
+        let mut samples = Vec::new();
+        for (kind_index, kind) in CALL_KINDS.iter().enumerate() {
+            for (route_index, via) in ["webhook", "handler", "none"].iter().enumerate() {
+                for outcome in CallOutcome::ALL {
+                    let count = self.counts[kind_index][route_index][outcome as usize]
+                        .load(std::sync::atomic::Ordering::Relaxed);
+                    samples.push((*kind, *via, outcome.label(), count));
+                }
+            }
+        }
+        samples
+    }
+}

@@ -71,6 +71,8 @@ pub struct Shared {
     /// with the number of connections handling it. Written by the admin
     /// gateway, read by the backend thread to route a call.
     pub rpc_handler_prefixes: std::sync::RwLock<std::collections::HashMap<Box<str>, usize>>,
+    /// Backend calls answered, by kind, route and outcome (`/metrics`).
+    pub backend_calls: backend::BackendCallCounts,
 }
 
 /// Wakes one shard's event loop through an eventfd in its epoll set.
