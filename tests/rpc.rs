@@ -603,12 +603,41 @@ fn handle_is_refused_unless_admin_handlers_is_on() {
     assert!(error.contains("method prefix"), "{error}");
 }
 
-/// The Python admin client's handler loop (client/python, serve_rpc), run
-/// as its own process the way a Python backend would.
-#[test]
-fn the_python_client_serves_rpc_calls_on_its_admin_connection() {
+/// A backend's handler loop in a bundled client (Python `serve_rpc`, PHP
+/// `serveRpc`), run as its own process the way a backend worker would:
+/// `command` gets the admin socket's path as its last argument.
+fn a_client_serves_rpc_calls(mut command: std::process::Command, not_json_error: &str) {
     let server = Server::start(2, "[rpc]\nadmin_handlers = true\ntimeout_ms = 5000\n");
     let kometa_admin_client::AdminAddress::Unix(admin_path) = &server.admin else { panic!("a unix admin socket") };
+    let mut child = command
+        .arg(admin_path)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot run {command:?}: {e}"));
+    let mut lines = BufReader::new(child.stdout.take().expect("stdout")).lines();
+    let first = lines.next().and_then(Result::ok);
+    assert_eq!(first.as_deref(), Some("ready"), "the handler registered");
+    let mut client = server.client();
+    let reply = rpc(&mut client, 1, "math.add", json!([1, 2, 3]));
+    assert_eq!(reply["result"], json!({"sum": 6, "user": null}), "{reply}");
+    let reply = rpc(&mut client, 2, "math.fail", json!([]));
+    assert_eq!(reply["error"]["code"], "backend_error", "{reply}");
+    assert_eq!(reply["error"]["backend_code"], 7);
+    assert_eq!(reply["error"]["message"], "cannot");
+    // A result that is not JSON: error 500, and the loop goes on.
+    let reply = rpc(&mut client, 3, "math.bad", json!([]));
+    assert_eq!(reply["error"]["code"], "backend_error", "{reply}");
+    assert_eq!(reply["error"]["backend_code"], 500);
+    assert!(reply["error"]["message"].as_str().is_some_and(|m| m.starts_with(not_json_error)), "{reply}");
+    assert_eq!(lines.next().and_then(Result::ok).as_deref(), Some("answered 3"));
+    assert!(child.wait().expect("the handler exits").success());
+    // Its connection closed: the method has no handler any more.
+    let reply = rpc(&mut client, 4, "math.add", json!([1]));
+    assert_eq!(reply["error"]["code"], "unavailable", "{reply}");
+}
+
+#[test]
+fn the_python_client_serves_rpc_calls_on_its_admin_connection() {
     let repo = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"));
     let venv = repo.join(".venv/bin/python");
     let python = if venv.is_file() { venv } else { std::path::PathBuf::from("python3") };
@@ -620,41 +649,44 @@ from kometa_admin import KometaAdmin, RpcError
 def handle(call):
     if call["method"] == "math.fail":
         raise RpcError(7, "cannot")
-    if call["method"] == "math.set":
-        return {1, 2}  # not JSON: the client gets error 500, the loop goes on
+    if call["method"] == "math.bad":
+        return {1, 2}  # a set is not JSON
     return {"sum": sum(call["data"]), "user": call["user"]}
 
 admin = KometaAdmin("unix:" + sys.argv[2])
 answered = admin.serve_rpc(["math."], handle, max_calls=3, ready=lambda: print("ready", flush=True))
 print("answered", answered, flush=True)
 "#;
-    let mut child = std::process::Command::new(&python)
-        .arg("-c")
-        .arg(script)
-        .arg(repo.join("client/python"))
-        .arg(admin_path)
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap_or_else(|e| panic!("cannot run {}: {e}", python.display()));
-    let mut lines = BufReader::new(child.stdout.take().expect("stdout")).lines();
-    let first = lines.next().and_then(Result::ok);
-    assert_eq!(first.as_deref(), Some("ready"), "the handler registered");
-    let mut client = server.client();
-    let reply = rpc(&mut client, 1, "math.add", json!([1, 2, 3]));
-    assert_eq!(reply["result"], json!({"sum": 6, "user": null}), "{reply}");
-    let reply = rpc(&mut client, 2, "math.fail", json!([]));
-    assert_eq!(reply["error"]["code"], "backend_error", "{reply}");
-    assert_eq!(reply["error"]["backend_code"], 7);
-    assert_eq!(reply["error"]["message"], "cannot");
-    let reply = rpc(&mut client, 3, "math.set", json!([]));
-    assert_eq!(reply["error"]["code"], "backend_error", "{reply}");
-    assert_eq!(reply["error"]["backend_code"], 500);
-    assert!(reply["error"]["message"].as_str().is_some_and(|m| m.starts_with("TypeError")), "{reply}");
-    assert_eq!(lines.next().and_then(Result::ok).as_deref(), Some("answered 3"));
-    assert!(child.wait().expect("python exits").success());
-    // Its connection closed: the method has no handler any more.
-    let reply = rpc(&mut client, 4, "math.add", json!([1]));
-    assert_eq!(reply["error"]["code"], "unavailable", "{reply}");
+    let mut command = std::process::Command::new(python);
+    command.arg("-c").arg(script).arg(repo.join("client/python"));
+    a_client_serves_rpc_calls(command, "TypeError");
+}
+
+#[test]
+fn the_php_client_serves_rpc_calls_on_its_admin_connection() {
+    let repo = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let script = r#"<?php
+require $argv[1];
+$admin = new KometaAdmin('unix:' . $argv[2]);
+$answered = $admin->serveRpc(['math.'], function (array $call) {
+    if ($call['method'] === 'math.fail') {
+        throw new KometaRpcError('cannot', 7);
+    }
+    if ($call['method'] === 'math.bad') {
+        return INF; // not JSON
+    }
+    return ['sum' => array_sum($call['data']), 'user' => $call['user']];
+}, 3, function () {
+    echo "ready\n";
+});
+echo "answered $answered\n";
+"#;
+    let dir = common::temp_dir("php-handler");
+    let file = dir.join("handler.php");
+    std::fs::write(&file, script).expect("write the PHP handler");
+    let mut command = std::process::Command::new("php");
+    command.arg(&file).arg(repo.join("client/php/KometaAdmin.php"));
+    a_client_serves_rpc_calls(command, "JsonException");
 }
 
 #[test]

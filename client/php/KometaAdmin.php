@@ -61,6 +61,14 @@ class KometaException extends Exception
     }
 }
 
+/**
+ * Thrown by an rpc handler (KometaAdmin::serveRpc): the client gets
+ * `backend_error` with this code and message.
+ */
+class KometaRpcError extends Exception
+{
+}
+
 /** The socket failed, timed out, or the server's bytes broke the protocol. */
 class KometaConnectionException extends RuntimeException
 {
@@ -203,9 +211,13 @@ final class KometaWire
     public const OP_PING = 0x0C;
     public const OP_PUBLISH_MANY = 0x0D;
     public const OP_RELOAD = 0x0E;
+    public const OP_HANDLE = 0x0F;
+    public const OP_ANSWER = 0x10;
 
     public const STATUS_OK = 0;
     public const STATUS_ERROR = 1;
+    /** Not a reply: a client's rpc call to a handler connection. */
+    public const STATUS_CALL = 2;
     /** Bytes after the length field before the payload. */
     public const HEAD_BYTES = 6;
 
@@ -412,6 +424,138 @@ class KometaAdmin
         }
         $queue($pipeline);
         return $pipeline->execute();
+    }
+
+    /**
+     * Makes this connection the handler of clients' `rpc` calls whose method
+     * starts with one of $prefixes ('' for all; the server needs
+     * rpc.admin_handlers = true), then answers calls until the server closes
+     * the connection, or until $maxCalls answers: then the connection is
+     * closed (calls already routed to it fail with `unavailable`; the next
+     * request on this object reconnects). For a long-running PHP worker (CLI).
+     *
+     * $handler(array $call) gets the call (kind, client, user, claims,
+     * transport, method, data) and returns the result, or throws
+     * KometaRpcError(message, code); any other exception, or a result that
+     * cannot be JSON, answers code 500 with its text. $ready(), if given, is
+     * called once registered. Calls are answered one at a time; run several
+     * workers to answer in parallel (the server spreads calls over them).
+     * Returns the number of calls answered.
+     */
+    public function serveRpc(array $prefixes, callable $handler, ?int $maxCalls = null, ?callable $ready = null): int
+    {
+        $payload = KometaWire::u16(count($prefixes), 'prefixes');
+        foreach ($prefixes as $prefix) {
+            $payload .= KometaWire::str16((string) $prefix, 'prefix');
+        }
+        $this->submit(KometaWire::OP_HANDLE, $payload, [KometaWire::class, 'emptyReply']);
+        if ($ready !== null) {
+            $ready();
+        }
+        $answered = 0;
+        try {
+            while ($maxCalls === null || $answered < $maxCalls) {
+                [$status, $opcode, $id, $payload] = $this->readFrame();
+                if ($status === KometaWire::STATUS_CALL) {
+                    $call = KometaWire::document($payload);
+                    try {
+                        try {
+                            $answer = ['result' => $handler($call)];
+                        } catch (KometaRpcError $e) {
+                            $answer = ['error' => ['code' => $e->getCode(), 'message' => $e->getMessage()]];
+                        }
+                        $body = json_encode($answer, JSON_THROW_ON_ERROR | JSON_UNESCAPED_SLASHES | JSON_UNESCAPED_UNICODE);
+                    } catch (Throwable $e) {
+                        $error = ['code' => 500, 'message' => get_class($e) . ': ' . $e->getMessage()];
+                        $body = (string) json_encode(['error' => $error], JSON_INVALID_UTF8_SUBSTITUTE);
+                    }
+                    $frame = KometaWire::u32($id, 'call') . pack('N', strlen($body)) . $body;
+                    $requestId = $this->nextId;
+                    $this->nextId = $this->nextId >= 0xFFFFFFFF ? 1 : $this->nextId + 1;
+                    $this->writeReading(pack('NCCN', KometaWire::HEAD_BYTES + strlen($frame), KometaWire::OP_ANSWER, 0, $requestId) . $frame);
+                    $answered++;
+                } elseif ($status === KometaWire::STATUS_ERROR && $opcode === KometaWire::OP_ANSWER) {
+                    $error = KometaWire::error($payload);
+                    if ($error->getName() !== 'not_found') { // not_found: the call timed out first
+                        throw $error;
+                    }
+                } elseif ($status !== KometaWire::STATUS_OK) {
+                    throw new KometaConnectionException("admin protocol: unexpected frame (status $status, opcode $opcode)");
+                }
+            }
+        } finally {
+            // Still registered, with calls possibly on their way: not usable
+            // for other requests. The server fails what it routed here.
+            $this->close();
+        }
+        return $answered;
+    }
+
+    /** The next frame [status, opcode, id, payload], waiting as long as it takes. */
+    private function readFrame(): array
+    {
+        while (true) {
+            if (strlen($this->input) >= 4) {
+                $length = unpack('N', $this->input)[1];
+                if ($length < KometaWire::HEAD_BYTES || $length > $this->maxReplyBytes) {
+                    throw new KometaConnectionException("admin protocol: frame length $length out of range");
+                }
+                if (strlen($this->input) >= 4 + $length) {
+                    $head = unpack('Cstatus/Copcode/Nid', $this->input, 4);
+                    $payload = (string) substr($this->input, 4 + KometaWire::HEAD_BYTES, $length - KometaWire::HEAD_BYTES);
+                    $this->input = (string) substr($this->input, 4 + $length);
+                    return [$head['status'], $head['opcode'], $head['id'], $payload];
+                }
+            }
+            $read = [$this->stream];
+            $write = [];
+            $except = null;
+            if (@stream_select($read, $write, $except, null) === false) {
+                continue; // interrupted by a signal
+            }
+            $this->readAvailable();
+        }
+    }
+
+    /** Writes $data while taking in what the server sends meanwhile, so neither side blocks. */
+    private function writeReading(string $data): void
+    {
+        $deadline = microtime(true) + $this->timeout;
+        while ($data !== '') {
+            $wait = $deadline - microtime(true);
+            if ($wait <= 0) {
+                throw new KometaConnectionException(sprintf('admin socket: no progress for %s s', $this->timeout));
+            }
+            $read = [$this->stream];
+            $write = [$this->stream];
+            $except = null;
+            $seconds = (int) floor($wait);
+            if (@stream_select($read, $write, $except, $seconds, (int) (($wait - $seconds) * 1e6)) === false) {
+                continue;
+            }
+            if ($write) {
+                $sent = @fwrite($this->stream, $data);
+                if ($sent === false) {
+                    throw new KometaConnectionException('admin socket: write failed');
+                }
+                if ($sent > 0) {
+                    $data = (string) substr($data, $sent);
+                    $deadline = microtime(true) + $this->timeout;
+                }
+            }
+            if ($read) {
+                $this->readAvailable();
+            }
+        }
+    }
+
+    private function readAvailable(): void
+    {
+        $chunk = @fread($this->stream, self::CHUNK);
+        if ($chunk === false || ($chunk === '' && feof($this->stream))) {
+            throw new KometaConnectionException('server closed the admin connection');
+        }
+        $this->input .= $chunk;
     }
 
     /** @return mixed */
