@@ -112,10 +112,7 @@ start_server() {
             sed -e "s#@PREFIX@#$PWD/$dir/nginx#g" -e "s#@PORT@#$port#g" scripts/peers/nchan.conf.template > "$dir/nginx/nginx.conf"
             nginx -p "$PWD/$dir/nginx" -c "$PWD/$dir/nginx/nginx.conf" > "$dir/stdout" 2> "$dir/stderr" &
             server_pid=$!
-            for _ in $(seq 1 50); do
-                python3 -c "import socket; socket.create_connection(('127.0.0.1',$port),1)" 2>/dev/null && break
-                sleep 0.1
-            done
+            bench_wait_port "$port"
             target=(--protocol raw --url "ws://127.0.0.1:$port/sub/{channel}")
             publish=(--publish-url "http://127.0.0.1:$port/pub/{channel}")
             ;;
@@ -123,40 +120,29 @@ start_server() {
     echo "== $name (pid $server_pid, port $port)"
 }
 
-tree() {
-    python3 scripts/peers/proctree.py "$server_pid"
-}
-
 for name in $servers; do
     start_server "$name"
     dir="$out/$name"
     sleep 1
-    tree > "$dir/tree-before.json"
+    bench_tree > "$dir/tree-before.json"
 
     # Idle: memory per connection, sampled over the whole process tree in the hold.
-    ramp_s=$(( connections / 5000 + 1 ))
-    "$kometa" load idle -n "$connections" "${target[@]}" --server-pid "$server_pid" --source-addresses "$(bench_sources 40)" \
-        --ramp-rate 5000 --settle 5s --duration 10s --json "$dir/idle.json" > "$dir/idle.txt" 2> "$dir/idle.err" &
-    load_pid=$!
-    # Sampled late in the 10 s hold, after the ramp's transient buffers are gone.
-    sleep $(( ramp_s + 5 + 7 ))
-    tree > "$dir/tree-idle.json"
-    wait "$load_pid" || true
+    bench_idle "$dir" 5000 "$(bench_sources 40)" "${target[@]}"
     sleep 2
 
     # Broadcast at 10/s: latency to the last subscriber.
-    before=$(tree)
+    before=$(bench_tree)
     "$kometa" load broadcast -n "$connections" "${target[@]}" "${publish[@]}" --server-pid "$server_pid" --source-addresses "$(bench_sources 40)" \
         --ramp-rate 5000 --rate 10 --duration 20s --json "$dir/broadcast.json" > "$dir/broadcast.txt" 2> "$dir/broadcast.err" || true
-    after=$(tree)
+    after=$(bench_tree)
     printf '{"before":%s,"after":%s}\n' "$before" "$after" > "$dir/tree-broadcast.json"
     sleep 2
 
     # As fast as the server takes publications: deliveries per second.
-    before=$(tree)
+    before=$(bench_tree)
     "$kometa" load broadcast -n "$connections" "${target[@]}" "${publish[@]}" --server-pid "$server_pid" --source-addresses "$(bench_sources 40)" \
         --ramp-rate 5000 --rate max --window 16 --duration 5s --drain 30s --json "$dir/max.json" > "$dir/max.txt" 2> "$dir/max.err" || true
-    after=$(tree)
+    after=$(bench_tree)
     printf '{"before":%s,"after":%s}\n' "$before" "$after" > "$dir/tree-max.json"
     sleep 2
 

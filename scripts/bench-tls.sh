@@ -61,15 +61,6 @@ printf 'subjectAltName=IP:127.0.0.1,DNS:localhost\nbasicConstraints=CA:FALSE\nex
 openssl x509 -req -in "$pki/leaf.csr" -CA "$pki/ca.pem" -CAkey "$pki/ca.key" -CAcreateserial -days 2 \
     -extfile "$pki/leaf.ext" -out "$pki/cert.pem" 2>/dev/null
 
-wait_port() {
-    for _ in $(seq 1 50); do
-        python3 -c "import socket; socket.create_connection(('127.0.0.1',$1),1)" 2>/dev/null && return 0
-        sleep 0.1
-    done
-    echo "bench-tls: nothing listens on port $1" >&2
-    return 1
-}
-
 start_server() {
     local name=$1 dir="$out/$1"
     mkdir -p "$dir"
@@ -96,7 +87,7 @@ start_server() {
                 > "$dir/nginx/nginx.conf"
             nginx -p "$PWD/$dir/nginx" -c "$PWD/$dir/nginx/nginx.conf" > "$dir/stdout" 2> "$dir/stderr" &
             server_pid=$!
-            wait_port "$port"
+            bench_wait_port "$port"
             target=(--protocol raw --url "wss://127.0.0.1:$port/sub/{channel}" --tls-ca "$pki/ca.pem")
             ;;
         *) echo "bench-tls: unknown server $name" >&2; exit 2 ;;
@@ -104,24 +95,14 @@ start_server() {
     echo "== $name (pid $server_pid, port $port)"
 }
 
-tree() {
-    python3 scripts/peers/proctree.py "$server_pid"
-}
-
 for name in $servers; do
     start_server "$name"
     dir="$out/$name"
     sleep 1
-    tree > "$dir/tree-before.json"
+    bench_tree > "$dir/tree-before.json"
 
     # Idle: memory per connection, sampled late in the 10 s hold.
-    ramp_s=$(( connections / 2000 + 1 ))
-    "$kometa" load idle -n "$connections" "${target[@]}" --server-pid "$server_pid" --source-addresses "$(bench_sources 60)" \
-        --ramp-rate 2000 --settle 5s --duration 10s --json "$dir/idle.json" > "$dir/idle.txt" 2> "$dir/idle.err" &
-    load_pid=$!
-    sleep $(( ramp_s + 5 + 7 ))
-    tree > "$dir/tree-idle.json"
-    wait "$load_pid" || true
+    bench_idle "$dir" 2000 "$(bench_sources 60)" "${target[@]}"
     grep -E '^(connections|server)' "$dir/idle.txt" || true
     sleep 2
 

@@ -101,18 +101,8 @@ fn public_listener(address: SocketAddr, backlog: u32, unsent_bytes_max: usize) -
     // limits.socket_unsent_bytes_max, inherited by accepted sockets too.
     if unsent_bytes_max > 0 {
         let lowat = libc::c_int::try_from(unsent_bytes_max).unwrap_or(libc::c_int::MAX);
-        // SAFETY: setsockopt with a pointer to a live c_int and its size.
-        let rc = unsafe {
-            libc::setsockopt(
-                socket.as_raw_fd(),
-                libc::IPPROTO_TCP,
-                libc::TCP_NOTSENT_LOWAT,
-                (&lowat as *const libc::c_int).cast(),
-                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-            )
-        };
-        if rc < 0 {
-            let error = std::io::Error::last_os_error();
+        let set = kometa_sys::set_int_option(socket.as_raw_fd(), libc::IPPROTO_TCP, libc::TCP_NOTSENT_LOWAT, lowat);
+        if let Err(error) = set {
             return Err(fail(format!("TCP_NOTSENT_LOWAT (limits.socket_unsent_bytes_max): {error}")));
         }
     }

@@ -17,6 +17,9 @@ use rustls::ServerConnection;
 
 /// Ciphertext read from the socket at a time.
 const CIPHERTEXT_CHUNK_BYTES: usize = 16 * 1024;
+/// Ciphertext held that rustls has not taken: rustls takes whole records as
+/// they come (at most ~16 KiB each), so more than this means it stopped.
+const CIPHERTEXT_HELD_BYTES_MAX: usize = 4 * CIPHERTEXT_CHUNK_BYTES;
 
 pub struct TlsStream<S> {
     io: S,
@@ -81,6 +84,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for TlsStream<S> {
             ready!(this.poll_write_ciphertext(cx))?;
             if this.feed_ciphertext()? {
                 continue;
+            }
+            if this.incoming.len() >= CIPHERTEXT_HELD_BYTES_MAX {
+                return Poll::Ready(Err(io::Error::new(io::ErrorKind::InvalidData, "TLS input not taken")));
             }
             if this.io_eof {
                 // Closed without close_notify: an end of file all the same

@@ -861,20 +861,7 @@ fn open_socket(client: &mut Client, ctx: &mut Ctx, now: u64) -> Result<(), Strin
 /// connect time from the whole 4-tuple, so each source address gives a full
 /// ephemeral port range per server address.
 fn bind_no_port(socket: &Socket, source: Ipv4Addr) -> io::Result<()> {
-    let enable: libc::c_int = 1;
-    // SAFETY: setsockopt with a pointer to a live c_int and its size.
-    let rc = unsafe {
-        libc::setsockopt(
-            socket.as_raw_fd(),
-            libc::IPPROTO_IP,
-            libc::IP_BIND_ADDRESS_NO_PORT,
-            (&enable as *const libc::c_int).cast(),
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    };
-    if rc < 0 {
-        return Err(io::Error::last_os_error());
-    }
+    kometa_sys::set_int_option(socket.as_raw_fd(), libc::IPPROTO_IP, libc::IP_BIND_ADDRESS_NO_PORT, 1)?;
     socket.bind(&SocketAddr::new(IpAddr::V4(source), 0).into())
 }
 

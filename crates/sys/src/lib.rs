@@ -44,6 +44,21 @@ pub fn discard_unread_input(fd: RawFd) {
     }
 }
 
+/// Sets an integer socket option (`setsockopt` with a C int).
+pub fn set_int_option(fd: RawFd, level: libc::c_int, name: libc::c_int, value: libc::c_int) -> io::Result<()> {
+    // SAFETY: setsockopt with a pointer to a live c_int and its size.
+    let rc = unsafe {
+        libc::setsockopt(
+            fd,
+            level,
+            name,
+            (&value as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    check_size(rc as isize).map(drop)
+}
+
 /// Sends our FIN; the socket can still be read.
 pub fn shutdown_write(fd: RawFd) -> io::Result<()> {
     // SAFETY: plain syscall on a descriptor we own.
