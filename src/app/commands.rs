@@ -160,10 +160,9 @@ impl Shard {
         let Some(conn) = self.conn_mut(key, generation) else { return Ok(()) };
         let subscriptions = &mut conn.state.subscriptions;
         if subscriptions.len() == subscriptions.capacity() && subscriptions.capacity() < 4 {
-            // Most connections hold one to three subscriptions: grow one
-            // slot (8 bytes) at a time up to four, not straight to Vec's
-            // first capacity of four (32 B): 24 B less per idle connection
-            // with one subscription, measured.
+            // Most connections hold one to three subscriptions: two live
+            // inline in the connection; past them, grow one slot (8 bytes)
+            // at a time up to four, not straight to four.
             subscriptions.reserve_exact(1);
         }
         subscriptions.push(Subscription { channel: local, slot: PENDING_SLOT });

@@ -595,6 +595,35 @@ fn a_broken_socket_closes_at_once() {
     assert_eq!(h.with(|conn, socket, cx| conn.send_owned(b"x".to_vec(), socket, cx)), Verdict::Close);
 }
 
+#[test]
+fn timers_hold_when_the_32_bit_clock_wraps() {
+    // Connections keep their times modulo 2^32 ms: a shard up for 49.7
+    // days wraps, and nothing may look silent, due or expired because of it.
+    let start_ms = (1u64 << 32) - 4_000;
+    let mut h = Harness::new();
+    h.now_ms = start_ms;
+    h.with(|conn, _, cx| conn.upgraded(false, cx));
+    assert_eq!(h.timer_at(start_ms + 9_999), Timer::Nothing);
+    assert!(h.socket.sent.is_empty(), "the wrap is not silence");
+    assert_eq!(h.timer_at(start_ms + 10_000), Timer::Nothing);
+    assert_eq!(server_frames(&h.take_sent()), vec![(ws::OPCODE_PING, vec![])]);
+    assert_eq!(h.timer_at(start_ms + 15_000), Timer::Nothing);
+    let frames = server_frames(&h.take_sent());
+    assert_eq!((frames[0].0, close_code(&frames[0].1)), (ws::OPCODE_CLOSE, ws::close::PING_TIMEOUT));
+    assert_eq!(h.timer_at(start_ms + 16_999), Timer::Nothing);
+    assert_eq!(h.timer_at(start_ms + 17_000), Timer::Close);
+
+    // A served session never expires, however long it is served.
+    let mut h = session_harness();
+    h.conn.session_served();
+    let later_ms = (1u64 << 33) + (1 << 31) + 7;
+    assert_eq!(h.timer_at(1 << 32), Timer::Nothing);
+    assert_eq!(h.timer_at(later_ms), Timer::Nothing);
+    h.with(|conn, _, cx| conn.session_unserved(cx));
+    assert_eq!(h.timer_at(later_ms + 2_999), Timer::Nothing);
+    assert_eq!(h.timer_at(later_ms + 3_000), Timer::Close);
+}
+
 // -- HTTP sessions --------------------------------------------------------
 
 fn session_harness() -> Harness {
@@ -667,9 +696,10 @@ fn shutdown_says_going_away() {
 
 #[test]
 fn a_connection_stays_small() {
-    // Invariant 1: a connection at rest is this struct plus a slab slot.
-    assert!(std::mem::size_of::<Connection>() <= 112, "{}", std::mem::size_of::<Connection>());
+    // Invariant 1: a connection at rest is this struct plus a slab slot
+    // (three 4-byte clock stamps, up to two subscriptions inline).
+    assert!(std::mem::size_of::<Connection>() <= 80, "{}", std::mem::size_of::<Connection>());
     // With the socket, the client's rates, its address key and the pointer
     // to a TLS session (shard::Conn).
-    assert!(std::mem::size_of::<crate::shard::Conn>() <= 120, "{}", std::mem::size_of::<crate::shard::Conn>());
+    assert!(std::mem::size_of::<crate::shard::Conn>() <= 112, "{}", std::mem::size_of::<crate::shard::Conn>());
 }

@@ -87,7 +87,15 @@ impl LocalIndex {
         channel.pending = channel.pending.saturating_sub(1);
         let slot = subscriber.map(|s| {
             self.subscriptions += 1;
-            channel.subscribers.insert(s) as u32
+            let subscribers = &mut channel.subscribers;
+            if subscribers.len() == subscribers.capacity() {
+                // Grow by a quarter (at least 4 slots), not by doubling: a
+                // node holds many mid-sized channels (a million connections
+                // over 67 nodes put ~150 of each group channel on each), and
+                // doubling leaves up to half of every one unused.
+                subscribers.reserve_exact((subscribers.capacity() / 4).max(4));
+            }
+            subscribers.insert(s) as u32
         });
         self.remove_if_unused(id);
         slot
