@@ -39,6 +39,10 @@ enum Command {
     Stats {
         #[command(flatten)]
         admin: AdminArgs,
+        /// In cluster mode, this node's figures only (no Redis round trip,
+        /// nothing asked of the other nodes): a per-node health probe.
+        #[arg(long)]
+        node: bool,
     },
     /// Make the server re-read its configuration file (as SIGHUP does); prints
     /// the keys that need a restart, or the key the new file got wrong.
@@ -324,7 +328,10 @@ fn run(cli: Cli) -> Result<(), (u8, String)> {
             println!("{}", serde_json::json!({"offset": published.offset, "subscribers": published.subscribers}));
             Ok(())
         }
-        Command::Stats { admin } => print_json(connect(&admin)?.stats()),
+        Command::Stats { admin, node } => {
+            let mut client = connect(&admin)?;
+            print_json(if node { client.stats_node() } else { client.stats() })
+        }
         Command::Reload { admin } => print_json(connect(&admin)?.reload()),
         Command::SendUser { admin, users, event, data, string } => {
             let data = data_as_json(&data, string)?;

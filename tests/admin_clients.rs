@@ -179,6 +179,7 @@ fn full_scenario(lang: Lang) {
     assert_eq!(out["stats"]["connections"], 2, "{}", out["stats"]);
     assert_eq!(out["stats"]["shards"].as_array().map(Vec::len), Some(2), "{}", out["stats"]);
     assert!(out["stats"]["publications"].as_u64() >= Some(2), "{}", out["stats"]);
+    assert_eq!(out["stats_node"]["connections"], 2, "{}", out["stats_node"]);
 
     let seq_of = |n: usize| out["send_user"]["results"][n]["inbox"].as_u64().expect("a sequence");
     assert_eq!(

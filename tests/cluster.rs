@@ -155,6 +155,13 @@ fn history_channel_info_and_channels_are_cluster_wide() {
     });
     let nodes: Vec<&str> = stats["nodes"].as_array().unwrap().iter().map(|n| n["node"].as_str().unwrap()).collect();
     assert_eq!(nodes, vec!["a", "b"], "{stats}");
+    // `--node`: this node's own figures, no one else's.
+    let own = b.admin().stats_node().expect("stats of one node");
+    assert_eq!((own["node"].as_str(), own["subscriptions"].as_u64()), (Some("b"), Some(1)), "{own}");
+    assert!(own.get("nodes").is_none(), "{own}");
+    let single = common::Server::start(1, "");
+    let own = single.admin().stats_node().expect("stats of an unclustered node");
+    assert_eq!(own["connections"], 0, "{own}");
 }
 
 /// The next message that is not a channel publication (user messages, events).

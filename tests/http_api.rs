@@ -111,6 +111,8 @@ fn every_operation_answers_as_the_binary_socket_does() {
     assert_eq!(all["shards"].as_array().unwrap().len(), 2);
     // An empty body is `{}` for operations without arguments.
     assert_eq!(api_with_key(&server, "stats", "", KEY).status, 200);
+    assert_eq!(api(&server, "stats", json!({"scope": "node"}))["connections"], 2);
+    assert_eq!(api_with_key(&server, "stats", r#"{"scope":"galaxy"}"#, KEY).status, 400);
 
     let disconnected = api(&server, "disconnect", json!({"user": "alice", "code": 4010, "reason": "bye"}));
     assert_eq!(disconnected, json!({"user": "alice", "disconnected": 1}));

@@ -308,10 +308,16 @@ fn malformed_admin_frames_get_errors_and_broken_framing_closes() {
         })
         .unwrap();
     expect_error(&mut admin, ErrorCode::BadArgument);
-    // Trailing bytes.
+    // Trailing bytes (after STATS's optional scope), and a scope that is not one.
     admin
         .send(opcode::STATS, |w| {
-            w.u8(1);
+            w.u8(1).u8(0);
+        })
+        .unwrap();
+    expect_error(&mut admin, ErrorCode::BadArgument);
+    admin
+        .send(opcode::STATS, |w| {
+            w.u8(7);
         })
         .unwrap();
     expect_error(&mut admin, ErrorCode::BadArgument);

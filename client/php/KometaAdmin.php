@@ -114,9 +114,14 @@ trait KometaOperations
         return $this->submit(KometaWire::OP_PUBLISH_MANY, $payload, [KometaWire::class, 'document']);
     }
 
-    public function stats()
+    /**
+     * Server totals and per-shard counters. In cluster mode the cluster's,
+     * with every node's under 'nodes'; $nodeOnly: this node's own figures
+     * only (a per-node health probe).
+     */
+    public function stats(bool $nodeOnly = false)
     {
-        return $this->submit(KometaWire::OP_STATS, '', [KometaWire::class, 'document']);
+        return $this->submit(KometaWire::OP_STATS, $nodeOnly ? "\x01" : '', [KometaWire::class, 'document']);
     }
 
     /**

@@ -261,9 +261,11 @@ class _Operations:
         payload = _users(channels, "channels") + _str16(event, "event") + _json_data(data, raw_json)
         return self._submit(OP_PUBLISH_MANY, payload, _decode_document)
 
-    def stats(self):
-        """Server totals and per-shard counters (dict)."""
-        return self._submit(OP_STATS, b"", _decode_document)
+    def stats(self, node_only=False):
+        """Server totals and per-shard counters (dict). In cluster mode the
+        cluster's, with every node's under "nodes"; node_only=True: this
+        node's own figures only (a per-node health probe)."""
+        return self._submit(OP_STATS, b"\x01" if node_only else b"", _decode_document)
 
     def reload(self):
         """Makes the server re-read its configuration (as SIGHUP does).

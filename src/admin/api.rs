@@ -107,6 +107,14 @@ fn body<'a, T: Deserialize<'a>>(bytes: &'a [u8]) -> Result<T, AdminError> {
 #[serde(deny_unknown_fields)]
 struct Empty {}
 
+/// `{}` or `{"scope":"node"}` (this node's figures only, in cluster mode).
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct StatsBody {
+    #[serde(default)]
+    scope: Option<String>,
+}
+
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct PublishBody<'a> {
@@ -214,8 +222,15 @@ fn decode(gateway: &Rc<RefCell<Gateway>>, name: &str, bytes: &[u8]) -> Result<Op
             Operation::Ping
         }
         "stats" => {
-            body::<Empty>(bytes)?;
-            Operation::Stats
+            let b: StatsBody = body(bytes)?;
+            let node_only = match b.scope.as_deref() {
+                None | Some("cluster") => false,
+                Some("node") => true,
+                Some(other) => {
+                    return Err(ops::bad_argument(format!("scope `{other}`: \"cluster\" (default) or \"node\"")))
+                }
+            };
+            Operation::Stats { node_only }
         }
         "reload" => {
             body::<Empty>(bytes)?;

@@ -36,7 +36,10 @@ pub enum Operation {
         event: Arc<str>,
         data: Arc<[u8]>,
     },
-    Stats,
+    /// `node_only`: this node's figures, not the cluster's.
+    Stats {
+        node_only: bool,
+    },
     SendUser {
         users: Vec<Arc<str>>,
         event: Arc<str>,
@@ -105,9 +108,11 @@ pub enum Pending {
 /// How the answers of a gather become the document.
 pub enum Finish {
     /// `node`: this node's id in cluster mode.
+    /// `node_only`: no other node's figures were asked for.
     /// `admin_refusals`: the gateway's own limit refusals when the request came.
     Stats {
         node: Option<String>,
+        node_only: bool,
         admin_refusals: LimitRefusals,
     },
     /// `{"results":[…]}` in request order.
@@ -159,13 +164,18 @@ impl Pending {
 
 fn finish_gather(answers: Vec<Answer>, finish: Finish) -> Result<Value, AdminError> {
     Ok(match finish {
-        Finish::Stats { node, admin_refusals } => {
+        Finish::Stats { node, node_only, admin_refusals } => {
             let others = answers.iter().find_map(|answer| match answer {
                 Answer::Object(fields) => fields.get("nodes").and_then(|n| n.as_array()).cloned(),
                 _ => None,
             });
             let local = stats_document(&merge_stats(answers), &admin_refusals);
             match node {
+                Some(node) if node_only => {
+                    let mut local = local;
+                    local["node"] = node.into();
+                    local
+                }
                 Some(node) => cluster_stats(local, &node, others.unwrap_or_default()),
                 None => local,
             }
@@ -424,15 +434,16 @@ pub fn start(gateway: &Rc<RefCell<Gateway>>, operation: Operation) -> Pending {
                 })
                 .collect(),
         ),
-        Operation::Stats => {
+        Operation::Stats { node_only } => {
             let (cluster, node, admin_refusals) = {
                 let gateway = gateway.borrow();
                 (gateway.cluster, gateway.config.cluster.node_id.clone(), gateway.shared.admin_refusals.snapshot())
             };
             let mut queries: Vec<(usize, Query)> = (0..count).map(|s| (s, Query::Stats)).collect();
-            // Cluster mode: the other nodes' STATS too.
-            queries.extend(cluster.map(|cluster| (cluster, Query::NodeStats)));
-            gather(gateway, queries, Finish::Stats { node: cluster.and(node), admin_refusals })
+            // Cluster mode: the other nodes' STATS too (from Redis), unless
+            // only this node's were asked for.
+            queries.extend(cluster.filter(|_| !node_only).map(|cluster| (cluster, Query::NodeStats)));
+            gather(gateway, queries, Finish::Stats { node: cluster.and(node), node_only, admin_refusals })
         }
         Operation::SendUser { users, event, data } => {
             let queries = by_owner(count, users, |items| Query::SendUser {

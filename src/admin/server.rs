@@ -19,7 +19,7 @@ use crate::admin::handlers::{self, HandlerLink};
 use crate::admin::ops::{self, bad_argument, Operation, Outcome};
 use crate::admin::sys;
 use crate::limits::LimitKind;
-use kometa_protocol::admin::{opcode, split_frame, AdminError, ErrorCode, FrameWriter, RawFrame, Reader};
+use kometa_protocol::admin::{opcode, split_frame, stats_scope, AdminError, ErrorCode, FrameWriter, RawFrame, Reader};
 
 /// Bytes read from an admin socket at a time.
 const READ_CHUNK_BYTES: usize = 64 * 1024;
@@ -517,8 +517,17 @@ fn decode(gateway: &Rc<RefCell<Gateway>>, op: u8, mut reader: Reader<'_>) -> Res
             Operation::PublishMany { channels, event: ops::event(event)?, data: ops::data(gateway, data)? }
         }
         opcode::STATS => {
+            let node_only = if reader.is_empty() {
+                false
+            } else {
+                match reader.u8("scope")? {
+                    stats_scope::CLUSTER => false,
+                    stats_scope::NODE => true,
+                    other => return Err(ops::bad_argument(format!("scope {other}: 0 (the cluster) or 1 (this node)"))),
+                }
+            };
             reader.finish()?;
-            Operation::Stats
+            Operation::Stats { node_only }
         }
         opcode::SEND_USER => {
             let users = read_users(&mut reader)?;

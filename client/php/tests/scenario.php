@@ -33,6 +33,7 @@ function scenario(string $address): array
     );
     $out['raw'] = $admin->publish('news', 'raw', new KometaRawJson("{\"raw\":\n true}"));
     $out['stats'] = $admin->stats();
+    $out['stats_node'] = $admin->stats(true);
     $out['send_user'] = $admin->sendUser(['alice', 'nobody'], 'notice', ['text' => 'hi']);
     $out['presence'] = $admin->presence('track_room');
     $out['presence_page'] = $admin->presence('track_room', '', 1);

@@ -31,6 +31,7 @@ def scenario(address):
         "news", "greeting", {"from": "python", "text": "h\u00e9llo \"quoted\"\nline", "n": [1, 2.5, None, True]})
     out["raw"] = admin.publish("news", "raw", raw_json=b'{"raw":\n true}')
     out["stats"] = admin.stats()
+    out["stats_node"] = admin.stats(node_only=True)
     out["send_user"] = admin.send_user(["alice", "nobody"], "notice", {"text": "hi"})
     out["presence"] = admin.presence("track_room")
     out["presence_page"] = admin.presence("track_room", cursor="", limit=1)

@@ -11,8 +11,8 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use kometa_protocol::admin::{
-    decode_error, decode_published, json_payload, opcode, split_frame, AdminError, FrameWriter, RawFrame, STATUS_ERROR,
-    STATUS_OK,
+    decode_error, decode_published, json_payload, opcode, split_frame, stats_scope, AdminError, FrameWriter, RawFrame,
+    STATUS_ERROR, STATUS_OK,
 };
 use serde::{Deserialize, Deserializer};
 
@@ -385,6 +385,14 @@ impl AdminClient {
     /// Server statistics as a JSON document.
     pub fn stats(&mut self) -> Result<serde_json::Value, ClientError> {
         self.call_json(opcode::STATS, |_| {})
+    }
+
+    /// This node's statistics only (in cluster mode STATS sums every node's):
+    /// a per-node probe that asks nothing of Redis or the other nodes.
+    pub fn stats_node(&mut self) -> Result<serde_json::Value, ClientError> {
+        self.call_json(opcode::STATS, |w| {
+            w.u8(stats_scope::NODE);
+        })
     }
 
     /// Re-reads the server's configuration, as SIGHUP does:

@@ -37,6 +37,14 @@ pub mod opcode {
     pub const ANSWER: u8 = 0x10;
 }
 
+/// STATS's optional `scope:u8`: absent or CLUSTER, every node's figures in
+/// cluster mode; NODE, only this node's (a per-node health probe that asks
+/// nothing of Redis or the other nodes).
+pub mod stats_scope {
+    pub const CLUSTER: u8 = 0;
+    pub const NODE: u8 = 1;
+}
+
 pub const STATUS_OK: u8 = 0;
 pub const STATUS_ERROR: u8 = 1;
 /// Not a reply: a call from the server to a handler connection (opcode
@@ -233,6 +241,11 @@ impl<'a> Reader<'a> {
     pub fn bytes32(&mut self, what: &str) -> Result<&'a [u8], AdminError> {
         let length = self.u32(what)? as usize;
         self.take(length, what)
+    }
+
+    /// Nothing left to read (for optional trailing fields).
+    pub fn is_empty(&self) -> bool {
+        self.bytes.is_empty()
     }
 
     /// Fails if bytes are left over: a client and server disagreeing on a
