@@ -4,8 +4,8 @@
 #   1. applies the live kernel settings a million loopback connections need
 #      (tuning/apply.sh --live-only; prints what it changed, puts it back on exit);
 #   2. starts a private redis-server and K cluster nodes on ONE listen address
-#      (SO_REUSEPORT; a node holds at most ~15,000 sockets, as the open-files
-#      hard limit here is 20,000 and cannot be raised);
+#      (SO_REUSEPORT; a node holds at most 7/8 of the open-files hard limit,
+#      17,500 here, where it is 20,000 and cannot be raised);
 #   3. `kometa load broadcast --groups G`: ramps N subscribed connections (each
 #      on the broadcast channel and on one of G group channels), holds them
 #      idle for --hold seconds, then publishes once to everyone and once to
@@ -18,7 +18,7 @@
 #
 # Usage: scripts/bench-million.sh [--connections N] [options]
 #   --connections N   connections to hold (default 1000000)
-#   --nodes K         cluster nodes (default: N / 15,000, rounded up)
+#   --nodes K         cluster nodes (default: N / (7/8 of the open-files hard limit), rounded up)
 #   --shards S        shards per node (default 1: each node pinned to one CPU, in turn)
 #   --groups G        group channels (default: one per 10,000 connections)
 #   --ramp-rate R     new connections per second (default 5000: at a million, 10,000
@@ -36,7 +36,10 @@
 #   --ping-interval S  nodes ping a silent connection after S seconds (default: the
 #                     server's 25 s up to 300,000 connections, 120 s above). Both ends
 #                     share this host's CPUs: at a million, 25 s is 40,000 ping/pong
-#                     rounds a second, and the generator fell behind (closed 4004)
+#                     rounds a second, and the generator fell behind (closed 4004).
+#                     With it, the nodes wait 30 s (not 10) for a pong: a ping that
+#                     arrives during the broadcast to all waits behind ~15 s of
+#                     deliveries in the generator's sockets here (110 closed 4004 once)
 #   --keep-going      go on when a node stops serving (by default the run stops there:
 #                     its clients would only time out; see stuck.tsv)
 #   --force           run even when the memory estimate says it will not fit
@@ -93,9 +96,14 @@ fail() { echo "bench-million: $*" >&2; exit 1; }
 
 # --- sizes -------------------------------------------------------------------------
 
-# A node holds at most 15,000 sockets (with 5,000 spare under the 20,000
-# limit, since SO_REUSEPORT spreads connections by a hash, not evenly).
-per_node_max=15000
+# A node holds at most 7/8 of the open-files hard limit (17,500 here, where
+# it is 20,000): SO_REUSEPORT spreads connections by a hash, not evenly
+# (within ±2.5 % of the mean over 67 nodes here), and a node needs a few
+# dozen descriptors of its own. Fewer, fuller nodes: each process costs
+# ~0.9 MiB once it serves (docs/benchmarks.md).
+open_files_hard=$(ulimit -Hn)
+if [ "$open_files_hard" = unlimited ] || ((open_files_hard > 1048576)); then open_files_hard=1048576; fi
+per_node_max=$((open_files_hard * 7 / 8))
 nodes=${nodes:-$(((connections + per_node_max - 1) / per_node_max))}
 if [ -z "$ping_interval_s" ] && ((connections > 300000)); then
     ping_interval_s=120
@@ -234,7 +242,7 @@ redis-cli -p "$redis_port" ping >/dev/null 2>&1 || fail "redis-server did not st
 listen_port=$(free_port)
 node_config=()
 if [ -n "$ping_interval_s" ]; then
-    printf '[timeouts]\nping_interval_ms = %s\n' "$((ping_interval_s * 1000))" > "$out/node.toml"
+    printf '[timeouts]\nping_interval_ms = %s\npong_timeout_ms = 30000\n' "$((ping_interval_s * 1000))" > "$out/node.toml"
     node_config=(--config "$out/node.toml")
 fi
 say "starting $nodes nodes on 127.0.0.1:$listen_port (redis on $redis_port)"
@@ -299,9 +307,14 @@ stop_load() {
     kill -TERM "${child:-$load_pid}" 2>/dev/null || true
 }
 
-# probe_nodes: asks every node for its STATS in the background (one probe
-# per node in flight at most); the answer lands in probe/NAME.result. A node
-# whose shards stopped serving leaves STATS unanswered. (An idle io_uring
+# probe_nodes: asks every node for its own STATS (`--node`: its shards
+# answer, nothing is asked of Redis or the other nodes) in the background
+# (one probe per node in flight at most); the answer lands in
+# probe/NAME.result. A node whose shards stopped serving leaves STATS
+# unanswered. (Cluster-wide STATS on every node every few seconds made each
+# node parse every other node's document: at a million, ~1.5 MiB stayed
+# resident in each node, about half of what its 17,000 connections cost;
+# docs/benchmarks.md, "The memory goal met".) (An idle io_uring
 # shard waits in io_uring_enter, so a thread's wait channel says nothing.)
 probe_nodes() {
     local name pid sock
@@ -310,7 +323,7 @@ probe_nodes() {
         [ -e "$out/probe/$name.running" ] && continue
         touch "$out/probe/$name.running"
         (
-            if timeout 15 "$kometa" stats --admin "unix:$sock" --timeout 10 > /dev/null 2>&1; then
+            if timeout 15 "$kometa" stats --node --admin "unix:$sock" --timeout 10 > /dev/null 2>&1; then
                 echo ok > "$out/probe/$name.result"
             else
                 echo unanswered > "$out/probe/$name.result"
@@ -393,7 +406,7 @@ sample_loop() {
                 held=1
                 local name pid sock
                 while IFS=$'\t' read -r name pid sock; do
-                    "$kometa" stats --admin "unix:$sock" --timeout 10 > "$out/hold/$name.json" 2>/dev/null || true
+                    "$kometa" stats --node --admin "unix:$sock" --timeout 10 > "$out/hold/$name.json" 2>/dev/null || true
                 done < "$out/nodes.tsv"
                 tail -1 "$out/samples.tsv" > "$out/hold/memory.tsv"
                 # Which kernel caches hold the sockets (root only).
@@ -435,7 +448,7 @@ kernel_counters > "$out/kernel-after.tsv"
 # What every node says after the run (publications it delivered, messages out).
 mkdir -p "$out/end"
 while IFS=$'\t' read -r name pid sock; do
-    "$kometa" stats --admin "unix:$sock" --timeout 10 > "$out/end/$name.json" 2>/dev/null || true
+    "$kometa" stats --node --admin "unix:$sock" --timeout 10 > "$out/end/$name.json" 2>/dev/null || true
 done < "$out/nodes.tsv"
 cat "$out/report.txt"
 
@@ -492,9 +505,8 @@ except (OSError, NameError, ValueError):
 held = {}
 for name, _ in nodes:
     stats = load_json(os.path.join(out, "hold", name + ".json")) or {}
-    own = [n for n in stats.get("nodes", []) if n.get("node") == name]
-    if own:
-        held[name] = own[0].get("connections", 0)
+    if stats.get("node") == name:
+        held[name] = stats.get("connections", 0)
 
 c = report.get("connections", {})
 requested, established = c.get("requested", 0), c.get("established", 0)
@@ -584,7 +596,8 @@ try:
 except (OSError, IndexError, ValueError):
     pass
 summary["ping_interval_s"] = ping_s
-w(f"nodes          {len(nodes)} on one address, pinging after {ping_s} s of silence; connections per node "
+pong_note = ", pong within 30 s" if ping_s != 25 else ""
+w(f"nodes          {len(nodes)} on one address, pinging after {ping_s} s of silence{pong_note}; connections per node "
   "(STATS, min / median / max): "
   f"{spread(list(held.values()), '{:,}')}")
 if hold_row:
