@@ -204,9 +204,12 @@ impl Marks {
 /// A time on the shard's clock in milliseconds, kept modulo 2^32: 4 bytes
 /// instead of 8 in every connection (three of them: 12 B of each idle
 /// connection). Differences are right while the two times are less than
-/// 2^31 ms (24.8 days) apart; every timeout is at most an hour (config
-/// validation) and the sweep visits each connection every
-/// `sweep_interval_ms`, so a stamp is never read that long after it was set.
+/// 2^31 ms (24.8 days) apart. Every timeout is at most an hour (config
+/// validation), the sweep visits each connection every `sweep_interval_ms`,
+/// and each stamp is read only while it is kept fresh: the deadline is set
+/// anew whenever it starts to matter, a WebSocket silent for
+/// `ping_interval_ms + pong_timeout_ms` is closed, the ping stamp is kept no
+/// older than the last input, an SSE stream's heartbeat refreshes its own.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Stamp(u32);
 
@@ -923,7 +926,16 @@ impl Connection {
                 if silent_ms >= timeouts.ping_interval_ms + timeouts.pong_timeout_ms {
                     return closed(self.close_websocket(ws::close::PING_TIMEOUT, "no pong", io, cx));
                 }
-                let since_activity_ms = silent_ms.min(self.last_ping.elapsed_ms(now_ms));
+                // A ping older than the last input says nothing more: keep
+                // the stamp no older than the input. A client that talks
+                // more often than the ping interval is never pinged, and its
+                // ping stamp would otherwise age past 2^31 ms and read as
+                // the future (`Stamp`).
+                let ping_age_ms = self.last_ping.until_now_ms(now_ms);
+                if ping_age_ms < 0 || ping_age_ms as u64 > silent_ms {
+                    self.last_ping = self.last_input;
+                }
+                let since_activity_ms = self.last_ping.elapsed_ms(now_ms);
                 if since_activity_ms >= timeouts.ping_interval_ms {
                     self.last_ping = Stamp::at(now_ms);
                     return closed(self.send(OutItem::Owned(PING_FRAME.into()), io, cx));

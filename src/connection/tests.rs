@@ -613,6 +613,21 @@ fn timers_hold_when_the_32_bit_clock_wraps() {
     assert_eq!(h.timer_at(start_ms + 16_999), Timer::Nothing);
     assert_eq!(h.timer_at(start_ms + 17_000), Timer::Close);
 
+    // A client that always talks before the ping interval is never pinged;
+    // 2^31 ms later its ping stamp must not read as the future: once it goes
+    // quiet, it gets a ping, not a "no pong" close.
+    let mut chatty = Harness::websocket();
+    let mut now_ms = 0;
+    while now_ms < (1u64 << 31) + 60_000 {
+        now_ms += 60_000;
+        chatty.now_ms = now_ms - 5_000;
+        chatty.feed(&client_frame(ws::OPCODE_TEXT, b"{}"));
+        assert_eq!(chatty.timer_at(now_ms), Timer::Nothing);
+    }
+    assert!(chatty.socket.sent.is_empty(), "a chatty client is not pinged");
+    assert_eq!(chatty.timer_at(now_ms + 5_000), Timer::Nothing);
+    assert_eq!(server_frames(&chatty.take_sent()), vec![(ws::OPCODE_PING, vec![])], "quiet: pinged");
+
     // A served session never expires, however long it is served.
     let mut h = session_harness();
     h.conn.session_served();
