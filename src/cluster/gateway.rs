@@ -54,7 +54,8 @@ const RESET_INTERVAL: Duration = Duration::from_secs(10);
 /// Link events (Redis replies and pushes) queued for the gateway: past it
 /// the reader threads wait, and TCP holds Redis back. The queue writes
 /// every slot when it is made: 65,536 slots of 88 B were 5.6 MiB of every
-/// node's resident memory; the gateway drains the queue on each wake-up.
+/// node's resident memory. The gateway takes up to `EVENTS_PER_TURN` per
+/// turn and turns again at once while any were taken.
 const LINK_EVENTS_MAX: usize = 4_096;
 
 /// What to do with a reply, in the order the commands were sent.
@@ -1389,14 +1390,11 @@ impl ClusterGateway {
             instance.retry_at = None;
             instance.generation += 1;
             let timeout = Duration::from_millis(self.config.cluster.connect_timeout_ms);
-            link::spawn(
-                index,
-                instance.generation,
-                instance.target.clone(),
-                timeout,
-                self.client_name(),
-                self.sink.clone(),
-            );
+            let generation = instance.generation;
+            let target = instance.target.clone();
+            if let Err(error) = link::spawn(index, generation, target, timeout, self.client_name(), self.sink.clone()) {
+                self.on_event(LinkEvent::ConnectFailed { instance: index, generation, error });
+            }
         }
     }
 

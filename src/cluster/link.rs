@@ -157,7 +157,9 @@ impl Drop for Link {
 }
 
 /// Opens a connection on a thread of its own, which then reads it until it
-/// closes. Every outcome arrives as a `LinkEvent`.
+/// closes. Every outcome arrives as a `LinkEvent`, except a thread that
+/// cannot start: that is the caller's error (posting it from the gateway's
+/// own thread could wait on the queue only the gateway drains).
 pub fn spawn(
     instance: usize,
     generation: u64,
@@ -165,7 +167,7 @@ pub fn spawn(
     timeout: Duration,
     client_name: String,
     sink: EventSink,
-) {
+) -> Result<(), String> {
     let spawned = std::thread::Builder::new().name(format!("kometa-redis-{instance}")).spawn({
         let sink = sink.clone();
         move || match open(&target, timeout, &client_name) {
@@ -179,9 +181,7 @@ pub fn spawn(
             }
         }
     });
-    if let Err(error) = spawned {
-        sink.post(LinkEvent::ConnectFailed { instance, generation, error: format!("cannot start a thread: {error}") });
-    }
+    spawned.map(drop).map_err(|error| format!("cannot start a thread: {error}"))
 }
 
 fn resolve(target: &Target) -> Result<SocketAddr, String> {
